@@ -1,0 +1,353 @@
+"""Run configuration: the defaults (one place), command-line overrides, validation.
+
+A run is described by one `ml_collections.ConfigDict`. Experiment files in `configs/` start from `defaults()` and
+change a few fields; the command line overrides fields with `--config.<section>.<field>=<value>` (the big_vision /
+nanodo convention). Every bad value becomes a `ConfigError` whose message is one line naming the field and the fix;
+the CLIs print it and exit with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+EXIT_USAGE = 2
+
+
+class ConfigError(ValueError):
+    """A bad config value, override, mesh or input file. The message is one line with the fix."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every field a run can set, with its default. Sizes of 0 mean 'derive from the other fields'."""
+    c = ml_collections.ConfigDict()
+
+    c.model = dict(
+        width=256,            # d_model
+        depth=4,              # number of transformer blocks
+        num_heads=4,
+        num_kv_heads=0,       # grouped-query attention; 0 = num_heads
+        head_dim=0,           # 0 = width // num_heads
+        ffn_size=0,           # 0 = 4 * width (gelu) or 8/3 * width rounded up to a multiple of 64 (swiglu)
+        vocab_size=256,       # the byte tokenizer needs 256; token files need at least their header's vocab
+        mlp="swiglu",         # swiglu | gelu
+        norm="rmsnorm",       # rmsnorm | layernorm
+        norm_eps=1e-6,
+        tie_embeddings=False,
+        qk_norm=False,
+        rope_theta=10_000.0,
+        dtype="float32",      # compute dtype: float32 | bfloat16
+        param_dtype="float32",
+        remat=False,          # rematerialise each block in the backward pass (saves activation memory)
+    )
+
+    # Rules live in maxscale/parameterization.py; these are their inputs. Base shapes of 0 = the model's own.
+    c.parameterization = dict(
+        name="sp",            # sp | mup | depth_mup | completep
+        depth_alpha=-1.0,     # branch multiplier m_L^-alpha; -1 = the parameterization's own (0, 0, 1/2, 1)
+        base_width=0,
+        base_depth=0,
+        base_num_heads=0,
+        base_head_dim=0,
+        base_ffn_size=0,
+        init_std=0.02,        # sigma: base init std of every matrix
+        embed_init_std=0.0,   # 0 = init_std
+        input_mult=1.0,       # embedding output multiplier
+        output_mult=1.0,      # readout multiplier (muP divides it by m_N)
+        attn_mult=1.0,        # attention logit multiplier
+        attn_exponent=-1.0,   # logit scale d_head^-exponent; -1 = the parameterization's own (1/2 SP, 1 muP)
+        zero_init_readout=False,
+        zero_init_query=False,
+        scale_eps=True,       # muP-family eps scaling (CompleteP Table 1); off = the same eps everywhere
+    )
+
+    c.optimizer = dict(
+        name="adamw",
+        lr=3e-3,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.0,
+        weight_decay_mode="coupled",  # coupled: p -= lr*wd*p (torch AdamW); independent: p -= sched(t)*wd*p
+        grad_clip=1.0,                # global-norm clipping; 0 = off
+    )
+
+    c.schedule = dict(
+        name="cosine",        # constant | cosine | wsd | power
+        warmup_steps=0,
+        final_lr_fraction=0.1,  # cosine and wsd end at lr * this
+        decay_fraction=0.2,   # wsd: the last fraction of steps decays linearly
+        power_t0=100.0,       # power: eta0 * (1 + t/t0)^-chi * (1 - t/T)^delta
+        power_chi=0.5,
+        power_delta=0.0,
+    )
+
+    c.data = dict(
+        source="stdlib",      # stdlib | text file, glob or directory | token file from tools/prepare_data.py
+        seq_len=128,
+        seed=0,
+        eval_fraction=0.02,   # share of documents held out for eval
+        max_bytes=0,          # 0 = no limit; caps the corpus read (useful for quick experiments)
+    )
+
+    c.train = dict(
+        batch_size=16,        # global, in sequences
+        steps=1000,
+        seed=0,
+        eval_every=200,
+        eval_steps=4,
+        log_every=10,
+        sample_tokens=200,    # generated at the end of the run; 0 = none
+        sample_prompt="def ",
+        peak_flops=0.0,       # per-device peak for MFU; 0 = known table, else a matmul measured at start
+    )
+
+    c.checkpoint = dict(
+        every=500,
+        max_to_keep=3,
+        async_save=True,
+    )
+
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)  # -1 fills the rest of the devices
+
+    c.distributed = dict(
+        coordinator_address="",
+        num_processes=0,
+        process_id=-1,
+        local_device_ids="",
+    )
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/file.py[:arg]` by calling its `get_config()` (or `get_config(arg)`)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}; pass a config file such as configs/tiny.py")
+    module_spec = importlib.util.spec_from_file_location("_maxscale_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a user's file: report it in one line
+        raise ConfigError(f"--config: {path} failed to load ({type(e).__name__}: {e})") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} has no get_config(); define get_config() returning a ConfigDict")
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except TypeError as e:
+        raise ConfigError(f"--config: {path}:{arg} get_config() rejected its argument ({e})") from None
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"--config: {spec} get_config() failed ({type(e).__name__}: {e})") from None
+    return cfg
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(near)}?" if near else f"valid fields: {', '.join(sorted(options))}"
+
+
+def _all_fields(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out += _all_fields(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses `text` to the type of the field's current value; a mismatch is a ConfigError naming the field."""
+    kind = type(current)
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text}: expected true or false")
+    if kind is str:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"--config.{key}={text}: expected an integer, e.g. --config.{key}={current}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"--config.{key}={text}: expected a number, e.g. --config.{key}={current}")
+        return float(value)
+    if kind in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return kind(value)
+    return value
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Applies `--config.<key>=<text>` in place."""
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i + 1])
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            options = [".".join(parts[:i] + [k]) for k in node.keys()] if isinstance(node, ml_collections.ConfigDict) else []
+            if isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"--config.{key}: unknown field {here!r}; {_closest(here, options)}")
+            raise ConfigError(f"--config.{key}: {'.'.join(parts[:i])} is a value, not a section")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{key}: is a section; set one of its fields, e.g. --config.{key}.{next(iter(current.keys()))}=...")
+    value = _parse_value(key, text, current)
+    with node.unlocked():
+        node[parts[-1]] = value
+
+
+def check_known_fields(cfg: ml_collections.ConfigDict) -> None:
+    """A config file may only set fields that `defaults()` knows: catches typos in experiment files."""
+    known = set(_all_fields(defaults()))
+    for field in _all_fields(cfg):
+        if field not in known:
+            raise ConfigError(f"config field {field!r} is unknown; {_closest(field, sorted(known))}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+_CHOICES = {
+    "model.mlp": ("swiglu", "gelu"),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "optimizer.name": ("adamw",),
+    "optimizer.weight_decay_mode": ("coupled", "independent"),
+    "schedule.name": ("constant", "cosine", "wsd", "power"),
+}
+_POSITIVE = ("model.width", "model.depth", "model.num_heads", "model.vocab_size", "data.seq_len",
+             "train.batch_size", "train.steps", "train.eval_every", "train.log_every", "checkpoint.every",
+             "checkpoint.max_to_keep", "optimizer.lr", "optimizer.eps", "parameterization.init_std")
+_NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.ffn_size", "optimizer.weight_decay",
+                 "optimizer.grad_clip", "schedule.warmup_steps", "train.eval_steps", "train.sample_tokens",
+                 "data.max_bytes", "parameterization.base_width", "parameterization.base_depth",
+                 "parameterization.base_num_heads", "parameterization.base_head_dim",
+                 "parameterization.base_ffn_size", "parameterization.embed_init_std")
+
+
+def _get(cfg, field):
+    node = cfg
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates `cfg` and returns a copy with derived sizes filled in. Raises ConfigError on the first bad field."""
+    check_known_fields(cfg)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for field, choices in _CHOICES.items():
+        if _get(cfg, field) not in choices:
+            raise ConfigError(f"{field}={_get(cfg, field)!r} is not supported; choose one of {', '.join(choices)}")
+    for field in _POSITIVE:
+        v = _get(cfg, field)
+        if not v > 0:
+            raise ConfigError(f"{field}={v} must be positive; set --config.{field} to a value > 0")
+    for field in _NON_NEGATIVE:
+        v = _get(cfg, field)
+        if v < 0:
+            raise ConfigError(f"{field}={v} must be >= 0 (0 means derived/off)")
+
+    m = cfg.model
+    if m.head_dim == 0:
+        if m.width % m.num_heads:
+            raise ConfigError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}; "
+                              f"choose heads dividing the width or set model.head_dim explicitly")
+        m.head_dim = m.width // m.num_heads
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    if m.num_kv_heads == 0:
+        m.num_kv_heads = m.num_heads
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+                          f"grouped-query attention needs whole groups")
+    if m.ffn_size == 0:
+        m.ffn_size = 4 * m.width if m.mlp == "gelu" else 64 * math.ceil(8 * m.width / 3 / 64)
+
+    o = cfg.optimizer
+    for field in ("b1", "b2"):
+        if not 0.0 <= o[field] < 1.0:
+            raise ConfigError(f"optimizer.{field}={o[field]} must lie in [0, 1)")
+    s = cfg.schedule
+    if s.warmup_steps >= cfg.train.steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be < train.steps={cfg.train.steps}")
+    if not 0.0 <= s.final_lr_fraction <= 1.0:
+        raise ConfigError(f"schedule.final_lr_fraction={s.final_lr_fraction} must lie in [0, 1]")
+    if not 0.0 <= s.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must lie in [0, 1]")
+    if s.power_t0 <= 0:
+        raise ConfigError(f"schedule.power_t0={s.power_t0} must be positive")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie in (0, 1)")
+
+    for axis in ("data", "fsdp", "tensor", "expert"):
+        v = cfg.mesh[axis]
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1 (fill the remaining devices)")
+    if sum(cfg.mesh[a] == -1 for a in ("data", "fsdp", "tensor", "expert")) > 1:
+        raise ConfigError("mesh: at most one axis may be -1; give the others explicit sizes")
+
+    from maxscale import parameterization  # local import: parameterization imports this module
+    parameterization.resolve(cfg)
+    return cfg
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] = ("workdir",)) -> tuple[ml_collections.ConfigDict, dict]:
+    """Parses `--config=FILE[:arg] --config.a.b=v ... --flag=v`. Returns (config before resolve, extra flags)."""
+    spec, overrides, extras = None, [], {}
+    for raw in argv:
+        if not raw.startswith("--") or "=" not in raw:
+            raise ConfigError(f"argument {raw!r}: expected --name=value (e.g. --config=configs/tiny.py)")
+        name, _, value = raw[2:].partition("=")
+        if name == "config":
+            spec = value
+        elif name.startswith("config."):
+            overrides.append((name[len("config."):], value))
+        elif name in extra_flags:
+            extras[name] = value
+        else:
+            options = ["config"] + list(extra_flags)
+            raise ConfigError(f"unknown flag --{name}; {_closest(name, options)}")
+    if spec is None:
+        raise ConfigError("--config is required, e.g. --config=configs/tiny.py")
+    cfg = load(spec)
+    check_known_fields(cfg)
+    for key, value in overrides:
+        override(cfg, key, value)
+    return cfg, extras

@@ -1,0 +1,199 @@
+"""Data: byte tokenizer, corpus sources, a deterministic grain pipeline, per-process shards, checkpointable state.
+
+Sources (`data.source`):
+  stdlib             the Python standard library's own .py files (found via sysconfig): every machine has it
+  a path/glob/dir    text files; each file is a document
+  *.json             a token file header written by tools/prepare_data.py (numpy memmaps beside it)
+
+The split is by document (a stable hash of the document's name), so eval text never appears in training. A corpus
+of a single document falls back to holding out its tail. Training batches are a pure function of (seed, step):
+window indices are shuffled by grain (a fresh permutation each epoch), batched globally, and each process then
+loads only its own rows. So the global batch is the same for any number of processes, and the iterator state is
+one integer, saved in checkpoints with grain's orbax handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sysconfig
+import zlib
+
+import grain
+import ml_collections
+import numpy as np
+
+from maxscale.config import ConfigError
+
+EOS = 0  # the byte tokenizer separates documents with NUL, which text files do not contain
+TOKEN_FILE_FORMAT = "maxscale-tokens-v1"
+
+
+class ByteTokenizer:
+    vocab_size = 256
+    eos_id = EOS
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def decode(self, ids) -> str:
+        data = bytes(int(i) for i in ids if 0 < int(i) < 256)
+        return data.decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass
+class Corpus:
+    train: np.ndarray          # 1-D token ids (uint8/uint16/uint32, possibly a memmap)
+    eval: np.ndarray
+    vocab_size: int
+    description: str
+
+
+# -- sources -------------------------------------------------------------------------------------------------------
+
+def _stdlib_files() -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "__pycache__"))
+        files += [os.path.join(d, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def _text_files(source: str) -> list[str]:
+    if os.path.isdir(source):
+        files = [os.path.join(d, n) for d, _, names in os.walk(source) for n in names]
+    else:
+        files = glob.glob(source, recursive=True)
+    files = sorted(f for f in files if os.path.isfile(f))
+    if not files:
+        raise ConfigError(f"data.source={source!r}: no such file, directory or glob match; "
+                          f"pass a text file, a directory, a glob, a token-file header (.json) or 'stdlib'")
+    return files
+
+
+def _is_eval(name: str, fraction: float) -> bool:
+    return zlib.crc32(name.encode()) / 2**32 < fraction
+
+
+def _read_documents(files: list[str], root: str, cfg_data) -> Corpus:
+    tok = ByteTokenizer()
+    parts = {"train": [], "eval": []}
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if not raw:
+            continue
+        doc = np.frombuffer(raw.replace(b"\0", b""), dtype=np.uint8)
+        split = "eval" if _is_eval(os.path.relpath(f, root), cfg_data.eval_fraction) else "train"
+        parts[split] += [doc, np.array([tok.eos_id], np.uint8)]
+        total += len(doc) + 1
+        if cfg_data.max_bytes and total >= cfg_data.max_bytes:
+            break
+    if total == 0:
+        raise ConfigError(f"data.source={cfg_data.source!r}: the files are empty; pass a non-empty text corpus")
+    train = np.concatenate(parts["train"]) if parts["train"] else np.zeros(0, np.uint8)
+    evals = np.concatenate(parts["eval"]) if parts["eval"] else np.zeros(0, np.uint8)
+    if len(evals) < 2 or len(train) < 2:  # too few documents to split by document: hold out the tail
+        everything = np.concatenate([train, evals])
+        cut = int(len(everything) * (1 - cfg_data.eval_fraction))
+        train, evals = everything[:cut], everything[cut:]
+    n_docs = len(parts["train"]) // 2 + len(parts["eval"]) // 2
+    return Corpus(train, evals, tok.vocab_size, f"{n_docs} documents, {total / 1e6:.1f} MB, byte tokens")
+
+
+def _read_token_file(header_path: str) -> Corpus:
+    try:
+        with open(header_path) as fh:
+            header = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"data.source={header_path!r}: not a readable token-file header ({e}); "
+                          f"make one with tools/prepare_data.py") from None
+    if header.get("format") != TOKEN_FILE_FORMAT:
+        raise ConfigError(f"data.source={header_path!r}: not a {TOKEN_FILE_FORMAT} header; "
+                          f"make one with tools/prepare_data.py")
+    base = os.path.dirname(header_path)
+    arrays = {}
+    for split in ("train", "eval"):
+        entry = header[split]
+        path = os.path.join(base, entry["file"])
+        expected = entry["tokens"] * np.dtype(header["dtype"]).itemsize
+        if not os.path.isfile(path) or os.path.getsize(path) != expected:
+            raise ConfigError(f"data.source={header_path!r}: {path} is missing or not {expected} bytes; "
+                              f"re-run tools/prepare_data.py")
+        arrays[split] = np.memmap(path, dtype=header["dtype"], mode="r", shape=(entry["tokens"],))
+    return Corpus(arrays["train"], arrays["eval"], header["vocab_size"],
+                  f"token file {header_path} ({header['train']['tokens'] / 1e6:.1f}M train tokens)")
+
+
+def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
+    """Reads the corpus named by `data.source` and checks it against the model and sequence length."""
+    d = cfg.data
+    if d.source == "stdlib":
+        files = _stdlib_files()
+        corpus = _read_documents(files, sysconfig.get_paths()["stdlib"], d)
+        corpus.description = "Python stdlib sources: " + corpus.description
+    elif d.source.endswith(".json"):
+        corpus = _read_token_file(d.source)
+    else:
+        files = _text_files(d.source)
+        root = d.source if os.path.isdir(d.source) else os.path.dirname(files[0])
+        corpus = _read_documents(files, root, d)
+    if corpus.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({corpus.vocab_size}); set --config.model.vocab_size={corpus.vocab_size} or more")
+    for split in ("train", "eval"):
+        n = len(getattr(corpus, split))
+        if n < d.seq_len + 1:
+            raise ConfigError(f"data.seq_len={d.seq_len} is longer than the {split} split ({n} tokens of "
+                              f"{d.source!r}); lower data.seq_len or use more data")
+    return corpus
+
+
+# -- batches -------------------------------------------------------------------------------------------------------
+
+class _Windows:
+    """Random access to windows of seq_len + 1 tokens at stride seq_len."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.count = (len(tokens) - 1) // seq_len
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        T = self.seq_len
+        return np.stack([np.asarray(self.tokens[i * T:i * T + T + 1], dtype=np.int32) for i in indices])
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    if global_batch % process_count:
+        raise ConfigError(f"train.batch_size={global_batch} does not divide over {process_count} processes; "
+                          f"make it a multiple of {process_count}")
+    per = global_batch // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def train_dataset(corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+    """Infinite iterator of {'tokens': int32 [local_batch, seq_len + 1]}; batch t depends only on (seed, t)."""
+    windows = _Windows(corpus.train, cfg.data.seq_len)
+    rows = process_rows(cfg.train.batch_size, process_index, process_count)
+    ds = grain.MapDataset.range(windows.count).shuffle(seed=cfg.data.seed).repeat()
+    ds = ds.batch(cfg.train.batch_size, drop_remainder=True, batch_fn=np.asarray)
+    ds = ds.map(lambda idx: {"tokens": windows.rows(idx[rows])})
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def eval_batches(corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0,
+                 process_count: int = 1) -> list[dict]:
+    """The fixed held-out batches (the first windows of the eval split, cycled if short)."""
+    windows = _Windows(corpus.eval, cfg.data.seq_len)
+    rows = process_rows(cfg.train.batch_size, process_index, process_count)
+    B = cfg.train.batch_size
+    out = []
+    for step in range(cfg.train.eval_steps):
+        idx = np.arange(step * B, (step + 1) * B) % windows.count
+        out.append({"tokens": windows.rows(idx[rows])})
+    return out

@@ -1,0 +1,110 @@
+"""Metrics: JSONL and TensorBoard writers, MFU accounting, the progress line. Process 0 writes; others are silent."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 matmul peaks per chip (vendor figures), used for MFU when the device kind is recognised.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
+}
+
+
+def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """FLOP/s of one device on an n x n matmul, best of `repeats` (the CPU fallback for MFU)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
+    """Per-device peak FLOP/s and where it came from."""
+    if configured > 0:
+        return configured, "config"
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops, f"table ({kind})"
+    return measure_matmul_peak(), f"measured matmul ({kind})"
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1)
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step":
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """One live line on a terminal (carriage return), one line per update otherwise (logs, CI)."""
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stdout):
+        self.total, self.enabled, self.stream = total_steps, enabled, stream
+        self.tty = stream.isatty()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float, seconds_per_step: float,
+               extra: str = "") -> None:
+        if not self.enabled:
+            return
+        eta = _duration((self.total - step) * seconds_per_step)
+        line = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+                f"MFU {100 * mfu:.1f}%  ETA {eta}{extra}")
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()

@@ -1,0 +1,115 @@
+"""AdamW with per-parameter LR / WD / eps factors from the parameterization, and the LR schedules.
+
+Parameters with the same (lr, wd, eps) factors form one group; `optax.multi_transform` gives each group its own
+Adam (eps differs per group) and its own LR = lr * factor * schedule(t). The schedule multiplies each group's factor,
+never replaces it (docs/parameterizations.md, pitfall 6).
+
+Weight decay, two explicit modes:
+  coupled      p <- p - lr * f_lr * sched(t) * (adam + wd * f_wd * p)     (torch AdamW; muP scales f_wd by m_N)
+  independent  p <- p - lr * f_lr * sched(t) * adam - wd * f_wd * sched(t) * p   (decay not tied to the peak LR)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from maxscale.parameterization import Parameterization
+
+
+def schedule(cfg: ml_collections.ConfigDict):
+    """Returns sched(step) -> multiplier of the peak LR, as a jnp function of an integer step."""
+    s, total = cfg.schedule, cfg.train.steps
+    warmup, floor = s.warmup_steps, s.final_lr_fraction
+
+    def warm(t):
+        return jnp.minimum(1.0, (t + 1.0) / warmup) if warmup > 0 else 1.0
+
+    if s.name == "constant":
+        return lambda t: warm(jnp.asarray(t, jnp.float32)) * jnp.ones([], jnp.float32)
+
+    if s.name == "cosine":
+        def cosine(t):
+            t = jnp.asarray(t, jnp.float32)
+            progress = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
+            return warm(t) * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+        return cosine
+
+    if s.name == "wsd":
+        decay_steps = s.decay_fraction * total
+        decay_start = total - decay_steps
+
+        def wsd(t):
+            t = jnp.asarray(t, jnp.float32)
+            progress = jnp.clip((t - decay_start) / max(decay_steps, 1.0), 0.0, 1.0)
+            return warm(t) * (1.0 - (1.0 - floor) * progress)
+        return wsd
+
+    if s.name == "power":
+        t0, chi, delta = s.power_t0, s.power_chi, s.power_delta
+
+        def power(t):
+            t = jnp.asarray(t, jnp.float32)
+            tail = jnp.clip(1.0 - t / total, 0.0, 1.0) ** delta if delta else 1.0
+            return warm(t) * (1.0 + t / t0) ** -chi * tail
+        return power
+
+    raise ValueError(f"schedule.name={s.name!r}")
+
+
+def _group_label(f: dict) -> str:
+    return f"lr{f['lr']:.6g}_wd{f['wd']:.6g}_eps{f['eps']:.6g}"
+
+
+def factor_tree(cfg, spec_tree) -> dict:
+    par = Parameterization(cfg)
+    return jax.tree.map(par.factors, spec_tree, is_leaf=lambda x: hasattr(x, "axes"))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, spec_tree) -> optax.GradientTransformation:
+    """The optax chain for params shaped like `spec_tree` (a tree of ParamSpec)."""
+    o = cfg.optimizer
+    sched = schedule(cfg)
+    factors = factor_tree(cfg, spec_tree)
+    is_factor = lambda x: isinstance(x, dict) and set(x) == {"lr", "wd", "eps"}
+    labels = jax.tree.map(_group_label, factors, is_leaf=is_factor)
+    groups = {}
+    for f in jax.tree.leaves(factors, is_leaf=is_factor):
+        groups[_group_label(f)] = f
+
+    def group(f):
+        lr = lambda t: -o.lr * f["lr"] * sched(t)
+        parts = [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps * f["eps"])]
+        wd = o.weight_decay * f["wd"]
+        if o.weight_decay_mode == "coupled":
+            if wd:
+                parts.append(optax.add_decayed_weights(wd))
+            parts.append(optax.scale_by_schedule(lr))
+        else:
+            parts.append(optax.scale_by_schedule(lr))
+            if wd:
+                parts.append(_independent_decay(lambda t: wd * sched(t)))
+        return optax.chain(*parts)
+
+    transforms = {label: group(f) for label, f in groups.items()}
+    chain = [optax.multi_transform(transforms, labels)]
+    if o.grad_clip > 0:
+        chain.insert(0, optax.clip_by_global_norm(o.grad_clip))
+    return optax.chain(*chain)
+
+
+def _independent_decay(rate) -> optax.GradientTransformation:
+    """updates <- updates - rate(t) * params (applied after the LR scaling, so not multiplied by the LR)."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        r = rate(state.count)
+        updates = jax.tree.map(lambda u, p: u - r * p.astype(u.dtype), updates, params)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)

@@ -1,0 +1,216 @@
+"""Parameterizations as data: SP, muP, depth-muP, CompleteP.
+
+One table (`RULES`) and one lookup. The model asks this module for every init std and forward multiplier; the
+optimizer asks it for every per-parameter LR, weight-decay and Adam-eps factor. Nothing about muP lives elsewhere.
+Sources and the full rule tables: docs/parameterizations.md.
+
+Each parameter carries `ParamSpec` metadata: its `role` (embedding, hidden, readout, norm, bias), its logical `axes`
+(also used for sharding) and its `fan_in` axes (those contracted in the forward pass). Width ratios are computed per
+axis against the base shapes, so "more heads at fixed head dim" and "larger head dim at fixed heads" both come out
+right without special cases.
+
+    python -m maxscale.parameterization --config=configs/tiny.py [--config.x.y=v ...] [--json]
+prints the table for a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from typing import Any, Mapping
+
+import ml_collections
+
+ROLES = ("embedding", "hidden", "readout", "norm", "bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """What the parameterization needs to know about one parameter (stored as nnx.Param metadata)."""
+    role: str
+    axes: tuple[str, ...]      # logical axis names, one per dim, e.g. ('layers', 'embed', 'heads', 'head_dim')
+    fan_in: tuple[str, ...]    # axes contracted in the forward pass; () for vectors
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One row of the table: how a parameterization scales with width and depth."""
+    width: bool          # muP-style width scaling of init, LR, eps, readout multiplier
+    depth_alpha: float   # residual branches x m_L^-alpha; LR of block params x m_L^(alpha-1) when alpha > 0
+    attn_exponent: float  # attention logits x d_head^-exponent (relative to the base head dim, see attn_scale)
+    source: str
+
+
+RULES: dict[str, Rule] = {
+    "sp": Rule(width=False, depth_alpha=0.0, attn_exponent=0.5, source="standard parameterization"),
+    "mup": Rule(width=True, depth_alpha=0.0, attn_exponent=1.0, source="Yang et al. 2022, TP-V Table 8"),
+    "depth_mup": Rule(width=True, depth_alpha=0.5, attn_exponent=1.0,
+                      source="Bordelon et al. 2023; Yang et al. 2023 (TP-VI)"),
+    "completep": Rule(width=True, depth_alpha=1.0, attn_exponent=1.0, source="Dey et al. 2025 (CompleteP) Table 1"),
+}
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> None:
+    """Fills base shapes of 0 with the model's own sizes and checks the name (in place)."""
+    from maxscale.config import ConfigError
+    p, m = cfg.parameterization, cfg.model
+    if p.name not in RULES:
+        raise ConfigError(f"parameterization.name={p.name!r} is not supported; choose one of {', '.join(RULES)}")
+    for base, own in (("base_width", m.width), ("base_depth", m.depth), ("base_num_heads", m.num_heads),
+                      ("base_head_dim", m.head_dim), ("base_ffn_size", m.ffn_size)):
+        if p[base] == 0:
+            p[base] = own
+    if p.depth_alpha != -1.0 and not 0.0 <= p.depth_alpha <= 2.0:
+        raise ConfigError(f"parameterization.depth_alpha={p.depth_alpha} must lie in [0, 2] (or -1 for the default)")
+    if p.attn_exponent != -1.0 and not 0.0 <= p.attn_exponent <= 2.0:
+        raise ConfigError(f"parameterization.attn_exponent={p.attn_exponent} must lie in [0, 2] (or -1 for the default)")
+    if p.embed_init_std == 0.0:
+        p.embed_init_std = p.init_std
+
+
+class Parameterization:
+    """The lookup. Built from a resolved config; pure Python floats, no arrays."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+        p, m = cfg.parameterization, cfg.model
+        self.rule = RULES[p.name]
+        self.alpha = self.rule.depth_alpha if p.depth_alpha == -1.0 else p.depth_alpha
+        self.attn_exponent = self.rule.attn_exponent if p.attn_exponent == -1.0 else p.attn_exponent
+        kv_ratio = m.num_kv_heads / m.num_heads
+        self.sizes = {"vocab": m.vocab_size, "embed": m.width, "mlp": m.ffn_size, "heads": m.num_heads,
+                      "kv_heads": m.num_kv_heads, "head_dim": m.head_dim, "layers": m.depth}
+        self.base_sizes = {"vocab": m.vocab_size, "embed": p.base_width, "mlp": p.base_ffn_size,
+                           "heads": p.base_num_heads, "kv_heads": p.base_num_heads * kv_ratio,
+                           "head_dim": p.base_head_dim, "layers": p.base_depth}
+        self.m_width = m.width / p.base_width    # m_N
+        self.m_depth = m.depth / p.base_depth    # m_L
+
+    # -- forward multipliers ------------------------------------------------------------------------------------
+    @property
+    def input_mult(self) -> float:
+        return self.cfg.parameterization.input_mult
+
+    @property
+    def output_mult(self) -> float:
+        """Readout logits = output_mult * x W; muP divides by m_N (TP-V Table 8, MuReadout)."""
+        mult = self.cfg.parameterization.output_mult
+        return mult / self.m_width if self.rule.width else mult
+
+    @property
+    def residual_mult(self) -> float:
+        """Each residual branch is multiplied by m_L^-alpha (depth-muP alpha = 1/2, CompleteP alpha = 1)."""
+        return self.m_depth ** -self.alpha
+
+    @property
+    def attn_scale(self) -> float:
+        """Logit scale attn_mult * d^-1/2 * (d/d0)^-(exponent - 1/2): equals SP's 1/sqrt(d) at the base head dim."""
+        d, d0 = self.cfg.model.head_dim, self.cfg.parameterization.base_head_dim
+        return self.cfg.parameterization.attn_mult * d ** -0.5 * (d / d0) ** -(self.attn_exponent - 0.5)
+
+    def multipliers(self) -> dict[str, float]:
+        return {"input": self.input_mult, "output": self.output_mult, "residual": self.residual_mult,
+                "attn_scale": self.attn_scale}
+
+    # -- per-parameter rules --------------------------------------------------------------------------------------
+    def fan_in_ratio(self, spec: ParamSpec) -> float:
+        """Product over the contracted axes of size / base size (1 for vectors)."""
+        return math.prod(self.sizes[a] / self.base_sizes[a] for a in spec.fan_in)
+
+    def _in_blocks(self, spec: ParamSpec) -> bool:
+        return "layers" in spec.axes
+
+    def _depth_lr(self, spec: ParamSpec) -> float:
+        # Alpha = 0 is plain muP: no depth factors at all (docs/parameterizations.md, section 2).
+        if self.alpha == 0.0 or not self._in_blocks(spec):
+            return 1.0
+        return self.m_depth ** (self.alpha - 1.0)
+
+    def init_std(self, spec: ParamSpec, name: str = "") -> float:
+        p = self.cfg.parameterization
+        if spec.role in ("norm", "bias"):
+            return 0.0  # norms start at one (the model adds 1), biases at zero
+        if spec.role == "embedding":
+            return p.embed_init_std
+        if spec.role == "readout":
+            return 0.0 if p.zero_init_readout else p.init_std
+        if name.endswith("wq") and p.zero_init_query:
+            return 0.0
+        if self.rule.width:
+            return p.init_std / math.sqrt(self.fan_in_ratio(spec))
+        return p.init_std
+
+    def lr_factor(self, spec: ParamSpec) -> float:
+        if spec.role == "hidden" and self.rule.width:
+            return self._depth_lr(spec) / self.fan_in_ratio(spec)
+        return self._depth_lr(spec)
+
+    def wd_factor(self, spec: ParamSpec) -> float:
+        """Norm gains and biases are never decayed. With coupled (lr * wd) decay, muP scales hidden WD by the
+        fan-in ratio so that lr * wd stays width-independent; independent decay is left alone (pitfall 3)."""
+        if spec.role in ("norm", "bias"):
+            return 0.0
+        if (spec.role == "hidden" and self.rule.width
+                and self.cfg.optimizer.weight_decay_mode == "coupled"):
+            return self.fan_in_ratio(spec)
+        return 1.0
+
+    def eps_factor(self, spec: ParamSpec) -> float:
+        """Adam eps tracks the gradient scale: x m_N^-1, and x m_L^-alpha inside blocks (CompleteP Table 1)."""
+        if not (self.rule.width and self.cfg.parameterization.scale_eps):
+            return 1.0
+        depth = self.m_depth ** -self.alpha if self._in_blocks(spec) else 1.0
+        return depth / self.m_width
+
+    def factors(self, spec: ParamSpec) -> dict[str, float]:
+        return {"lr": self.lr_factor(spec), "wd": self.wd_factor(spec), "eps": self.eps_factor(spec)}
+
+
+def spec_of(variable: Any) -> ParamSpec:
+    """The ParamSpec stored as metadata on an nnx.Param."""
+    meta = variable.get_metadata()
+    return ParamSpec(role=meta["role"], axes=tuple(meta["axes"]), fan_in=tuple(meta["fan_in"]))
+
+
+def describe(cfg: ml_collections.ConfigDict) -> dict:
+    """The table for a resolved config: one row per parameter, plus the forward multipliers. No arrays made."""
+    from maxscale.model import transformer
+    par = Parameterization(cfg)
+    rows = []
+    for path, spec, shape in transformer.param_specs(cfg):
+        rows.append({"path": path, "shape": list(shape), "role": spec.role, "axes": list(spec.axes),
+                     "init_std": par.init_std(spec, path), **par.factors(spec)})
+    return {"parameterization": cfg.parameterization.name, "depth_alpha": par.alpha,
+            "attn_exponent": par.attn_exponent, "multipliers": par.multipliers(), "params": rows}
+
+
+def _format_table(table: dict) -> str:
+    lines = [f"parameterization={table['parameterization']} depth_alpha={table['depth_alpha']} "
+             f"attn_exponent={table['attn_exponent']}",
+             "multipliers: " + "  ".join(f"{k}={v:.6g}" for k, v in table["multipliers"].items()),
+             f"{'path':<28} {'shape':<22} {'role':<10} {'init_std':>10} {'lr':>9} {'wd':>9} {'eps':>9}"]
+    for r in table["params"]:
+        lines.append(f"{r['path']:<28} {str(tuple(r['shape'])):<22} {r['role']:<10} {r['init_std']:>10.4g} "
+                     f"{r['lr']:>9.4g} {r['wd']:>9.4g} {r['eps']:>9.4g}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from maxscale import config as config_lib
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    try:
+        cfg, _ = config_lib.parse_argv(argv, extra_flags=())
+        cfg = config_lib.resolve(cfg)
+    except config_lib.ConfigError as e:
+        print(f"maxscale.parameterization: error: {e}", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+    table = describe(cfg)
+    print(json.dumps(table, indent=2) if as_json else _format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
