@@ -66,6 +66,8 @@ def defaults() -> ml_collections.ConfigDict:
         zero_init_readout=False,
         zero_init_query=False,
         scale_eps=True,       # muP-family eps scaling (CompleteP Table 1); off = the same eps everywhere
+        eps_depth_scope="blocks",  # eps x m_L^-alpha on: blocks (CompleteP Table 1) | all (nanoGPT-mup completep)
+        width_grows="head_dim",    # scale_shapes(): head_dim (fixed heads) | heads (fixed head dim)
     )
 
     c.optimizer = dict(
@@ -294,8 +296,6 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if not 0.0 <= o[field] < 1.0:
             raise ConfigError(f"optimizer.{field}={o[field]} must lie in [0, 1)")
     s = cfg.schedule
-    if s.warmup_steps >= cfg.train.steps:
-        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be < train.steps={cfg.train.steps}")
     if not 0.0 <= s.final_lr_fraction <= 1.0:
         raise ConfigError(f"schedule.final_lr_fraction={s.final_lr_fraction} must lie in [0, 1]")
     if not 0.0 <= s.decay_fraction <= 1.0:

@@ -197,3 +197,25 @@ def eval_batches(corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: 
         idx = np.arange(step * B, (step + 1) * B) % windows.count
         out.append({"tokens": windows.rows(idx[rows])})
     return out
+
+
+def write_token_file(cfg: ml_collections.ConfigDict, out: str) -> dict:
+    """Tokenizes `data.source` once into `<out>.train.bin`, `<out>.eval.bin` and the header `<out>.json`.
+
+    The header is written last (atomically), so a header always describes complete files.
+    """
+    corpus = load_corpus(cfg)
+    dtype = np.uint8 if corpus.vocab_size <= 256 else np.uint16 if corpus.vocab_size <= 65536 else np.uint32
+    header = {"format": TOKEN_FILE_FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": corpus.vocab_size,
+              "tokenizer": "byte", "source": cfg.data.source, "description": corpus.description}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for split in ("train", "eval"):
+        tokens = np.asarray(getattr(corpus, split), dtype=dtype)
+        path = f"{out}.{split}.bin"
+        tokens.tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        header[split] = {"file": os.path.basename(path), "tokens": int(len(tokens))}
+    with open(f"{out}.json.tmp", "w") as fh:
+        json.dump(header, fh, indent=2)
+    os.replace(f"{out}.json.tmp", f"{out}.json")
+    return header

@@ -229,11 +229,11 @@ class Trainer:
         n_params = transformer.count_params(cfg)
         flops_tok = transformer.flops_per_token(cfg)
         peak, peak_src = metrics_lib.device_peak_flops(cfg.train.peak_flops)
-        peak_total = peak * jax.device_count()
+        peak_total = peak * self.mesh.size
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         progress.message(
             f"maxscale: {n_params['total'] / 1e6:.2f}M params ({n_params['non_embedding'] / 1e6:.2f}M non-embedding), "
-            f"{cfg.parameterization.name}, mesh {dict(self.mesh.shape)}, {jax.device_count()} x "
+            f"{cfg.parameterization.name}, mesh {dict(self.mesh.shape)}, {self.mesh.size} x "
             f"{jax.devices()[0].device_kind}, peak {peak / 1e12:.3g} TFLOP/s/device [{peak_src}]; "
             f"data: {self.corpus.description}")
 
@@ -265,7 +265,7 @@ class Trainer:
                 flush(pending)
                 pending = None
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == start:
                 pending = (done, dev_metrics)
             if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 if pending is not None:

@@ -1,0 +1,36 @@
+# maxscale: `make train` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: install train test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,analysis]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Train the default model on the embedded corpus (the Python standard library's sources).
+train: install
+	$(BIN)/python -m maxscale.train --config=configs/stdlib.py --workdir=runs/stdlib $(ARGS)
+
+## The whole suite, heavy cases included.
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+## Everything but the cases marked slow.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+bench: install
+	$(BIN)/python tools/bench.py --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \
+	  --config.data.seq_len=256 --config.train.batch_size=16 $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,135 @@
+"""Benchmark of the train step: compile time, step time, tokens/s, MFU, peak host memory, and the ratio to a
+minimal hand-written `jax.jit` step of the same math (no Flax, no optax, no sharding machinery) timed in the same
+process. The hand-written step is the yardstick for framework overhead: it should not be faster.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maxscale import metrics, sharding, train
+from maxscale.model import transformer
+
+
+def _time_steps(step, state, batch, steps: int) -> tuple[float, float, object]:
+    """(compile+first-step seconds, median seconds per step, final state)."""
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return first, float(np.median(times)), state
+
+
+# -- the hand-written reference: the same model and AdamW, written directly in jax.numpy -------------------------
+
+def _reference_step(cfg: ml_collections.ConfigDict):
+    m, o = cfg.model, cfg.optimizer
+    scale = m.head_dim ** -0.5
+
+    def rms(x, g):
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + m.norm_eps) * g
+
+    def rope(x):
+        T, K = x.shape[1], x.shape[-1]
+        f = m.rope_theta ** (-jnp.arange(0, K // 2) * 2 / K)
+        a = jnp.arange(T)[:, None] * f[None]
+        s, c = jnp.sin(a)[None, :, None], jnp.cos(a)[None, :, None]
+        x1, x2 = jnp.split(x, 2, -1)
+        return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    def layer(x, p):
+        h = rms(x, p["attn_norm"])
+        q = rope(jnp.einsum("btd,dhk->bthk", h, p["wq"]))
+        k = rope(jnp.einsum("btd,dhk->bthk", h, p["wk"]))
+        v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+        a = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+        x = x + jnp.einsum("bthk,hkd->btd", a, p["wo"])
+        h = rms(x, p["mlp_norm"])
+        x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+        return x, None
+
+    def loss(params, tokens):
+        x = params["embed"][tokens[:, :-1]]
+        x, _ = jax.lax.scan(layer, x, params["blocks"])
+        logits = rms(x, params["final_norm"]) @ params["unembed"]
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+    def step(state, tokens):
+        params, mu, nu, t = state
+        l, g = jax.value_and_grad(loss)(params, tokens)
+        norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+        g = jax.tree.map(lambda x: x * jnp.minimum(1.0, o.grad_clip / (norm + 1e-6)), g)
+        t = t + 1
+        mu = jax.tree.map(lambda a, b: o.b1 * a + (1 - o.b1) * b, mu, g)
+        nu = jax.tree.map(lambda a, b: o.b2 * a + (1 - o.b2) * b * b, nu, g)
+        c1, c2 = 1 - o.b1 ** t, 1 - o.b2 ** t
+        params = jax.tree.map(lambda p, a, b: p - o.lr * ((a / c1) / (jnp.sqrt(b / c2) + o.eps) + o.weight_decay * p),
+                              params, mu, nu)
+        return (params, mu, nu, t), l
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def run(cfg: ml_collections.ConfigDict, steps: int = 10) -> dict:
+    if cfg.model.mlp != "swiglu" or cfg.model.norm != "rmsnorm" or cfg.model.num_kv_heads != cfg.model.num_heads:
+        raise ValueError("the hand-written reference covers swiglu + rmsnorm + full multi-head attention only")
+    mesh = sharding.make_mesh(cfg)
+    setup = train.Setup.build(cfg, mesh)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
+
+    state = setup.init_state()
+    compile_s, step_s, state = _time_steps(setup.train_step, state, setup.global_batch(tokens), steps)
+    params = jax.device_get(state["params"])
+    del state
+
+    ref = _reference_step(cfg)
+    ref_state = (params, jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params), 0.0)
+    ref_compile_s, ref_step_s, _ = _time_steps(ref, ref_state, jnp.asarray(tokens), steps)
+
+    peak, peak_src = metrics.device_peak_flops(cfg.train.peak_flops)
+    flops_tok = transformer.flops_per_token(cfg)
+    tok_s, ref_tok_s = B * T / step_s, B * T / ref_step_s
+    return {
+        "config": {"width": cfg.model.width, "depth": cfg.model.depth, "heads": cfg.model.num_heads,
+                   "seq_len": T, "batch": B, "dtype": cfg.model.dtype, "devices": mesh.size},
+        "params": transformer.count_params(cfg),
+        "compile_s": round(compile_s, 3),
+        "step_s": round(step_s, 5),
+        "tokens_per_s": round(tok_s, 1),
+        "model_flops_per_token": flops_tok,
+        "peak_flops_per_device": peak,
+        "peak_source": peak_src,
+        "mfu": round(tok_s * flops_tok / (peak * mesh.size), 4),
+        "reference_compile_s": round(ref_compile_s, 3),
+        "reference_step_s": round(ref_step_s, 5),
+        "reference_tokens_per_s": round(ref_tok_s, 1),
+        "ratio_to_reference": round(tok_s / ref_tok_s, 3),
+        "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def compile_seconds(cfg: ml_collections.ConfigDict) -> float:
+    """Seconds to lower and compile the train step for `cfg` (no arrays allocated)."""
+    setup = train.Setup.build(cfg, sharding.make_mesh(cfg))
+    state = setup.abstract_state()
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
+                                 sharding=setup.batch_sharding)
+    t = time.perf_counter()
+    setup.train_step.lower(state, batch).compile()
+    return time.perf_counter() - t

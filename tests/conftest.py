@@ -1,0 +1,42 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and shared tiny configs."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from maxscale import config as config_lib  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py with dotted overrides, e.g. tiny_config(**{"model.width": 32})."""
+    cfg = config_lib.load(os.path.join(ROOT, "configs", "tiny.py"))
+    cfg.data.max_bytes = 400_000
+    cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_lib.resolve(cfg)
+
+
+def one_device_mesh(cfg):
+    from maxscale import sharding
+    return sharding.make_mesh(cfg, jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus():
+    from maxscale import data
+    return data.load_corpus(tiny_config())

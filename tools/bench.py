@@ -1,0 +1,38 @@
+"""Benchmark the train step and print JSON (see maxscale/bench.py).
+
+    python tools/bench.py --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \
+        --config.data.seq_len=256 --config.train.batch_size=16 [--steps=10] [--compile_depths=4,64]
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from maxscale import config as config_lib  # noqa: E402
+
+
+def main(argv) -> int:
+    try:
+        cfg, flags = config_lib.parse_argv(argv, extra_flags=("steps", "compile_depths"))
+        cfg = config_lib.resolve(cfg)
+        steps = int(flags.get("steps", 10))
+    except (config_lib.ConfigError, ValueError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+    from maxscale import bench
+    result = bench.run(cfg, steps=steps)
+    if flags.get("compile_depths"):
+        result["compile_s_by_depth"] = {}
+        for depth in (int(d) for d in flags["compile_depths"].split(",")):
+            deep = config_lib.from_json(config_lib.to_json(cfg))
+            deep.model.depth = depth
+            deep.parameterization.base_depth = depth
+            result["compile_s_by_depth"][depth] = round(bench.compile_seconds(deep), 3)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
