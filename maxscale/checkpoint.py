@@ -3,7 +3,9 @@
 Each checkpoint is one orbax step directory with three items:
   state   `StandardSave` of the train-state pytree; restored onto the shardings of the *current* mesh, so a
           checkpoint written on one mesh restores onto another
-  data    the grain iterator state, through grain's own orbax handler (one file per process)
+  data    the grain iterator state as JSON. Every process reads rows of the same global batch stream, so the
+          state is the same on all of them; one copy restores onto any number of processes (grain's own handler
+          writes one file per process and so cannot change the process count)
   config  the resolved config as JSON
 Orbax writes into a temporary directory and renames it on commit, so a half-written checkpoint is never the latest.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -37,7 +38,7 @@ class Checkpointer:
         """Starts a save (asynchronous when enabled); returns once the device arrays are safe to donate."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data=ocp.args.JsonSave(data_iterator.get_state()),
             config=ocp.args.JsonSave(cfg.to_dict()),
         ), force=True)
 
@@ -45,8 +46,10 @@ class Checkpointer:
         """Restores `state` with the shardings in `abstract_state` (ShapeDtypeStructs); sets the iterator in place."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            data_iterator.set_state(restored["data"])
         return restored["state"]
 
     def restore_config(self, step: int) -> dict:
