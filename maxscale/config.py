@@ -18,7 +18,11 @@ from typing import Any, Sequence
 
 import ml_collections
 
-EXIT_USAGE = 2
+# Exit codes of `python -m maxscale.train` (docs/reliability.md). 75 is sysexits' EX_TEMPFAIL: run it again.
+EXIT_USAGE = 2        # bad config, flag, input file or workdir: one line naming the field and the fix; nothing written
+EXIT_NONFINITE = 3    # non-finite loss or gradient with train.nan_policy=stop; the last good checkpoint is kept
+EXIT_CHECKPOINT = 74  # a checkpoint save failed (e.g. full disk) or no checkpoint restores; earlier ones are intact
+EXIT_PREEMPTED = 75   # SIGTERM/SIGINT: stopped after a step and saved a checkpoint; the same command resumes
 
 
 class ConfigError(ValueError):
@@ -109,15 +113,22 @@ def defaults() -> ml_collections.ConfigDict:
         sample_tokens=200,    # generated at the end of the run; 0 = none
         sample_prompt="def ",
         peak_flops=0.0,       # per-device peak for MFU; 0 = known table, else a matmul measured at start
+        nan_policy="stop",    # non-finite loss/gradient: stop (keep the last good checkpoint) | skip the update
+        spike_factor=2.0,     # log a loss spike when a logged loss exceeds this x its running mean; 0 = off
+        preempt_grace_s=0.0,  # after SIGTERM/SIGINT, exit within this many seconds, saved or not; 0 = no limit
+        debug_nan_at_step=0,  # for tests: make the loss and gradients of this step NaN; 0 = off
     )
 
     c.checkpoint = dict(
         every=500,
         max_to_keep=3,
         async_save=True,
+        verify=True,          # check each file's CRC-32 against the checkpoint's manifest before restoring
     )
 
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)  # -1 fills the rest of the devices
+    # Axis sizes in devices; -1 fills the rest. dcn_<axis>: how many slices (hosts joined by the data-centre
+    # network) that axis spans, a divisor of its size; the rest of it stays inside a slice (ICI). docs/sharding.md
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1)
 
     c.distributed = dict(
         coordinator_address="",
@@ -241,6 +252,7 @@ _CHOICES = {
     "optimizer.name": ("adamw",),
     "optimizer.weight_decay_mode": ("coupled", "independent"),
     "schedule.name": ("constant", "cosine", "wsd", "power"),
+    "train.nan_policy": ("stop", "skip"),
 }
 _POSITIVE = ("model.width", "model.depth", "model.num_heads", "model.vocab_size", "data.seq_len",
              "train.batch_size", "train.steps", "train.eval_every", "train.log_every", "checkpoint.every",
@@ -249,7 +261,8 @@ _NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.ffn_size", "opti
                  "optimizer.grad_clip", "schedule.warmup_steps", "train.eval_steps", "train.sample_tokens",
                  "data.max_bytes", "parameterization.base_width", "parameterization.base_depth",
                  "parameterization.base_num_heads", "parameterization.base_head_dim",
-                 "parameterization.base_ffn_size", "parameterization.embed_init_std")
+                 "parameterization.base_ffn_size", "parameterization.embed_init_std",
+                 "train.preempt_grace_s", "train.debug_nan_at_step")
 
 
 def _get(cfg, field):
@@ -304,6 +317,9 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"schedule.power_t0={s.power_t0} must be positive")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie in (0, 1)")
+    if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
+        raise ConfigError(f"train.spike_factor={cfg.train.spike_factor} must be > 1 (a multiple of the running "
+                          f"mean loss) or 0 to turn spike logging off")
 
     for axis in ("data", "fsdp", "tensor", "expert"):
         v = cfg.mesh[axis]
@@ -311,6 +327,13 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1 (fill the remaining devices)")
     if sum(cfg.mesh[a] == -1 for a in ("data", "fsdp", "tensor", "expert")) > 1:
         raise ConfigError("mesh: at most one axis may be -1; give the others explicit sizes")
+    for axis in ("data", "fsdp", "tensor", "expert"):
+        v, size = cfg.mesh[f"dcn_{axis}"], cfg.mesh[axis]
+        if v < 1:
+            raise ConfigError(f"mesh.dcn_{axis}={v} must be >= 1 (1 = the axis stays inside one slice)")
+        if size != -1 and size % v:
+            raise ConfigError(f"mesh.dcn_{axis}={v} does not divide mesh.{axis}={size}; the axis is dcn x ici "
+                              f"devices, so choose mesh.{axis} as a multiple of mesh.dcn_{axis}")
 
     from maxscale import parameterization  # local import: parameterization imports this module
     parameterization.resolve(cfg)

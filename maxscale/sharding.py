@@ -2,7 +2,8 @@
 
 The one table `RULES` maps the logical axes that parameters and activations carry onto the mesh axes
 (`data`, `fsdp`, `tensor`, `expert`). Parameters shard by their metadata; the batch shards over (data, fsdp).
-See docs/sharding.md.
+Each mesh axis may span several slices (`mesh.dcn_<axis>`): the slice is then its outer factor, as in
+`mesh_utils.create_hybrid_device_mesh`. See docs/sharding.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from maxscale.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -35,7 +38,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Resolves -1 in `mesh.*` and checks the product against the device count (ConfigError otherwise)."""
-    from maxscale.config import ConfigError
     sizes = {a: cfg.mesh[a] for a in MESH_AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
@@ -49,18 +51,51 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, in
         shape = " x ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
         raise ConfigError(f"mesh: {shape} = {product} devices but {num_devices} are present; "
                           f"make the product {num_devices} or set one axis to -1")
+    for a, n in dcn_shape(cfg).items():
+        if sizes[a] % n:
+            raise ConfigError(f"mesh.dcn_{a}={n} does not divide mesh.{a}={sizes[a]}; the axis is dcn x ici "
+                              f"devices, so choose mesh.{a} as a multiple of mesh.dcn_{a}")
     return sizes
+
+
+def dcn_shape(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """How many slices (granules joined by the slow data-centre network) each mesh axis spans; 1 = none."""
+    return {a: cfg.mesh.get(f"dcn_{a}", 1) for a in MESH_AXES}
+
+
+def device_grid(sizes: dict[str, int], dcn: dict[str, int], devices: Sequence) -> np.ndarray:
+    """The devices arranged as the mesh, shape (data, fsdp, tensor, expert).
+
+    Without DCN axes: `mesh_utils.create_device_mesh` (it follows the ICI torus on TPUs). With them, each axis of
+    size n = dcn x ici has the slice as its outer factor: index i along the axis is slice i // ici, position
+    i % ici inside it, as `mesh_utils.create_hybrid_device_mesh` lays it out, so only the dcn part of an axis
+    crosses slices. Slices are the devices' `slice_index` when they span several (multi-slice TPU); devices of
+    one slice (GPUs, CPUs: multi-process CPU devices report slice 0) are cut into consecutive groups of prod(ici)
+    in list order, which is process order, so a group is a host or a run of hosts.
+    """
+    from jax.experimental import mesh_utils
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    outer = tuple(dcn[a] for a in MESH_AXES)
+    if math.prod(outer) == 1:
+        try:
+            return mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:  # simulated or odd topologies: plain order is fine
+            return np.asarray(devices).reshape(shape)
+    inner = tuple(s // d for s, d in zip(shape, outer))
+    if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        try:
+            return mesh_utils.create_hybrid_device_mesh(inner, outer, devices)
+        except ValueError as e:  # e.g. dcn sizes that do not multiply to the number of slices
+            raise ConfigError(f"mesh.dcn_*: {e}; make the dcn sizes multiply to the number of slices") from None
+    # (dcn..., ici...) -> (dcn0, ici0, dcn1, ici1, ...) -> (dcn0*ici0, ...): the block layout of the hybrid mesh
+    grid = np.asarray(devices, dtype=object).reshape(outer + inner)
+    order = [i for pair in zip(range(len(shape)), range(len(shape), 2 * len(shape))) for i in pair]
+    return grid.transpose(order).reshape(shape)
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # simulated or odd topologies: plain order is fine
-        grid = np.asarray(devices).reshape(shape)
+    grid = device_grid(mesh_shape(cfg, len(devices)), dcn_shape(cfg), devices)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -81,7 +116,6 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int]
 
 def check_divisible(specs: dict, shapes: dict, mesh: Mesh) -> None:
     """Every sharded dimension must divide evenly over its mesh axes (ConfigError naming the size otherwise)."""
-    from maxscale.config import ConfigError
     field = {"vocab": "model.vocab_size", "embed": "model.width", "heads": "model.num_heads",
              "kv_heads": "model.num_kv_heads", "mlp": "model.ffn_size", "experts": "model.num_experts"}
     for path, spec in specs.items():
@@ -101,7 +135,18 @@ def param_shardings(spec_tree, mesh: Mesh, abstract_params) -> dict:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch", None), mesh))
+    """Rows over (data, fsdp). With several processes, each must hold its own 1/process_count of the rows, since
+    each loads only that many (data.process_rows); ConfigError for a mesh that replicates rows across processes."""
+    out = NamedSharding(mesh, logical_to_spec(("batch", None), mesh))
+    processes = {d.process_index for d in mesh.devices.flat}
+    if len(processes) > 1:
+        dp = data_parallel_size(mesh)
+        rows = {idx[0].start or 0 for idx in out.addressable_devices_indices_map((dp, 1)).values()}
+        if dp % len(processes) or len(rows) != dp // len(processes):
+            raise ConfigError(f"mesh: the batch axes mesh.data x mesh.fsdp = {dp} must split evenly over the "
+                              f"{len(processes)} processes (this one holds {len(rows)} of {dp} row blocks); make "
+                              f"data x fsdp a multiple of the process count and keep tensor/expert within a host")
+    return out
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
