@@ -1,67 +1,288 @@
-"""Checkpoints with orbax: train state (params, optimizer state, step, RNG), the grain iterator state, the config.
+"""Checkpoints with orbax: train state (params, optimizer state, step, RNG, fault counters), the data-iterator state,
+the config; plus what makes them safe to resume from after any crash.
 
-Each checkpoint is one orbax step directory with three items:
+Each checkpoint is one orbax step directory `<step>/` with three items:
   state   `StandardSave` of the train-state pytree; restored onto the shardings of the *current* mesh, so a
           checkpoint written on one mesh restores onto another
   data    the grain iterator state as JSON. Every process reads rows of the same global batch stream, so the
           state is the same on all of them; one copy restores onto any number of processes (grain's own handler
           writes one file per process and so cannot change the process count)
   config  the resolved config as JSON
-Orbax writes into a temporary directory and renames it on commit, so a half-written checkpoint is never the latest.
+and, once the step is known to be committed, `manifest.json`: the size and CRC-32 of every file in it.
+
+Safety, in the order things happen (docs/reliability.md has the guarantees and the tests that check them):
+  * orbax writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` on commit, so a step directory is
+    complete or absent; leftovers of a killed save are removed when the next Checkpointer opens the directory.
+  * orbax's own `max_to_keep` is off: it forgets old steps when a save *starts*. Here old steps are deleted only
+    after a newer one has committed and been hashed, by renaming to `<step>.deleting` first (never a half-deleted
+    step that looks whole).
+  * a failed save (full disk, permissions) raises CheckpointError naming the step that is still intact.
+  * restore verifies the manifest, restores, and checks the step; a step that fails is reported in one line,
+    moved aside to `<step>.corrupt`, and the previous one is used. If no step restores, nothing is moved.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import re
+import shutil
+import zlib
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+from maxscale import config as config_lib
+from maxscale.faults import RunStopped
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "maxscale-checkpoint-manifest-v1"
+_STEP_NAME = re.compile(r"(0|[1-9]\d*)")  # orbax's committed step names; tmp, .corrupt and .deleting never match
+# orbax rewrites this file after commit (timestamps); restore does not need it, so it is not hashed
+_UNHASHED = ("_CHECKPOINT_METADATA",)
+
+
+class CheckpointError(RunStopped):
+    """A checkpoint could not be written, or none could be read. One line: what failed and what is still intact."""
+    exit_code = config_lib.EXIT_CHECKPOINT
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Steps with a committed step directory, ascending (no orbax objects: safe before anything is written)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if _STEP_NAME.fullmatch(n) and os.path.isdir(os.path.join(directory, n)))
+
+
+def read_saved_config(directory: str) -> tuple[int, dict] | None:
+    """(step, config dict) of the newest committed checkpoint whose config item reads; None if there is none."""
+    for step in reversed(committed_steps(directory)):
+        try:
+            with open(os.path.join(directory, str(step), "config", "metadata")) as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError):
+            continue  # unreadable: the restore fallback deals with it
+        if isinstance(saved, dict):
+            return step, saved
+    return None
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(step_dir: str) -> None:
+    files = {}
+    for root, _, names in os.walk(step_dir):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel == MANIFEST or rel in _UNHASHED:
+                continue
+            files[rel] = [os.path.getsize(path), _crc32(path)]
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"format": MANIFEST_FORMAT, "files": files}, fh, sort_keys=True)
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify_manifest(step_dir: str) -> None:
+    """Raises ValueError naming the first file whose size or CRC-32 differs. A step without a manifest (the run
+    was killed between commit and hashing) passes: orbax's atomic commit already vouches that it is complete."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        manifest = json.load(fh)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{MANIFEST} is not a {MANIFEST_FORMAT} file")
+    for rel, (size, crc) in sorted(manifest["files"].items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.isfile(full):
+            raise ValueError(f"{rel} is missing")
+        if os.path.getsize(full) != size:
+            raise ValueError(f"{rel} has {os.path.getsize(full)} bytes, expected {size}")
+        if _crc32(full) != crc:
+            raise ValueError(f"{rel} fails its CRC-32 check")
 
 
 class Checkpointer:
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.checkpoint.max_to_keep,
-            enable_async_checkpointing=cfg.checkpoint.async_save,
-            create=True,
-        )
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, primary: bool = True, read_only: bool = False):
+        """`primary`: this process hashes, deletes and moves steps. `read_only`: restore only, touch nothing."""
         self.directory = os.path.abspath(directory)
+        self.keep = cfg.checkpoint.max_to_keep
+        self.verify = cfg.checkpoint.verify
+        self.primary = primary and not read_only
+        self._pending: int | None = None  # a save that was started and is not yet known to be committed
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None,  # retention is ours: see the module docstring
+            enable_async_checkpointing=cfg.checkpoint.async_save,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
+        if self.primary:
+            for name in os.listdir(self.directory):
+                if name.endswith(".deleting"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def steps(self) -> list[int]:
+        return committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
+    def newest_step(self) -> int | None:
+        """The step of the newest save started: committed, or in flight and awaited by close()."""
+        return self._pending if self._pending is not None else self.latest_step()
+
+    # -- saving ------------------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_iterator: Any, cfg: ml_collections.ConfigDict) -> None:
-        """Starts a save (asynchronous when enabled); returns once the device arrays are safe to donate."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_iterator.get_state()),
-            config=ocp.args.JsonSave(cfg.to_dict()),
-        ), force=True)
+        """Starts a save (asynchronous when enabled); returns once the device arrays are safe to donate.
 
+        First confirms the previous save (CheckpointError if it failed), so at most one save is unconfirmed."""
+        self.finish()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_iterator.get_state()),
+                config=ocp.args.JsonSave(cfg.to_dict()),
+            ), force=True)
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+            raise self._save_failed(step, e) from None
+        self._pending = step
+        if not cfg.checkpoint.async_save:
+            self.finish()
+
+    def poll(self) -> None:
+        """Confirms a finished asynchronous save without waiting for one in progress."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.finish()
+
+    def finish(self) -> None:
+        """Waits for the pending save; then hashes it and applies retention. CheckpointError if it failed."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+            step_dir = os.path.join(self.directory, str(step))
+            if not os.path.isdir(step_dir):
+                raise OSError(f"{step_dir} was not committed")
+            if self.primary:
+                write_manifest(step_dir)
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from None
+        if self.primary:
+            for old in self.steps()[:-self.keep]:
+                self._move_aside(old, ".deleting", delete=True)
+        self.manager.reload()
+
+    def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        intact = [s for s in self.steps() if s != step]
+        kept = f"the checkpoint at step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
+        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed ({_one_line(e)}); "
+                               f"{kept}; fix the cause (disk space, permissions) and rerun the same command to resume")
+
+    def _move_aside(self, step: int, suffix: str, delete: bool = False) -> str:
+        target = os.path.join(self.directory, f"{step}{suffix}")
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(self.directory, f"{step}{suffix}{n}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        if delete:
+            shutil.rmtree(target, ignore_errors=True)
+        return target
+
+    # -- restoring ---------------------------------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
-        """Restores `state` with the shardings in `abstract_state` (ShapeDtypeStructs); sets the iterator in place."""
+        """Restores `state` with the shardings in `abstract_state` (ShapeDtypeStructs); sets the iterator in place.
+
+        Verifies the manifest first (when checkpoint.verify) and that the restored state is at `step`."""
+        if self.verify:
+            verify_manifest(os.path.join(self.directory, str(step)))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        if isinstance(state, dict) and "step" in state and int(jax.device_get(state["step"])) != step:
+            raise ValueError(f"the state inside is at step {int(jax.device_get(state['step']))}")
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
-        return restored["state"]
+        return state
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any | None,
+                       report: Callable[[str], None]) -> tuple[int | None, Any]:
+        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+
+        Each newer step that fails is reported in one line and moved aside as `<step>.corrupt`; if every step
+        fails, nothing is moved and CheckpointError says why (a systematic cause, such as a different model,
+        must not cost the run its checkpoints)."""
+        failed = []
+        for step in reversed(self.steps()):
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with a step, the previous one may be fine
+                failed.append((step, _one_line(e)))
+                continue
+            for bad, why in failed:
+                moved = self._move_aside(bad, ".corrupt") if self.primary else f"{bad}.corrupt"
+                report(f"checkpoint {bad} in {self.directory} is unusable ({why}); moved it to "
+                       f"{os.path.basename(moved)} and resuming from checkpoint {step}")
+            if failed:
+                self.manager.reload()
+            return step, state
+        if failed:
+            details = "; ".join(f"step {s}: {why}" for s, why in failed)
+            raise CheckpointError(f"no checkpoint in {self.directory} restores ({details}); move the directory "
+                                  f"away to start the run over, or restore it from a backup")
+        return None, None
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.finish()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.finish()
+        finally:
+            self.manager.close()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_state(directory: str, abstract_state: Any, step: int | None = None) -> tuple[int, dict]:
+    """Reads one checkpoint's state without a trainer (tools, tests): (step, state as numpy arrays)."""
+    cfg = ml_collections.ConfigDict({"checkpoint": {"max_to_keep": 1 << 30, "verify": True, "async_save": False}})
+    ckpt = Checkpointer(directory, cfg, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no committed checkpoint in {directory}")
+        return step, jax.tree.map(np.asarray, jax.device_get(ckpt.restore(step, abstract_state, None)))
+    finally:
+        ckpt.close()

@@ -84,9 +84,10 @@ def _duration(seconds: float) -> str:
 class Progress:
     """One live line on a terminal (carriage return), one line per update otherwise (logs, CI)."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stdout):
-        self.total, self.enabled, self.stream = total_steps, enabled, stream
-        self.tty = stream.isatty()
+    def __init__(self, total_steps: int, enabled: bool = True, stream=None):
+        self.total, self.enabled = total_steps, enabled
+        self.stream = stream if stream is not None else sys.stdout  # the current stdout, not the one at import
+        self.tty = self.stream.isatty()
 
     def update(self, step: int, loss: float, tokens_per_s: float, mfu: float, seconds_per_step: float,
                extra: str = "") -> None:

@@ -24,13 +24,14 @@ import optax
 from maxscale import checkpoint as ckpt_lib
 from maxscale import config as config_lib
 from maxscale import data as data_lib
-from maxscale import distributed, metrics as metrics_lib, optim, sharding
+from maxscale import distributed, faults, metrics as metrics_lib, optim, sharding
 from maxscale.config import ConfigError
 from maxscale.model import transformer
 
 # Fields that may change between a run and its restart; every other field must match the run in the workdir.
 RESUMABLE_FIELDS = ("train.steps", "train.eval_every", "train.eval_steps", "train.log_every", "train.sample_tokens",
-                    "train.sample_prompt", "train.peak_flops", "checkpoint", "mesh", "distributed", "model.remat")
+                    "train.sample_prompt", "train.peak_flops", "checkpoint", "mesh", "distributed", "model.remat",
+                    "train.nan_policy", "train.spike_factor", "train.preempt_grace_s", "train.debug_nan_at_step")
 
 
 def cross_entropy(logits_BTV, targets_BT) -> jax.Array:
@@ -62,7 +63,8 @@ class Setup:
         opt_shapes = jax.eval_shape(tx.init, model.abstract_params)
         rep = sharding.replicated(mesh)
         opt_sh = _mirror_param_shardings(opt_shapes, param_sh, model.abstract_params, rep)
-        state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
+        state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep, "rng": rep,
+                    "nonfinite_steps": rep, "last_nonfinite_step": rep}
         return cls(cfg, mesh, model, tx, state_sh, sharding.batch_sharding(mesh))
 
     # -- jitted functions ------------------------------------------------------------------------------------------
@@ -71,7 +73,8 @@ class Setup:
         def init():
             params = self.model.init(self.cfg.train.seed)
             return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros([], jnp.int32),
-                    "rng": jax.random.key_data(jax.random.key(self.cfg.train.seed))}
+                    "rng": jax.random.key_data(jax.random.key(self.cfg.train.seed)),
+                    "nonfinite_steps": jnp.zeros([], jnp.int32), "last_nonfinite_step": jnp.zeros([], jnp.int32)}
         return jax.jit(init, out_shardings=self.state_shardings)
 
     def abstract_state(self):
@@ -87,14 +90,28 @@ class Setup:
     def train_step(self):
         sched = optim.schedule(self.cfg)
         peak_lr = self.cfg.optimizer.lr
+        nan_at = self.cfg.train.debug_nan_at_step
 
         def step(state, tokens_BT1):
             loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], tokens_BT1)
+            done = state["step"] + 1
+            if nan_at:  # fault injection for tests: only this config compiles it in
+                poison = jnp.where(done == nan_at, jnp.nan, 0.0)
+                loss = loss + poison
+                grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+            grad_norm = optax.global_norm(grads)
+            # A non-finite step keeps the old params and optimizer state (select on device, no host sync); it is
+            # counted, and train.nan_policy decides on the host whether the run stops (faults.NonFiniteWatch).
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
-            metrics = {"train/loss": loss, "grad_norm": optax.global_norm(grads),
-                       "lr": peak_lr * sched(state["step"])}
-            new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                   "step": done, "rng": state["rng"],
+                   "nonfinite_steps": state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32),
+                   "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], done)}
+            metrics = {"train/loss": loss, "grad_norm": grad_norm, "lr": peak_lr * sched(state["step"]),
+                       "nonfinite_steps": new["nonfinite_steps"], "last_nonfinite_step": new["last_nonfinite_step"]}
             return new, metrics
 
         rep = sharding.replicated(self.mesh)
@@ -181,51 +198,82 @@ def _diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-    """The workdir must be writable and, if it holds a run, a run of the same config (ConfigError otherwise)."""
+    """The workdir must be writable and, if it holds a run, a run of the same config: its config.json and its
+    newest readable checkpoint (which may come from elsewhere) are both compared. Reads only; ConfigError."""
     probe = workdir
     while not os.path.exists(probe):
         probe = os.path.dirname(os.path.abspath(probe))
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise ConfigError(f"--workdir={workdir}: {probe} is not a writable directory; choose another --workdir")
+    new = json.loads(config_lib.to_json(cfg))
     existing = os.path.join(workdir, "config.json")
     if os.path.exists(existing):
-        with open(existing) as fh:
-            old = json.load(fh)
-        diff = _diff_fields(old, json.loads(config_lib.to_json(cfg)))
+        try:
+            with open(existing) as fh:
+                old = json.load(fh)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--workdir={workdir}: config.json is unreadable ({' '.join(str(e).split())}); "
+                              f"restore it (a copy is in each checkpoint's config/metadata) or use a new --workdir") \
+                from None
+        diff = _diff_fields(old, new)
         if diff:
             raise ConfigError(f"--workdir={workdir} holds a run with a different config ({'; '.join(diff[:3])}); "
                               f"use a new --workdir or the run's own config")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.exists(ckpt_dir) and not (os.path.isdir(ckpt_dir) and os.access(ckpt_dir, os.W_OK)):
+        raise ConfigError(f"--workdir={workdir}: {ckpt_dir} is not a writable directory; move it away or "
+                          f"use a new --workdir")
+    saved = ckpt_lib.read_saved_config(ckpt_dir)
+    if saved is not None:
+        diff = _diff_fields(saved[1], new)
+        if diff:
+            raise ConfigError(f"--workdir={workdir}: checkpoint {saved[0]} was written with a different config "
+                              f"({'; '.join(diff[:3])}) and cannot resume this run; use a new --workdir or move "
+                              f"{ckpt_dir} away")
 
 
 class Trainer:
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, mesh=None, corpus=None):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, mesh=None, corpus=None, setup=None):
+        """`setup`: a Setup built from this cfg and mesh, to reuse its compiled functions (tests, notebooks)."""
         self.cfg, self.workdir = cfg, workdir
-        self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg)
-        self.setup = Setup.build(cfg, self.mesh)
+        self.mesh = mesh if mesh is not None else setup.mesh if setup is not None else sharding.make_mesh(cfg)
+        self.setup = setup if setup is not None else Setup.build(cfg, self.mesh)
         self.corpus = corpus if corpus is not None else data_lib.load_corpus(cfg)
         self.primary = jax.process_index() == 0
 
     def run(self) -> dict:
+        """Trains to train.steps, resuming from the newest checkpoint that restores. Returns the last logged
+        metrics, `state`, and `preempted` (a signal stopped the run early, after saving). Raises faults.RunStopped
+        (NonFiniteError, checkpoint.CheckpointError) when the run cannot go on; earlier checkpoints stay intact."""
         cfg, setup = self.cfg, self.setup
         os.makedirs(self.workdir, exist_ok=True)
         if self.primary:
             _atomic_write(os.path.join(self.workdir, "config.json"), config_lib.to_json(cfg))
         progress = metrics_lib.Progress(cfg.train.steps, enabled=self.primary)
-        writer = metrics_lib.MetricWriter(self.workdir, enabled=self.primary)
-        checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg)
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), cfg, primary=self.primary)
 
         pid, pcount = jax.process_index(), jax.process_count()
         data_iter = iter(data_lib.train_dataset(self.corpus, cfg, pid, pcount))
         eval_data = [setup.global_batch(b["tokens"]) for b in data_lib.eval_batches(self.corpus, cfg, pid, pcount)]
 
         t0 = time.perf_counter()
-        start = checkpointer.latest_step()
+        start, state = checkpointer.restore_latest(setup.abstract_state(), data_iter,
+                                                   report=_warn if self.primary else lambda line: None)
         if start is not None:
-            state = checkpointer.restore(start, setup.abstract_state(), data_iter)
             progress.message(f"resumed from {checkpointer.directory} at step {start}")
         else:
-            state = setup.init_state()
-            start = 0
+            state, start = setup.init_state(), 0
+        # metrics.jsonl describes one run: what a killed run logged after its last checkpoint is logged again.
+        logged = faults.rewind_metrics(self.workdir, start) if self.primary else []
+        writer = metrics_lib.MetricWriter(self.workdir, enabled=self.primary)
+        spikes = faults.SpikeDetector(cfg.train.spike_factor)
+        for record in logged:
+            if "train/loss" in record:
+                spikes.observe(record["train/loss"])
+        nonfinite = faults.NonFiniteWatch(cfg.train.nan_policy, seen=int(jax.device_get(state["nonfinite_steps"])))
+
         n_params = transformer.count_params(cfg)
         flops_tok = transformer.flops_per_token(cfg)
         peak, peak_src = metrics_lib.device_peak_flops(cfg.train.peak_flops)
@@ -239,12 +287,13 @@ class Trainer:
 
         pending = None  # (step, device metrics) fetched after the next step is dispatched
         last_time, last_step = None, start
-        result = {}
+        result = {"preempted": False}
 
         def flush(entry):
             nonlocal last_time, last_step, result
             step, dev_metrics = entry
             values = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+            last_nonfinite = int(values.pop("last_nonfinite_step"))
             now = time.perf_counter()
             if last_time is None:  # the first logged step includes compilation: no rate yet
                 rate, sec_per_step = 0.0, 0.0
@@ -254,44 +303,85 @@ class Trainer:
             last_time, last_step = now, step
             values.update(tokens_seen=float(step * tokens_per_step), tokens_per_s=rate,
                           mfu=rate * flops_tok / peak_total)
+            spike = spikes.observe(values["train/loss"])
+            if spike is not None:
+                values["loss_spike"] = spike
             writer.write(step, values)
             progress.update(step, values["train/loss"], rate, values["mfu"], sec_per_step)
             result.update(values, step=step)
+            if spike is not None:
+                progress.message(f"step {step}: loss spike: train/loss {values['train/loss']:.4f} is {spike:.2f}x "
+                                 f"its running mean (train.spike_factor={cfg.train.spike_factor:g})")
+            note = nonfinite.check(step, int(values["nonfinite_steps"]), last_nonfinite, checkpointer.newest_step())
+            if note:
+                progress.message(note)
 
-        for step in range(start, cfg.train.steps):
-            batch = setup.global_batch(next(data_iter)["tokens"])
-            state, dev_metrics = setup.train_step(state, batch)
-            if pending is not None:
-                flush(pending)
-                pending = None
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or step == start:
-                pending = (done, dev_metrics)
-            if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+        with faults.PreemptionWatch(cfg.train.preempt_grace_s, pcount) as preempt:
+            try:
+                for step in range(start, cfg.train.steps):
+                    batch = setup.global_batch(next(data_iter)["tokens"])
+                    state, dev_metrics = setup.train_step(state, batch)
+                    if pending is not None:
+                        flush(pending)
+                        pending = None
+                        checkpointer.poll()
+                    done = step + 1
+                    stop = done < cfg.train.steps and preempt.requested(done, cfg.train.log_every)
+                    save = done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop
+                    if done % cfg.train.log_every == 0 or save or step == start:
+                        pending = (done, dev_metrics)
+                    if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                        if pending is not None:
+                            flush(pending)
+                            pending = None
+                        eval_loss = float(np.mean(jax.device_get([setup.eval_step(state["params"], b)
+                                                                  for b in eval_data])))
+                        writer.write(done, {"eval/loss": eval_loss})
+                        progress.message(f"step {done}: eval/loss {eval_loss:.4f}")
+                        result["eval/loss"] = eval_loss
+                        last_time = None if last_time is None else time.perf_counter()
+                    if save:
+                        if pending is not None:  # metrics first: with nan_policy=stop, a non-finite step
+                            flush(pending)        # raises here and is never saved
+                            pending = None
+                        checkpointer.save(done, state, data_iter, cfg)
+                    if stop:
+                        result["preempted"] = True
+                        break
                 if pending is not None:
                     flush(pending)
-                    pending = None
-                eval_loss = float(np.mean(jax.device_get([setup.eval_step(state["params"], b) for b in eval_data])))
-                writer.write(done, {"eval/loss": eval_loss})
-                progress.message(f"step {done}: eval/loss {eval_loss:.4f}")
-                result["eval/loss"] = eval_loss
-                last_time = None if last_time is None else time.perf_counter()
-            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                checkpointer.save(done, state, data_iter, cfg)
-        if pending is not None:
-            flush(pending)
-        checkpointer.close()
-
-        if cfg.train.sample_tokens and cfg.data.source != "" and start < cfg.train.steps:
-            text = generate(setup, state["params"], cfg.train.sample_prompt, cfg.train.sample_tokens, cfg.train.seed)
-            progress.message("sample:\n" + text + "\n")
+                checkpointer.close()
+            except BaseException:
+                _close_quietly(checkpointer, writer)  # lets an earlier (good) save still in flight commit
+                raise
+            if result["preempted"]:
+                progress.message(f"{preempt.signal_name}: stopped after step {result['step']} with checkpoint "
+                                 f"{result['step']} committed; run the same command again to resume")
+            elif (cfg.train.sample_tokens and cfg.data.source != "" and start < cfg.train.steps
+                  and preempt.signal_name is None):  # a signal after the last step skips the sample: all is saved
+                text = generate(setup, state["params"], cfg.train.sample_prompt, cfg.train.sample_tokens,
+                                cfg.train.seed)
+                progress.message("sample:\n" + text + "\n")
         elapsed = time.perf_counter() - t0
-        progress.message(f"done: {cfg.train.steps} steps in {elapsed / 60:.1f} min; final train/loss "
-                         f"{result.get('train/loss', float('nan')):.4f}, eval/loss {result.get('eval/loss', float('nan')):.4f}; "
-                         f"run dir {self.workdir}")
+        if not result["preempted"]:
+            progress.message(f"done: {cfg.train.steps} steps in {elapsed / 60:.1f} min; final train/loss "
+                             f"{result.get('train/loss', float('nan')):.4f}, eval/loss "
+                             f"{result.get('eval/loss', float('nan')):.4f}; run dir {self.workdir}")
         writer.close()
         result["state"] = state
         return result
+
+
+def _warn(line: str) -> None:
+    print(f"maxscale.train: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _close_quietly(checkpointer, writer) -> None:
+    try:
+        checkpointer.close()
+    except Exception as e:  # noqa: BLE001 - the error being raised is the one to report; mention this one
+        _warn(" ".join(str(e).split()))
+    writer.close()
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -317,8 +407,12 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"maxscale.train: error: {e}", file=sys.stderr)
         return config_lib.EXIT_USAGE
-    trainer.run()
-    return 0
+    try:
+        result = trainer.run()
+    except faults.RunStopped as e:  # one line; exit codes in config.py and docs/reliability.md
+        print(f"maxscale.train: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return config_lib.EXIT_PREEMPTED if result["preempted"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,304 @@
+"""Chaos test of exact resume: kill a training run at random moments, restart it each time, compare with a run that
+was never interrupted. `tools/chaos.py` is the command line; docs/reliability.md explains the figures.
+
+One chaos *round* trains in a fresh workdir with `python -m maxscale.train <args>`, killing each attempt after a
+random delay with SIGKILL or SIGTERM (seeded), and restarting the same command until an attempt finishes. Rounds
+repeat until `kills` kills have been made. Compared with the reference (uninterrupted) run, bit for bit:
+  * every metrics record a killed attempt left behind (steps it logged past its last checkpoint are logged again by
+    the next attempt, and must be equal),
+  * every record of the finished round, and
+  * the final train state (params, optimizer state, step, counters), restored from the final checkpoints.
+A SIGTERM attempt must exit with EXIT_PREEMPTED after committing a checkpoint at its last logged step (or die by the
+signal when it lands outside the training loop, in start-up or at exit; or exit 0 after the last step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from maxscale import config as config_lib
+
+# Defaults for a chaos run of configs/tiny.py: short, every step logged, frequent asynchronous checkpoints (so that
+# many kills land inside a save), an eval. The caller's overrides come after these and win.
+DEFAULT_OVERRIDES = ("--config.train.steps=120", "--config.train.log_every=1", "--config.checkpoint.every=6",
+                     "--config.checkpoint.max_to_keep=2", "--config.train.eval_every=40",
+                     "--config.train.eval_steps=1", "--config.train.sample_tokens=0",
+                     "--config.data.max_bytes=300000")
+TIMING_KEYS = ("tokens_per_s", "mfu")  # wall-clock figures: the only fields allowed to differ
+
+
+@dataclasses.dataclass
+class Report:
+    kills: int = 0
+    sigkill: int = 0
+    sigterm: int = 0
+    sigterm_saved: int = 0        # exited EXIT_PREEMPTED with a checkpoint at its last logged step
+    sigterm_outside: int = 0      # died by SIGTERM outside the training loop (start-up or exit: nothing unsaved)
+    kills_mid_save: int = 0       # the kill left an uncommitted orbax tmp directory or a half-deleted step
+    rounds: int = 0
+    starts: int = 0
+    records_compared: int = 0
+    records_mismatched: int = 0
+    states_identical: int = 0
+    diverged: int = 0             # rounds with any mismatched record or a different final state
+    failures: list = dataclasses.field(default_factory=list)  # unexpected exit codes, missing checkpoints, ...
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        return (f"kills={self.kills} diverged={self.diverged} failures={len(self.failures)} "
+                f"(SIGKILL {self.sigkill}, SIGTERM {self.sigterm}: {self.sigterm_saved} saved and exited "
+                f"{config_lib.EXIT_PREEMPTED}, {self.sigterm_outside} outside the training loop) "
+                f"mid_save={self.kills_mid_save} "
+                f"rounds={self.rounds} starts={self.starts} records_compared={self.records_compared} "
+                f"mismatched={self.records_mismatched} final_states_identical={self.states_identical}/{self.rounds} "
+                f"wall={self.wall_s:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading run directories
+
+def read_records(workdir: str) -> dict:
+    """{(step, 'train'|'eval'): record without timing fields} of metrics.jsonl, skipping a torn last line."""
+    out = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return out
+    with open(path) as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            kind = "eval" if "eval/loss" in record else "train"
+            out[(record["step"], kind)] = {k: v for k, v in record.items() if k not in TIMING_KEYS}
+    return out
+
+
+def _same(a, b) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+               for x, y in ((a[k], b[k]) for k in a))
+
+
+def compare_records(records: dict, reference: dict) -> tuple[int, list]:
+    """(records compared, keys of those that differ from the reference or that it lacks)."""
+    bad = [key for key, rec in records.items() if key not in reference or not _same(rec, reference[key])]
+    return len(records), bad
+
+
+def final_state(workdir: str) -> tuple[int, dict]:
+    """(step, state as numpy arrays) of the newest checkpoint, restored onto one device."""
+    import jax
+    from maxscale import checkpoint, sharding, train
+    with open(os.path.join(workdir, "config.json")) as fh:
+        cfg = config_lib.from_json(fh.read())
+    cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+    setup = train.Setup.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]))
+    return checkpoint.load_state(os.path.join(workdir, "checkpoints"), setup.abstract_state())
+
+
+def same_state(a: dict, b: dict) -> bool:
+    import jax
+    import numpy as np
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    return len(la) == len(lb) and all(
+        pa == pb and x.dtype == y.dtype and x.shape == y.shape and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for (pa, x), (pb, y) in zip(la, lb))
+
+
+def _interrupted_save(workdir: str) -> bool:
+    ckpt = os.path.join(workdir, "checkpoints")
+    return bool(glob.glob(os.path.join(ckpt, "*.orbax-checkpoint-tmp*")) or glob.glob(os.path.join(ckpt, "*.deleting")))
+
+
+def _latest_checkpoint(workdir: str) -> int | None:
+    from maxscale import checkpoint
+    steps = checkpoint.committed_steps(os.path.join(workdir, "checkpoints"))
+    return steps[-1] if steps else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+class _Runner:
+    def __init__(self, train_args: list[str], base: str, env: dict):
+        self.train_args, self.base, self.env = train_args, base, env
+        self.count = 0
+
+    def start(self, workdir: str) -> tuple[subprocess.Popen, str]:
+        self.count += 1
+        log = os.path.join(self.base, "logs", f"{self.count:03d}-{os.path.basename(workdir)}.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "maxscale.train", *self.train_args, f"--workdir={workdir}"],
+                                    stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+        return proc, log
+
+    def complete(self, workdir: str) -> float:
+        t = time.perf_counter()
+        proc, log = self.start(workdir)
+        if proc.wait() != 0:
+            raise RuntimeError(f"uninterrupted run in {workdir} exited {proc.returncode}; see {log}")
+        return time.perf_counter() - t
+
+
+def _tail(path: str, n: int = 3) -> str:
+    with open(path, errors="replace") as fh:
+        return " | ".join(line.strip() for line in fh.readlines()[-n:])
+
+
+def run(train_args: list[str], kills: int, workdir: str, seed: int = 0, sigterm_share: float = 0.5,
+        compile_cache: bool = True, term_timeout_s: float = 120.0,
+        log: Callable[[str], None] = print) -> Report:
+    """Runs the chaos test; `train_args` are the --config flags of the run (no --workdir)."""
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    report = Report()
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    if compile_cache:  # restarts load the compiled step instead of compiling it again: same program, faster
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    runner = _Runner(train_args, workdir, env)
+
+    ref_dir = os.path.join(workdir, "reference")
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    runner.complete(ref_dir)
+    reference = read_records(ref_dir)
+    ref_step, ref_state = final_state(ref_dir)
+    # A second uninterrupted run times a warm start (compiled code cached) and must itself agree with the first.
+    warm_dir = os.path.join(workdir, "reference2")
+    shutil.rmtree(warm_dir, ignore_errors=True)
+    max_delay = runner.complete(warm_dir)
+    log(f"chaos: reference run of {ref_step} steps in {ref_dir}; a warm run takes {max_delay:.1f}s")
+
+    def check_round(round_dir: str) -> bool:
+        n, bad = compare_records(read_records(round_dir), reference)
+        report.records_compared += n
+        report.records_mismatched += len(bad)
+        if set(reference) - set(read_records(round_dir)):
+            report.failures.append(f"{round_dir}: steps missing from metrics.jsonl")
+            bad.append("missing")
+        step, state = final_state(round_dir)
+        identical = step == ref_step and same_state(state, ref_state)
+        report.states_identical += identical
+        if bad or not identical:
+            report.diverged += 1
+            log(f"chaos: {round_dir} DIVERGED: {len(bad)} records differ (first: {bad[:3]}); final state "
+                f"{'identical' if identical else 'different'}")
+        return not bad and identical
+
+    check_round(warm_dir)
+    report.rounds += 1
+
+    while report.kills < kills:
+        round_dir = os.path.join(workdir, f"round{report.rounds:02d}")
+        shutil.rmtree(round_dir, ignore_errors=True)
+        report.rounds += 1
+        while True:
+            proc, out = runner.start(round_dir)
+            report.starts += 1
+            if report.kills >= kills:  # enough kills: let this attempt finish the round
+                if proc.wait() != 0:
+                    report.failures.append(f"final attempt exited {proc.returncode}: {_tail(out)}")
+                break
+            delay = rng.uniform(0.0, max_delay)
+            sig = signal.SIGTERM if rng.random() < sigterm_share else signal.SIGKILL
+            try:
+                rc = proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc is not None:  # finished before its kill
+                if rc != 0:
+                    report.failures.append(f"attempt exited {rc} unprompted: {_tail(out)}")
+                break
+            os.kill(proc.pid, sig)
+            report.kills += 1
+            try:
+                rc = proc.wait(timeout=term_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+                report.failures.append(f"{sig.name} attempt did not exit within {term_timeout_s:.0f}s")
+            mid_save = _interrupted_save(round_dir)
+            report.kills_mid_save += mid_save
+            if sig == signal.SIGKILL:
+                report.sigkill += 1
+                if rc != -signal.SIGKILL:
+                    report.failures.append(f"SIGKILL attempt exited {rc}: {_tail(out)}")
+            else:
+                report.sigterm += 1
+                records = read_records(round_dir)
+                last_logged = max((s for s, kind in records if kind == "train"), default=None)
+                if rc == config_lib.EXIT_PREEMPTED and _latest_checkpoint(round_dir) == last_logged:
+                    report.sigterm_saved += 1
+                elif rc == -signal.SIGTERM:
+                    report.sigterm_outside += 1
+                elif rc != 0:
+                    report.failures.append(f"SIGTERM attempt exited {rc} (checkpoint {_latest_checkpoint(round_dir)}, "
+                                           f"last logged step {last_logged}): {_tail(out)}")
+            # What the killed attempt logged, including steps past its last checkpoint, must match the reference.
+            n, bad = compare_records(read_records(round_dir), reference)
+            report.records_compared += n
+            report.records_mismatched += len(bad)
+            log(f"chaos: kill {report.kills}/{kills}: {sig.name} after {delay:.1f}s, exit {rc}, checkpoint "
+                f"{_latest_checkpoint(round_dir)}{' (mid-save)' if mid_save else ''}, records so far "
+                f"{'match' if not bad else f'DIFFER at {bad[:3]}'}")
+            if rc == 0:  # the signal landed after the last step: the round is complete
+                break
+        check_round(round_dir)
+    report.wall_s = time.perf_counter() - t0
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+_FLAGS = ("kills", "seed", "workdir", "sigterm_share", "compile_cache")
+
+
+def main(argv: list[str]) -> int:
+    """tools/chaos.py --config=configs/tiny.py --kills=20 [--seed=0] [--workdir=runs/chaos] [--sigterm_share=0.5]
+    [--compile_cache=true] [--config.a.b=v ...]: exit 0 when nothing diverged and nothing failed, 1 otherwise."""
+    config_args = [a for a in argv if a.startswith("--config")]
+    try:
+        _, flags = config_lib.parse_argv(argv, extra_flags=_FLAGS)  # validates the flags and the config's fields
+        kills = int(flags.get("kills", 20))
+        seed = int(flags.get("seed", 0))
+        share = float(flags.get("sigterm_share", 0.5))
+        cache = flags.get("compile_cache", "true").lower() in ("1", "true", "yes")
+        if kills < 0 or not 0.0 <= share <= 1.0:
+            raise ValueError
+    except config_lib.ConfigError as e:
+        print(f"chaos: error: {e}", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+    except ValueError:
+        print("chaos: error: --kills must be an integer >= 0, --seed an integer and --sigterm_share a number in "
+              "[0, 1]", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+    spec = [a for a in config_args if a.startswith("--config=")]
+    overrides = [a for a in config_args if a.startswith("--config.")]
+    train_args = spec + list(DEFAULT_OVERRIDES) + overrides
+    workdir = flags.get("workdir") or os.path.join("runs", "chaos")
+    print(f"chaos: python -m maxscale.train {' '.join(train_args)} --workdir={workdir}/...", flush=True)
+    report = run(train_args, kills, workdir, seed=seed, sigterm_share=share, compile_cache=cache,
+                 log=lambda line: print(line, flush=True))
+    for failure in report.failures:
+        print(f"chaos: failure: {failure}")
+    print(report.line(), flush=True)
+    return 0 if report.diverged == 0 and not report.failures else 1

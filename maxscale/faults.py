@@ -1,0 +1,159 @@
+"""What the trainer does about faults: preemption signals, non-finite steps, loss spikes, and a run log that
+describes one run after a resume. docs/reliability.md states the guarantees and names the tests that check them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+
+from maxscale import config as config_lib
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose. The message is one line (what happened, what is intact, what to do);
+    `exit_code` is one of config.EXIT_*."""
+    exit_code = 1
+
+
+class NonFiniteError(RunStopped):
+    exit_code = config_lib.EXIT_NONFINITE
+
+
+def _say(text: str) -> None:
+    """Writes a line to stderr without Python's buffered streams (safe inside signal handlers and timers)."""
+    os.write(2, f"maxscale.train: {text}\n".encode())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption
+
+class PreemptionWatch:
+    """SIGTERM and SIGINT ask the run to stop: the handler only sets a flag; the trainer looks at it after each
+    step, saves a checkpoint, waits for it to commit and exits with config.EXIT_PREEMPTED.
+
+    A second signal exits at once, as does the end of the grace period (`train.preempt_grace_s` > 0) counted from
+    the first signal: the save in flight is then abandoned, which is safe because a step directory only appears on
+    commit, and the previous checkpoint is intact. Handlers are installed only in the main thread and the previous
+    ones are restored on exit. With several processes the flag is combined across processes at log steps, so all
+    of them stop at the same step.
+    """
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, grace_s: float = 0.0, process_count: int = 1):
+        self.grace_s, self.process_count = grace_s, process_count
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            _say(f"second signal ({name}): exiting now; the last committed checkpoint is intact")
+            os._exit(config_lib.EXIT_PREEMPTED)
+        self.signal_name = name
+        if self.grace_s > 0:
+            self._timer = threading.Timer(self.grace_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        _say(f"the preemption grace period (train.preempt_grace_s={self.grace_s:g}) ran out before the checkpoint "
+             f"committed; exiting; the last committed checkpoint is intact")
+        os._exit(config_lib.EXIT_PREEMPTED)
+
+    def requested(self, step: int, log_every: int) -> bool:
+        if self.process_count == 1:
+            return self.signal_name is not None
+        if step % log_every:
+            return False
+        import numpy as np
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+        return bool(np.any(flags))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerical faults
+
+class NonFiniteWatch:
+    """Reads the device's count of non-finite steps (loss or gradient norm NaN/Inf; their updates are never
+    applied) as metrics arrive. Policy `skip`: a message per newly skipped batch of steps. Policy `stop`:
+    NonFiniteError, before any checkpoint holding those steps is written."""
+
+    def __init__(self, policy: str, seen: int = 0):
+        self.policy, self.seen = policy, seen
+
+    def check(self, step: int, count: int, last_step: int, last_checkpoint: int | None) -> str | None:
+        if count <= self.seen:
+            return None
+        new, self.seen = count - self.seen, count
+        if self.policy == "skip":
+            return (f"step {step}: skipped {new} update(s) with a non-finite loss or gradient (last at step "
+                    f"{last_step}; {count} in this run; train.nan_policy=skip)")
+        kept = f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+        raise NonFiniteError(f"non-finite loss or gradient at step {last_step} (train.nan_policy=stop); stopped "
+                             f"without saving; {kept}; lower optimizer.lr, raise optimizer.grad_clip, or rerun with "
+                             f"--config.train.nan_policy=skip to skip such steps")
+
+
+class SpikeDetector:
+    """A logged train loss above `factor` x the running mean (EMA) of the logged losses before it is a spike.
+
+    Deterministic given the logged losses, so a resumed run replays the kept log and flags the same steps."""
+
+    def __init__(self, factor: float, warmup: int = 5, decay: float = 0.8):
+        self.factor, self.warmup, self.decay = factor, warmup, decay
+        self.mean, self.count = 0.0, 0
+
+    def observe(self, loss: float) -> float | None:
+        """The loss / running-mean ratio when `loss` is a spike, else None."""
+        if not self.factor or not math.isfinite(loss):
+            return None
+        ratio = loss / self.mean if self.count >= self.warmup and self.mean > 0 else None
+        self.mean = loss if self.count == 0 else self.decay * self.mean + (1 - self.decay) * loss
+        self.count += 1
+        return ratio if ratio is not None and ratio > self.factor else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run log
+
+def rewind_metrics(workdir: str, step: int) -> list[dict]:
+    """Keeps the records of metrics.jsonl up to `step` (the checkpoint a run resumes from) and drops the rest:
+    steps a killed run logged past its last checkpoint, which the resumed run logs again, and a torn last line.
+    Atomic (write + rename), so the file always describes one run. Returns the records kept."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    kept, lines = [], []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if line.endswith("\n") and isinstance(record, dict) and record.get("step", math.inf) <= step:
+                kept.append(record)
+                lines.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(lines)
+    os.replace(tmp, path)
+    return kept
