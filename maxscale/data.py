@@ -9,7 +9,7 @@ The split is by document (a stable hash of the document's name), so eval text ne
 of a single document falls back to holding out its tail. Training batches are a pure function of (seed, step):
 window indices are shuffled by grain (a fresh permutation each epoch), batched globally, and each process then
 loads only its own rows. So the global batch is the same for any number of processes, and the iterator state is
-one integer, saved in checkpoints with grain's orbax handler.
+one integer, saved in checkpoints as JSON (maxscale/checkpoint.py).
 """
 
 from __future__ import annotations
