@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import ml_collections
 
 ROLES = ("embedding", "hidden", "readout", "norm", "bias")
+EPS_DEPTH_SCOPES = ("blocks", "all")   # where eps gets m_L^-alpha: CompleteP Table 1 | nanoGPT-mup completep branch
+WIDTH_GROWS = ("head_dim", "heads")    # which attention dimension scale_shapes() grows with width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,10 @@ def resolve(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"parameterization.attn_exponent={p.attn_exponent} must lie in [0, 2] (or -1 for the default)")
     if p.embed_init_std == 0.0:
         p.embed_init_std = p.init_std
+    for field, choices in (("eps_depth_scope", EPS_DEPTH_SCOPES), ("width_grows", WIDTH_GROWS)):
+        if p[field] not in choices:
+            raise ConfigError(f"parameterization.{field}={p[field]!r} is not supported; "
+                              f"choose one of {', '.join(choices)}")
 
 
 class Parameterization:
@@ -158,14 +164,53 @@ class Parameterization:
         return 1.0
 
     def eps_factor(self, spec: ParamSpec) -> float:
-        """Adam eps tracks the gradient scale: x m_N^-1, and x m_L^-alpha inside blocks (CompleteP Table 1)."""
-        if not (self.rule.width and self.cfg.parameterization.scale_eps):
+        """Adam eps tracks the gradient scale: x m_N^-1 everywhere, and x m_L^-alpha inside the blocks (CompleteP
+        Table 1) or on every parameter (`eps_depth_scope="all"`, as the nanoGPT-mup completep branch does)."""
+        p = self.cfg.parameterization
+        if not p.scale_eps:
             return 1.0
-        depth = self.m_depth ** -self.alpha if self._in_blocks(spec) else 1.0
-        return depth / self.m_width
+        in_scope = self._in_blocks(spec) or p.eps_depth_scope == "all"
+        depth = self.m_depth ** -self.alpha if in_scope else 1.0
+        return depth / self.m_width if self.rule.width else depth
 
     def factors(self, spec: ParamSpec) -> dict[str, float]:
         return {"lr": self.lr_factor(spec), "wd": self.wd_factor(spec), "eps": self.eps_factor(spec)}
+
+
+def scale_shapes(cfg: ml_collections.ConfigDict, width: int | None = None, depth: int | None = None,
+                 grows: str | None = None) -> dict[str, Any]:
+    """Overrides that scale a resolved config's model to `width` and/or `depth`, every width dimension together.
+
+    The model of `cfg` is the reference: d_ffn (and heads or head_dim, per `grows`, default
+    `parameterization.width_grows`) are multiplied by width / model.width, and the base shapes are pinned to `cfg`'s
+    own, so the multipliers m_N, m_L are ratios to them. Returns {"model.width": ..., "parameterization.base_width":
+    ..., ...}; apply with `config.override` or as a sweep point. Raises ConfigError if a size would not be whole.
+    """
+    from maxscale.config import ConfigError
+    m, p = cfg.model, cfg.parameterization
+    grows = grows or p.width_grows
+    if grows not in WIDTH_GROWS:
+        raise ConfigError(f"width_grows={grows!r} is not supported; choose one of {', '.join(WIDTH_GROWS)}")
+    out: dict[str, Any] = {f"parameterization.base_{k}": p[f"base_{k}"]
+                           for k in ("width", "depth", "num_heads", "head_dim", "ffn_size")}
+    if width is not None:
+        ratio = width / m.width
+        sizes = {"model.width": m.width, "model.ffn_size": m.ffn_size}
+        sizes.update({"model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads} if grows == "heads"
+                     else {"model.head_dim": m.head_dim})
+        for field, size in sizes.items():
+            scaled = size * ratio
+            if scaled != int(scaled) or scaled < 1:
+                raise ConfigError(f"width={width}: {field}={size} x {ratio:g} is not a whole number; "
+                                  f"choose a width that is a power-of-two multiple of {m.width}")
+            out[field] = int(scaled)
+        if grows == "heads":
+            out["model.head_dim"] = m.head_dim
+        else:
+            out["model.num_heads"], out["model.num_kv_heads"] = m.num_heads, m.num_kv_heads
+    if depth is not None:
+        out["model.depth"] = int(depth)
+    return out
 
 
 def spec_of(variable: Any) -> ParamSpec:
@@ -180,19 +225,23 @@ def describe(cfg: ml_collections.ConfigDict) -> dict:
     par = Parameterization(cfg)
     rows = []
     for path, spec, shape in transformer.param_specs(cfg):
+        std = par.init_std(spec, path)
+        init = "ones" if spec.role == "norm" else "normal" if std else "zeros"
         rows.append({"path": path, "shape": list(shape), "role": spec.role, "axes": list(spec.axes),
-                     "init_std": par.init_std(spec, path), **par.factors(spec)})
-    return {"parameterization": cfg.parameterization.name, "depth_alpha": par.alpha,
-            "attn_exponent": par.attn_exponent, "multipliers": par.multipliers(), "params": rows}
+                     "init": init, "init_std": std, **par.factors(spec)})
+    return {"parameterization": cfg.parameterization.name, "source": par.rule.source, "depth_alpha": par.alpha,
+            "attn_exponent": par.attn_exponent, "m_width": par.m_width, "m_depth": par.m_depth,
+            "multipliers": par.multipliers(), "params": rows}
 
 
 def _format_table(table: dict) -> str:
-    lines = [f"parameterization={table['parameterization']} depth_alpha={table['depth_alpha']} "
-             f"attn_exponent={table['attn_exponent']}",
+    lines = [f"parameterization={table['parameterization']} ({table['source']}) depth_alpha={table['depth_alpha']} "
+             f"attn_exponent={table['attn_exponent']} m_width={table['m_width']:.6g} m_depth={table['m_depth']:.6g}",
              "multipliers: " + "  ".join(f"{k}={v:.6g}" for k, v in table["multipliers"].items()),
              f"{'path':<28} {'shape':<22} {'role':<10} {'init_std':>10} {'lr':>9} {'wd':>9} {'eps':>9}"]
     for r in table["params"]:
-        lines.append(f"{r['path']:<28} {str(tuple(r['shape'])):<22} {r['role']:<10} {r['init_std']:>10.4g} "
+        init = f"{r['init_std']:.4g}" if r["init"] == "normal" else r["init"]
+        lines.append(f"{r['path']:<28} {str(tuple(r['shape'])):<22} {r['role']:<10} {init:>10} "
                      f"{r['lr']:>9.4g} {r['wd']:>9.4g} {r['eps']:>9.4g}")
     return "\n".join(lines)
 

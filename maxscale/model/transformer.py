@@ -83,8 +83,15 @@ def rope(x_BTHK, theta: float):
     return out.astype(x_BTHK.dtype)
 
 
-def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict):
-    """One pre-norm block: x + r * Attn(N(x)); then + r * MLP(N(.)). `p` holds this layer's arrays."""
+def _mean_abs(x):
+    return jnp.abs(x.astype(jnp.float32)).mean()
+
+
+def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: bool = False):
+    """One pre-norm block: x + r * Attn(N(x)); then + r * MLP(N(.)). `p` holds this layer's arrays.
+
+    With `capture`, returns (x, stats): mean |.| of the attention and MLP outputs (before the residual multiplier)
+    and of the residual stream after the block, for the coordinate check."""
     m = cfg.model
     dt = DTYPES[m.dtype]
     w = {k: v.astype(dt) for k, v in p.items()}
@@ -99,7 +106,8 @@ def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict):
         k_BTGK = _norm(k_BTGK, p["k_norm"], None, "rmsnorm", m.norm_eps)
     q_BTHK, k_BTGK = rope(q_BTHK, m.rope_theta), rope(k_BTGK, m.rope_theta)
     att_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, scale=mults["attn_scale"], is_causal=True)
-    x_BTD = x_BTD + res * jnp.einsum("bthk,hkd->btd", att_BTHK, w["wo"])
+    attn_BTD = jnp.einsum("bthk,hkd->btd", att_BTHK, w["wo"])
+    x_BTD = x_BTD + res * attn_BTD
     x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
 
     h = _norm(x_BTD, p["mlp_norm"], p.get("mlp_norm_bias"), m.norm, m.norm_eps)
@@ -108,8 +116,11 @@ def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict):
         act_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["w_gate"])) * up_BTF
     else:
         act_BTF = jax.nn.gelu(up_BTF)
-    x_BTD = x_BTD + res * jnp.einsum("btf,fd->btd", act_BTF, w["w_down"])
-    return sharding.constrain(x_BTD, ("batch", None, None))
+    mlp_BTD = jnp.einsum("btf,fd->btd", act_BTF, w["w_down"])
+    x_BTD = sharding.constrain(x_BTD + res * mlp_BTD, ("batch", None, None))
+    if capture:
+        return x_BTD, {"attn": _mean_abs(attn_BTD), "mlp": _mean_abs(mlp_BTD), "resid": _mean_abs(x_BTD)}
+    return x_BTD
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,13 +134,15 @@ class Blocks(nnx.Module):
             setattr(self, name, _param(rngs, par, name, spec, dtype))
         self._names = tuple(block_specs(cfg))
 
-    def __call__(self, x_BTD, cfg, mults):
+    def __call__(self, x_BTD, cfg, mults, capture: bool = False):
+        """Returns x, or (x, {stat: [L]}) with `capture` (per-layer stats as scan outputs)."""
         stacked = {name: getattr(self, name)[...] for name in self._names}
-        body = lambda x, p: (block(p, x, cfg, mults), None)
+        body = (lambda x, p: block(p, x, cfg, mults, capture=True)) if capture else (
+            lambda x, p: (block(p, x, cfg, mults), None))
         if cfg.model.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
-        return x_BTD
+        x_BTD, stats = jax.lax.scan(body, x_BTD, stacked)
+        return (x_BTD, stats) if capture else x_BTD
 
 
 class Transformer(nnx.Module):
@@ -145,20 +158,28 @@ class Transformer(nnx.Module):
         if not cfg.model.tie_embeddings:
             self.unembed = _param(rngs, self.par, "unembed", ParamSpec("readout", ("embed", "vocab"), ("embed",)), dtype)
 
-    def __call__(self, tokens_BT) -> jax.Array:
-        """Returns float32 logits [B, T, V]."""
+    def __call__(self, tokens_BT, capture: bool = False):
+        """Returns float32 logits [B, T, V]; with `capture`, (logits, stats) where stats holds mean |x| of the
+        embedding output, the logits, and per layer ([L]) the attention and MLP outputs and the residual stream."""
         m = self.cfg.model
         dt = DTYPES[m.dtype]
         mults = self.par.multipliers()
         embed_VD = self.embed[...]
         x_BTD = (embed_VD.astype(dt)[tokens_BT] * mults["input"]).astype(dt)
         x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
-        x_BTD = self.blocks(x_BTD, self.cfg, mults)
+        if capture:
+            stats = {"embed": _mean_abs(x_BTD)}
+            x_BTD, stats["layers"] = self.blocks(x_BTD, self.cfg, mults, capture=True)
+        else:
+            x_BTD = self.blocks(x_BTD, self.cfg, mults)
         bias = self.final_norm_bias[...] if m.norm == "layernorm" else None
         x_BTD = _norm(x_BTD, self.final_norm[...], bias, m.norm, m.norm_eps)
         readout_DV = embed_VD.T if m.tie_embeddings else self.unembed[...]
         logits = jnp.einsum("btd,dv->btv", x_BTD, readout_DV.astype(dt), preferred_element_type=jnp.float32)
-        return logits * mults["output"]
+        logits = logits * mults["output"]
+        if capture:
+            return logits, {**stats, "logits": _mean_abs(logits)}
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,9 +200,10 @@ class ModelDef:
         """Initial params (call under jit with out_shardings to create them sharded)."""
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(seed))))
 
-    def apply(self, params: dict, tokens_BT) -> jax.Array:
+    def apply(self, params: dict, tokens_BT, capture: bool = False):
+        """Logits [B, T, V]; with `capture`, (logits, stats) as in `Transformer.__call__` (coordinate checks)."""
         state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
-        return nnx.merge(self.graphdef, state)(tokens_BT)
+        return nnx.merge(self.graphdef, state)(tokens_BT, capture=capture)
 
     def spec_tree(self) -> dict:
         """A tree shaped like params whose leaves are ParamSpecs."""

@@ -1,0 +1,329 @@
+"""Coordinate check: do activations stay the same size as the model grows? (docs/parameterizations.md, section 6)
+
+For each parameterization, each size (width: every width dimension scaled together by `scale_shapes`; or depth)
+and each seed: train a few steps at a large constant LR on one fixed batch and record, before every update and
+after the last, the mean |x| of the embedding output, of each block's attention and MLP outputs (before the
+residual multiplier), of the residual stream after each block, and of the logits.
+
+The verdict is the log-log slope of each curve against the size (mean over seeds) at every step from `judge_from`
+(default 2) on. Step 0 is the initialisation, where muP's logits shrink like width^-1/2 by design (a readout of
+fixed init std times 1/m_N), and at step 1 that init term still competes with the first update; from step 2 the
+updates dominate (zero_init_readout removes the effect altogether). A parameterization passes when the largest
+|slope| of the judged curves is at most `threshold` (default 0.3: muP's curves sit near 0, SP's near 1 or above,
+since an Adam update moves W x by O(fan_in) under SP). For width every curve is judged, both ways. For depth the
+claim is that the residual stream stays bounded, so only its growth is judged (slope <= threshold): depth-muP's
+residual stream and block outputs shrink with depth (its in-block updates vanish, docs/parameterizations.md
+section 6), which is bounded but not flat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from maxscale import config as config_lib
+from maxscale import optim, parameterization
+from maxscale.config import ConfigError
+from maxscale.model import transformer
+
+AXES = ("width", "depth")
+DEFAULT_THRESHOLD = 0.3  # |d log mean|x| / d log size|: SP sits near 1 or above after a large-LR step, muP near 0
+DEFAULT_JUDGE_FROM = 2   # first judged step (see the module docstring)
+# axis -> (judged curves or None for all, "abs": |slope| <= threshold | "growth": slope <= threshold)
+JUDGED = {"width": (None, "abs"), "depth": (("resid/last", "resid/mean"), "growth")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One parameterization to check: a name from the table and an optional depth exponent override."""
+    name: str
+    depth_alpha: float = -1.0
+
+    @property
+    def label(self) -> str:
+        return self.name if self.depth_alpha == -1.0 else f"{self.name}(alpha={self.depth_alpha:g})"
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """'mup', 'completep', or 'completep:0' (name:depth_alpha)."""
+        name, _, alpha = text.partition(":")
+        if name not in parameterization.RULES:
+            raise ConfigError(f"parameterization {name!r} is not in the table; "
+                              f"choose from {', '.join(parameterization.RULES)}")
+        try:
+            return cls(name, float(alpha) if alpha else -1.0)
+        except ValueError:
+            raise ConfigError(f"{text!r}: the depth exponent after ':' must be a number, e.g. completep:0") from None
+
+
+def size_config(base: ml_collections.ConfigDict, axis: str, size: int, variant: Variant) -> ml_collections.ConfigDict:
+    """The resolved config of `base` scaled to `size` along `axis`, under `variant`, for a coordinate check:
+    constant LR, no warmup, weight decay or clipping (clipping would hide a blow-up)."""
+    overrides = parameterization.scale_shapes(base, **{axis: size})
+    overrides.update({"parameterization.name": variant.name, "parameterization.depth_alpha": variant.depth_alpha,
+                      "schedule.name": "constant", "schedule.warmup_steps": 0, "optimizer.weight_decay": 0.0,
+                      "optimizer.grad_clip": 0.0})
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    for key, value in overrides.items():
+        config_lib.override(cfg, key, value if isinstance(value, str) else repr(value))
+    return config_lib.resolve(cfg)
+
+
+def fixed_batch(corpus, batch: int, seq_len: int) -> np.ndarray:
+    """The first `batch` windows of seq_len + 1 tokens of the training split: int32 [B, T + 1]."""
+    need = batch * seq_len + 1
+    if len(corpus.train) < need:
+        raise ConfigError(f"the corpus has {len(corpus.train)} tokens; a coordinate check batch needs {need}")
+    return np.stack([np.asarray(corpus.train[i * seq_len:i * seq_len + seq_len + 1], np.int32) for i in range(batch)])
+
+
+def _flatten_stats(stats: dict) -> dict[str, float]:
+    layers = {k: np.asarray(v) for k, v in stats["layers"].items()}
+    out = {"embed": float(stats["embed"]), "logits": float(stats["logits"])}
+    for k, v in layers.items():
+        out.update({f"{k}/{i}": float(x) for i, x in enumerate(v)})
+        out[f"{k}/mean"] = float(v.mean())
+        out[f"{k}/last"] = float(v[-1])
+    return out
+
+
+def init_params(model: transformer.ModelDef, seed: int) -> dict:
+    """Params with the model's init distributions (normal with the table's std, norm gains one, zero where the std
+    is zero), drawn with numpy: compiling the model's own init program per size would cost more than the check."""
+    par = parameterization.Parameterization(model.cfg)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, spec, abstract):
+        if spec.role == "norm":
+            return np.ones(abstract.shape, abstract.dtype)
+        std = par.init_std(spec, path)
+        return (std * rng.standard_normal(abstract.shape, np.float32)).astype(abstract.dtype)
+
+    flat = {path: draw(path, spec, _at(model.abstract_params, path)) for path, spec in sorted(model.specs.items())}
+    return jax.tree.map(jnp.asarray, transformer._unflatten(flat))
+
+
+def _at(tree: dict, path: str):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: int, steps: int) -> list[list[dict]]:
+    """Stats [seed][step] for `steps` updates (steps + 1 records). Every step is one compiled program (a scan),
+    shared by the seeds, so a size costs one compilation."""
+    model = transformer.ModelDef(cfg)
+    tx = optim.make_optimizer(cfg, model.spec_tree())
+    tokens = jnp.asarray(tokens_BT1)
+
+    def loss_fn(params):
+        logits, stats = model.apply(params, tokens[:, :-1], capture=True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return loss, stats
+
+    def one_seed(params):
+        def body(carry, _):
+            params, opt_state = carry
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), {**stats, "loss": loss}
+
+        # the last iteration's update is discarded: it only measures the params after `steps` updates
+        _, stats = jax.lax.scan(body, (params, tx.init(params)), None, length=steps + 1)
+        return stats
+
+    run_seed = jax.jit(one_seed)
+    out = []
+    for i in range(seeds):
+        stats = jax.device_get(run_seed(init_params(model, cfg.train.seed + i)))  # leaves [step, ...]
+        records = []
+        for t in range(steps + 1):
+            at = jax.tree.map(lambda x: x[t], stats)
+            records.append({**_flatten_stats(at), "loss": float(at["loss"])})
+        out.append(records)
+    return out
+
+
+def run(base: ml_collections.ConfigDict, axis: str, sizes: list[int], variants: list[Variant], seeds: int = 3,
+        steps: int = 5, corpus=None, log=print) -> dict:
+    """Runs the check; returns {axis, sizes, steps, seeds, lr, series: {label: {curve: [size][seed][step]}}}."""
+    from maxscale import data as data_lib
+    if axis not in AXES:
+        raise ConfigError(f"axis={axis!r}: choose width or depth")
+    if len(sizes) < 2:
+        raise ConfigError("a coordinate check needs at least two sizes")
+    corpus = corpus if corpus is not None else data_lib.load_corpus(base)
+    tokens = fixed_batch(corpus, base.train.batch_size, base.data.seq_len)
+    series = {}
+    for v in variants:
+        curves: dict[str, list] = {}
+        for size in sizes:
+            cfg = size_config(base, axis, size, v)
+            traj = trajectory(cfg, tokens, seeds, steps)
+            keys = traj[0][0].keys()
+            for k in keys:
+                curves.setdefault(k, []).append([[rec[k] for rec in seed] for seed in traj])
+            log(f"coord_check: {v.label} {axis}={size}: loss {traj[0][0]['loss']:.3f} -> {traj[0][-1]['loss']:.3f}, "
+                f"resid/last {np.mean([s[-1]['resid/last'] for s in traj]):.3g}")
+        # per-layer curves exist only where every size has the layer
+        series[v.label] = {k: c for k, c in curves.items() if len(c) == len(sizes)}
+    return {"axis": axis, "sizes": list(sizes), "steps": steps, "seeds": seeds, "lr": base.optimizer.lr,
+            "series": series}
+
+
+def slope(sizes, values) -> float:
+    """Least-squares slope of log(values) against log(sizes); nan if any value is not positive and finite."""
+    y = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(y)) or np.any(y <= 0):
+        return float("nan")
+    return float(np.polyfit(np.log(sizes), np.log(y), 1)[0])
+
+
+def verdict(result: dict, threshold: float = DEFAULT_THRESHOLD, judge_from: int = DEFAULT_JUDGE_FROM) -> dict:
+    """Slopes of every curve at every step, and pass/fail per parameterization on the judged curves and steps."""
+    axis, sizes = result["axis"], result["sizes"]
+    judged_keys, mode = JUDGED[axis]
+    judge_from = min(judge_from, result["steps"])
+    out = {"axis": axis, "sizes": sizes, "threshold": threshold,
+           "steps_judged": list(range(judge_from, result["steps"] + 1)),
+           "judged": "all curves" if judged_keys is None else list(judged_keys), "criterion": mode, "series": {}}
+    for label, curves in result["series"].items():
+        slopes, worst = {}, {}
+        for key, data in curves.items():
+            if key == "loss":
+                continue
+            arr = np.asarray(data, np.float64)  # [size, seed, step]
+            per_step = [slope(sizes, arr[:, :, t].mean(1)) for t in range(arr.shape[2])]
+            slopes[key] = [round(s, 4) for s in per_step]
+            judged = per_step[judge_from:]
+            score = (lambda s: abs(s)) if mode == "abs" else (lambda s: s)
+            worst[key] = float("inf") if any(math.isnan(s) for s in judged) else max(score(s) for s in judged)
+        keys = [k for k in worst if judged_keys is None or k in judged_keys]
+        if axis == "depth":  # per-layer curves do not line up across depths
+            keys = [k for k in keys if not k.split("/")[-1].isdigit()]
+        worst_key = max(keys, key=lambda k: worst[k])
+        out["series"][label] = {"pass": worst[worst_key] <= threshold, "max_slope": round(worst[worst_key], 4),
+                                "worst_curve": worst_key,
+                                "max_slope_by_curve": {k: round(worst[k], 4) for k in sorted(worst)},
+                                "slopes_by_step": slopes}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plot: one row per parameterization, one column per step, one line per curve against size (as microsoft/mup)
+
+def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    labels = list(result["series"])
+    steps = result["steps"] + 1
+    sizes = result["sizes"]
+    fig, axes = plt.subplots(len(labels), steps, figsize=(2.1 * steps, 1.9 * len(labels)), squeeze=False,
+                             sharex=True)
+    for r, label in enumerate(labels):
+        curves = result["series"][label]
+        keys = [k for k in curves if k != "loss" and not k.endswith(("/mean", "/last"))]
+        if result["axis"] == "depth":
+            keys = ["embed", "attn/mean", "mlp/mean", "resid/mean", "resid/last", "logits"]
+        cmap = plt.get_cmap("tab10")
+        for t in range(steps):
+            ax = axes[r, t]
+            for i, k in enumerate(keys):
+                arr = np.asarray(curves[k], np.float64)[:, :, t].mean(1)
+                ax.plot(sizes, arr, marker=".", lw=1, color=cmap(i), label=k)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.tick_params(labelsize=6)
+            if r == 0:
+                ax.set_title(f"t={t}", fontsize=8)
+            if t == 0:
+                tag = ""
+                if verdict_ is not None:
+                    v = verdict_["series"][label]
+                    tag = f"\n{'PASS' if v['pass'] else 'FAIL'} slope {v['max_slope']:.2f}"
+                ax.set_ylabel(label + tag, fontsize=7)
+            if r == len(labels) - 1:
+                ax.set_xlabel(result["axis"], fontsize=7)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=6, frameon=False)
+    fig.suptitle(f"coordinate check: mean |x| vs {result['axis']} (lr={result['lr']:g}, {result['seeds']} seeds)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write(result: dict, out_dir: str, threshold: float = DEFAULT_THRESHOLD,
+          judge_from: int = DEFAULT_JUDGE_FROM) -> dict:
+    """Writes coord_check.json (data + verdict) and coord_check.png into `out_dir`; returns the verdict."""
+    os.makedirs(out_dir, exist_ok=True)
+    v = verdict(result, threshold, judge_from)
+    with open(os.path.join(out_dir, "coord_check.json"), "w") as fh:
+        json.dump({"verdict": v, "data": result}, fh, indent=1)
+    plot(result, os.path.join(out_dir, "coord_check.png"), v)
+    return v
+
+
+def summary(v: dict) -> str:
+    what = "|slope|" if v["criterion"] == "abs" else "slope (growth)"
+    lines = [f"coordinate check over {v['axis']} {v['sizes']}: pass if max {what} <= {v['threshold']} "
+             f"({v['judged']}, steps {v['steps_judged'][0]}..{v['steps_judged'][-1]})"]
+    for label, s in v["series"].items():
+        lines.append(f"  {label:<22} {'PASS' if s['pass'] else 'FAIL'}  max {what} {s['max_slope']:.3f} "
+                     f"({s['worst_curve']})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (tools/coord_check.py)
+
+FLAGS = ("axis", "sizes", "parameterizations", "seeds", "steps", "threshold", "judge_from", "out")
+
+
+def main(argv: list[str]) -> int:
+    """python tools/coord_check.py --config=configs/tiny.py [--config.a.b=v] --axis=width --sizes=64,128,256
+    --parameterizations=sp,mup,completep [--seeds=3] [--steps=5] [--threshold=0.3] [--judge_from=2] --out=DIR"""
+    try:
+        cfg, flags = config_lib.parse_argv(argv, extra_flags=FLAGS)
+        base = config_lib.resolve(cfg)
+        axis = flags.get("axis", "width")
+        if axis not in AXES:
+            raise ConfigError(f"--axis={axis}: choose width or depth")
+        try:
+            default_sizes = "64,128,256,512,1024" if axis == "width" else "2,4,8,16,32"
+            sizes = [int(x) for x in flags.get("sizes", default_sizes).split(",")]
+            seeds, steps = int(flags.get("seeds", 3)), int(flags.get("steps", 5))
+            threshold = float(flags.get("threshold", DEFAULT_THRESHOLD))
+            judge_from = int(flags.get("judge_from", DEFAULT_JUDGE_FROM))
+        except ValueError:
+            raise ConfigError("--sizes takes integers (e.g. --sizes=64,128,256); --seeds and --steps integers; "
+                              "--threshold a number, --judge_from an integer") from None
+        if len(sizes) < 2 or min(sizes) < 1 or seeds < 1 or steps < 1:
+            raise ConfigError("need at least two positive --sizes, --seeds >= 1 and --steps >= 1")
+        variants = [Variant.parse(t) for t in flags.get("parameterizations", "sp,mup,completep").split(",")]
+        out = flags.get("out")
+        if not out:
+            raise ConfigError("--out is required, e.g. --out=runs/coord_check/width")
+        for size in sizes:  # every size must scale cleanly before any compute starts
+            size_config(base, axis, size, variants[0])
+    except ConfigError as e:
+        import sys
+        print(f"coord_check: error: {e}", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+    result = run(base, axis, sizes, variants, seeds=seeds, steps=steps)
+    v = write(result, out, threshold, judge_from)
+    print(summary(v))
+    print(f"wrote {os.path.join(out, 'coord_check.png')} and {os.path.join(out, 'coord_check.json')}")
+    return 0

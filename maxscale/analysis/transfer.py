@@ -1,0 +1,307 @@
+"""Transfer analysis: does the optimal hyperparameter move as the model grows?
+
+Reads every run of a sweep directory (runs/<sweep>/<run-id>/: sweep_run.json or config.json, result.json,
+metrics.jsonl), finds the fields that vary, and splits them into
+  the swept hyperparameter   (`hp`, default: the first varying field of HP_FIELDS, e.g. optimizer.lr),
+  the scale axis             (`scale`, default: the first varying field of SCALE_FIELDS, e.g. model.width),
+  series                     (every other varying field that is not fixed by the scale, e.g. parameterization.name).
+Per series and scale the optimum is the HP with the lowest final eval loss, refined by the vertex of a least-squares
+parabola in log2(HP) through it and up to two grid points on each side (a single run per point is noisy; five
+points average some of that out), kept within one grid step of the grid minimum. An optimum on the edge of the
+grid, or next to a diverged run, is flagged: the true optimum may lie outside. The drift of a series is max - min of log2(optimum) over its scales,
+in octaves (factors of 2). Diverged runs (non-finite loss or worse than a uniform guess) are listed and plotted
+as crosses, never dropped silently; runs that have not finished are counted as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from maxscale.config import ConfigError
+
+HP_FIELDS = ("optimizer.lr", "parameterization.init_std", "parameterization.embed_init_std",
+             "parameterization.output_mult", "parameterization.input_mult", "parameterization.attn_mult",
+             "optimizer.weight_decay", "optimizer.eps", "optimizer.b2", "schedule.warmup_steps")
+SCALE_FIELDS = ("model.width", "model.depth", "model.num_heads", "model.head_dim", "model.ffn_size",
+                "train.steps", "train.batch_size")
+METRIC = "eval/loss"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _final_metric(run_dir: str, metric: str, steps: int) -> float | None:
+    """The metric logged at the final step, from metrics.jsonl; None if the run did not get there."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    value = None
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if metric in rec and rec.get("step") == steps:
+                value = rec[metric]
+    return value
+
+
+def load_runs(sweep_dir: str, metric: str = METRIC) -> list[dict]:
+    """[{id, config (flat dict), loss, status}] for every run directory; status is done | diverged | unfinished."""
+    if not os.path.isdir(sweep_dir):
+        raise ConfigError(f"{sweep_dir!r} is not a directory; pass a sweep directory such as runs/width")
+    index = _read_json(os.path.join(sweep_dir, "sweep.json"))
+    planned = {r["id"] for r in index["runs"]} if index else None
+    runs = []
+    for rid in sorted(os.listdir(sweep_dir)):
+        d = os.path.join(sweep_dir, rid)
+        if not os.path.isdir(d):
+            continue
+        if planned is not None and rid not in planned and not os.path.exists(os.path.join(d, "config.json")):
+            continue  # planned by an earlier version of the sweep file and never started
+        plan = _read_json(os.path.join(d, "sweep_run.json"))
+        cfg = plan["config"] if plan else _read_json(os.path.join(d, "config.json"))
+        if not cfg:
+            continue
+        flat = _flat(cfg)
+        steps = flat.get("train.steps")
+        loss = _final_metric(d, metric, steps)
+        started = os.path.exists(os.path.join(d, "config.json"))
+        result = _read_json(os.path.join(d, "result.json")) or {}
+        if result.get("status") == "diverged":  # e.g. stopped at a non-finite loss before the final eval
+            status = "diverged"
+        elif loss is None:
+            status = "unfinished" if started else "not run"
+        else:
+            vocab = flat.get("model.vocab_size", 256)
+            status = "done" if math.isfinite(loss) and loss < math.log(vocab) else "diverged"
+        runs.append({"id": rid, "config": flat, "loss": loss, "status": status})
+    if not runs:
+        raise ConfigError(f"{sweep_dir}: no run directories with a config; run the sweep first (tools/sweep.py)")
+    return runs
+
+
+def varying(runs: list[dict]) -> list[str]:
+    keys = sorted(set().union(*(r["config"] for r in runs)))
+    return [k for k in keys if len({repr(r["config"].get(k)) for r in runs}) > 1]
+
+
+def _determined_by(runs: list[dict], field: str, by: str) -> bool:
+    seen: dict = {}
+    for r in runs:
+        key = repr(r["config"].get(by))
+        if seen.setdefault(key, repr(r["config"].get(field))) != repr(r["config"].get(field)):
+            return False
+    return True
+
+
+def choose_axes(runs: list[dict], hp: str | None = None, scale: str | None = None) -> tuple[str, str, list[str]]:
+    """(hp field, scale field, series fields)."""
+    vary = varying(runs)
+    if hp is None:
+        hp = next((f for f in HP_FIELDS if f in vary), None)
+        if hp is None:
+            raise ConfigError(f"no swept hyperparameter found among the varying fields {vary}; pass --hp=FIELD")
+    if scale is None:
+        scale = next((f for f in SCALE_FIELDS if f in vary and f != hp), None)
+        if scale is None:
+            raise ConfigError(f"no scale axis found among the varying fields {vary}; pass --scale=FIELD")
+    for name, field in (("--hp", hp), ("--scale", scale)):
+        if field not in vary:
+            raise ConfigError(f"{name}={field} does not vary in this sweep; varying fields: {', '.join(vary)}")
+    series = [f for f in vary if f not in (hp, scale) and not _determined_by(runs, f, scale)
+              and not f.startswith("parameterization.base_")]
+    return hp, scale, series
+
+
+def optimum(hps: list[float], losses: list[float | None], half_window: int = 2) -> dict:
+    """The optimum of one loss-vs-HP curve: grid argmin, refined by a least-squares parabola in log2(HP) over the
+    argmin and up to `half_window` finite neighbours on each side. Points with loss None (diverged) end the window."""
+    order = np.argsort(hps)
+    x = np.log2(np.asarray(hps, np.float64)[order])
+    y = np.array([np.nan if losses[i] is None else losses[i] for i in order], np.float64)
+    ok = np.isfinite(y)
+    if not ok.any():
+        return {"log2_opt": None, "opt": None, "loss": None, "at_edge": False, "refined": False}
+    i = int(np.nanargmin(y))
+    res = {"log2_opt": float(x[i]), "loss": float(y[i]), "at_edge": i == 0 or i == len(x) - 1
+           or not (ok[i - 1] and ok[i + 1]), "refined": False, "grid_opt": float(2 ** x[i])}
+    if not res["at_edge"]:
+        lo = hi = i
+        while lo > 0 and i - lo < half_window and ok[lo - 1]:
+            lo -= 1
+        while hi < len(x) - 1 and hi - i < half_window and ok[hi + 1]:
+            hi += 1
+        a, b, _ = np.polyfit(x[lo:hi + 1], y[lo:hi + 1], 2)
+        res["fit_points"] = hi - lo + 1
+        if a > 0:
+            vertex = float(np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
+            res.update(log2_opt=vertex, refined=True)
+    res["opt"] = float(2 ** res["log2_opt"])
+    return res
+
+
+def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -> dict:
+    hp, scale, series_fields = choose_axes(runs, hp, scale)
+    table: dict = {"hp": hp, "scale": scale, "series_fields": series_fields, "series": {},
+                   "counts": {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "unfinished",
+                                                                               "not run")}}
+    groups: dict = {}
+    for r in runs:
+        label = ", ".join(f"{f.split('.')[-1]}={r['config'].get(f)}" for f in series_fields) or "all"
+        groups.setdefault(label, []).append(r)
+    for label, members in sorted(groups.items()):
+        per_scale = {}
+        for s in sorted({r["config"][scale] for r in members}):
+            at = sorted((r for r in members if r["config"][scale] == s), key=lambda r: r["config"][hp])
+            done = [r for r in at if r["status"] in ("done", "diverged")]
+            curve = {"hp": [r["config"][hp] for r in done],
+                     "loss": [r["loss"] for r in done],
+                     "diverged": [r["status"] == "diverged" for r in done],
+                     "unfinished": sum(r["status"] in ("unfinished", "not run") for r in at)}
+            losses = [None if dv else l for l, dv in zip(curve["loss"], curve["diverged"])]
+            curve["optimum"] = optimum(curve["hp"], losses) if done else optimum([1.0], [None])
+            per_scale[s] = curve
+        opts = [c["optimum"]["log2_opt"] for c in per_scale.values() if c["optimum"]["log2_opt"] is not None]
+        scales = [s for s, c in per_scale.items() if c["optimum"]["log2_opt"] is not None]
+        drift = float(max(opts) - min(opts)) if len(opts) >= 2 else None
+        exponent = (float(np.polyfit(np.log2(scales), opts, 1)[0])
+                    if len(opts) >= 2 and isinstance(scales[0], (int, float)) else None)
+        table["series"][label] = {
+            "scales": per_scale, "drift_octaves": drift, "log2_opt_vs_log2_scale": exponent,
+            "any_at_edge": any(c["optimum"]["at_edge"] for c in per_scale.values()),
+            "diverged": sum(sum(c["diverged"]) for c in per_scale.values()),
+            "unfinished": sum(c["unfinished"] for c in per_scale.values())}
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+
+def markdown(table: dict) -> str:
+    hp, scale = table["hp"], table["scale"]
+    hp_name, scale_name = hp.split(".")[-1], scale.split(".")[-1]
+    lines = [f"Optimal {hp_name} per {scale_name} (final {METRIC}; quadratic refinement in log2 {hp_name}; "
+             f"* = optimum on the grid edge)", ""]
+    scales = sorted({s for ser in table["series"].values() for s in ser["scales"]})
+    lines.append(f"| series | " + " | ".join(f"{scale_name}={s}" for s in scales) +
+                 " | drift (octaves) | slope d log2 opt / d log2 scale | diverged | unfinished |")
+    lines.append("|---" * (len(scales) + 5) + "|")
+    for label, ser in table["series"].items():
+        cells = []
+        for s in scales:
+            c = ser["scales"].get(s)
+            o = c["optimum"] if c else None
+            if not o or o["log2_opt"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"2^{o['log2_opt']:.2f}{'*' if o['at_edge'] else ''} ({o['loss']:.3f})")
+        drift = "-" if ser["drift_octaves"] is None else f"{ser['drift_octaves']:.2f}"
+        slope = "-" if ser["log2_opt_vs_log2_scale"] is None else f"{ser['log2_opt_vs_log2_scale']:+.2f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {drift} | {slope} | {ser['diverged']} | "
+                     f"{ser['unfinished']} |")
+    c = table["counts"]
+    lines += ["", f"Runs: {c['done']} finished, {c['diverged']} diverged (plotted as x), {c['unfinished']} "
+                  f"unfinished, {c['not run']} not run."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(table["series"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.0), squeeze=False, sharey=True)
+    finite = [l for ser in table["series"].values() for c in ser["scales"].values()
+              for l, dv in zip(c["loss"], c["diverged"]) if not dv and l is not None and math.isfinite(l)]
+    lo = min(finite) if finite else 0.0
+    hi = min(lo + 1.2, max(finite)) + 0.02 if finite else 1.0  # higher losses are drawn at the top (^)
+    for ax, label in zip(axes[0], labels):
+        ser = table["series"][label]
+        cmap = plt.get_cmap("viridis", max(len(ser["scales"]), 2))
+        for i, (s, c) in enumerate(ser["scales"].items()):
+            xs = np.asarray(c["hp"], np.float64)
+            ys = np.array([np.nan if (dv or l is None) else l for l, dv in zip(c["loss"], c["diverged"])])
+            ax.plot(xs, np.minimum(ys, hi), marker=".", lw=1.2, color=cmap(i), label=f"{s}")
+            clipped = ys > hi
+            if clipped.any():
+                ax.scatter(xs[clipped], np.full(clipped.sum(), hi), marker="^", color=cmap(i), s=14)
+            bad = np.asarray(c["diverged"], bool)
+            if bad.any():
+                ax.scatter(xs[bad], np.full(bad.sum(), hi), marker="x", color=cmap(i), s=18)
+            o = c["optimum"]
+            if o["log2_opt"] is not None:
+                ax.axvline(o["opt"], color=cmap(i), lw=0.6, ls=":")
+        drift = ser["drift_octaves"]
+        ax.set_title(f"{label}\ndrift {drift:.2f} octaves" if drift is not None else label, fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(lo - 0.02, hi + 0.02)
+        ax.set_xlabel(table["hp"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(title=table["scale"].split(".")[-1], fontsize=6, title_fontsize=6)
+    axes[0, 0].set_ylabel(f"final {METRIC} (x: diverged, ^: above the axis)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report(sweep_dir: str, out_dir: str | None = None, hp: str | None = None, scale: str | None = None) -> dict:
+    """Analyses `sweep_dir` and writes transfer.json, transfer.md and transfer.png to `out_dir` (default: it)."""
+    out_dir = out_dir or sweep_dir
+    table = analyze(load_runs(sweep_dir), hp, scale)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "transfer.json"), "w") as fh:
+        json.dump(table, fh, indent=1, default=str)
+    md = markdown(table)
+    with open(os.path.join(out_dir, "transfer.md"), "w") as fh:
+        fh.write(md)
+    plot(table, os.path.join(out_dir, "transfer.png"))
+    return table
+
+
+def main(argv: list[str]) -> int:
+    """python tools/transfer_report.py runs/<sweep> [--hp=optimizer.lr] [--scale=model.width] [--out=DIR]"""
+    import sys
+    from maxscale import config as config_lib
+    pos, flags = [], {}
+    try:
+        for a in argv:
+            if a.startswith("--"):
+                name, eq, value = a[2:].partition("=")
+                if name not in ("hp", "scale", "out") or not eq or not value:
+                    raise ConfigError(f"unknown or empty flag {a!r}; use --hp=FIELD, --scale=FIELD, --out=DIR")
+                flags[name] = value
+            else:
+                pos.append(a)
+        if len(pos) != 1:
+            raise ConfigError("expected one sweep directory, e.g. python tools/transfer_report.py runs/width")
+        table = report(pos[0], flags.get("out"), flags.get("hp"), flags.get("scale"))
+    except ConfigError as e:
+        print(f"transfer_report: error: {e}", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+    out = flags.get("out", pos[0])
+    print(markdown(table), end="")
+    print(f"wrote {os.path.join(out, 'transfer.md')}, transfer.json and transfer.png")
+    return 0

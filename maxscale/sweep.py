@@ -1,0 +1,351 @@
+"""Sweeps: expand a sweep file into runs named by the hash of their resolved config, run them, or script them.
+
+A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a dict:
+  config   a config spec ("configs/tiny.py[:arg]") or a ConfigDict: the base of every run
+  fixed    {field: value} applied to every run (optional)
+  grid     {axis: [values]}: the cartesian product, first axis outermost (optional). An axis named by a config
+           field sets that field; a value that is a dict sets several fields at once (e.g. every width dimension,
+           from `parameterization.scale_shapes`), whatever the axis is called
+  points   [{field: value}, ...]: each grid point is crossed with each of these (optional)
+  name     the sweep's name (default: the file's stem); runs land in <root>/<name>/<run-id>/
+
+The run id is a hash of the resolved config, leaving out the fields that do not change the result (logging, mesh,
+checkpointing) and the fields at their default value (so adding a config field with a default keeps old ids): the
+same point always gets the same directory. Finished runs (with result.json) are skipped, interrupted ones resume
+from their latest checkpoint, and a run stopped for a non-finite loss is recorded as diverged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import ml_collections
+
+from maxscale import config as config_lib
+from maxscale.config import ConfigError
+
+# Fields that do not change what a run computes: left out of the run id.
+NOT_HASHED = ("train.log_every", "train.sample_tokens", "train.sample_prompt", "train.peak_flops", "checkpoint",
+              "mesh", "distributed", "model.remat")
+RESULT_FILE = "result.json"
+RUN_FILE = "sweep_run.json"
+
+
+def load_sweep(path: str) -> dict:
+    """Imports a sweep file and checks its shape (ConfigError with one line on any problem)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file {path!r} does not exist; pass e.g. configs/sweeps/width_mup.py")
+    spec = importlib.util.spec_from_file_location("_maxscale_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        sweep = module.get_sweep()
+    except AttributeError as e:
+        raise ConfigError(f"sweep file {path}: {e}; define get_sweep() returning a dict") from None
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"sweep file {path} failed to load ({type(e).__name__}: {e})") from None
+    if not isinstance(sweep, dict) or "config" not in sweep:
+        raise ConfigError(f"sweep file {path}: get_sweep() must return a dict with at least a 'config' entry")
+    unknown = set(sweep) - {"config", "fixed", "grid", "points", "name"}
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown keys {sorted(unknown)}; use config, fixed, grid, points, name")
+    sweep.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return sweep
+
+
+def _as_overrides(axis: str, value: Any) -> dict:
+    return dict(value) if isinstance(value, dict) else {axis: value}
+
+
+def points(sweep: dict) -> list[dict]:
+    """The override dicts of every run, in order: fixed | grid point | point."""
+    grid = sweep.get("grid") or {}
+    for axis, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"sweep {sweep['name']}: grid axis {axis!r} must be a non-empty list")
+    combos = itertools.product(*[[_as_overrides(a, v) for v in vs] for a, vs in grid.items()])
+    extra = sweep.get("points") or [{}]
+    out = []
+    for combo in combos:
+        for pt in extra:
+            merged = dict(sweep.get("fixed") or {})
+            for part in combo:
+                merged.update(part)
+            merged.update(pt)
+            out.append(merged)
+    return out
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with `{field: value}` applied through the same checks as `--config.field=value`."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else repr(value)
+        config_lib.override(cfg, key, text)
+    return cfg
+
+
+def _strip(d: dict, default: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        field = f"{prefix}{k}"
+        if any(field == f or field.startswith(f + ".") for f in NOT_HASHED):
+            continue
+        if isinstance(v, dict):
+            out[k] = _strip(v, default.get(k) or {}, field + ".")
+        elif k not in default or json.dumps(default[k]) != json.dumps(v):
+            out[k] = v
+    return out
+
+
+def run_id(cfg: ml_collections.ConfigDict) -> str:
+    """10 hex digits of the sha256 of the resolved config (NOT_HASHED fields and fields at their default left out)."""
+    default = json.loads(config_lib.to_json(config_lib.defaults()))
+    text = json.dumps(_strip(json.loads(config_lib.to_json(cfg)), default), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def base_config(sweep: dict) -> ml_collections.ConfigDict:
+    base = sweep["config"]
+    if isinstance(base, str):
+        base = config_lib.load(base)
+    if not isinstance(base, ml_collections.ConfigDict):
+        raise ConfigError(f"sweep {sweep['name']}: 'config' must be a config path or a ConfigDict")
+    config_lib.check_known_fields(base)
+    return base
+
+
+def expand(sweep: dict, root: str = "runs") -> list[dict]:
+    """[{id, dir, overrides, config (resolved)}] for every run; ConfigError names the first bad point."""
+    base = base_config(sweep)
+    runs, seen = [], {}
+    for i, overrides in enumerate(points(sweep)):
+        try:
+            cfg = config_lib.resolve(apply_overrides(base, overrides))
+        except ConfigError as e:
+            raise ConfigError(f"sweep {sweep['name']} point {i} {overrides}: {e}") from None
+        rid = run_id(cfg)
+        if rid in seen:
+            raise ConfigError(f"sweep {sweep['name']}: points {seen[rid]} and {i} resolve to the same config "
+                              f"({overrides}); remove the duplicate")
+        seen[rid] = i
+        runs.append({"id": rid, "dir": os.path.join(root, sweep["name"], rid), "overrides": overrides, "config": cfg})
+    return runs
+
+
+def status(run_dir: str) -> str:
+    """'done' (result.json), 'started' (config.json but no result: will resume) or 'new'."""
+    if os.path.exists(os.path.join(run_dir, RESULT_FILE)):
+        return "done"
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        return "started"
+    return "new"
+
+
+def write_plan(sweep: dict, runs: list[dict], root: str) -> str:
+    """Writes <root>/<name>/sweep.json (the index) and each run's sweep_run.json; returns the sweep directory."""
+    sweep_dir = os.path.join(root, sweep["name"])
+    os.makedirs(sweep_dir, exist_ok=True)
+    index = [{"id": r["id"], "overrides": r["overrides"]} for r in runs]
+    _atomic_write(os.path.join(sweep_dir, "sweep.json"), json.dumps({"name": sweep["name"], "runs": index}, indent=1))
+    with open(os.path.join(sweep_dir, "runs.txt"), "w") as fh:
+        fh.write("".join(os.path.abspath(r["dir"]) + "\n" for r in runs))
+    for r in runs:
+        os.makedirs(r["dir"], exist_ok=True)
+        _atomic_write(os.path.join(r["dir"], RUN_FILE),
+                      json.dumps({"id": r["id"], "sweep": sweep["name"], "overrides": r["overrides"],
+                                  "config": r["config"].to_dict()}, indent=1, sort_keys=True))
+    return sweep_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None) -> dict:
+    """Trains the run in `run_dir` (resuming if started) in this process and writes result.json. `mesh` defaults
+    to one over every device (as `python -m maxscale.train`)."""
+    from maxscale import faults, train
+    with open(os.path.join(run_dir, RUN_FILE)) as fh:
+        cfg = ml_collections.ConfigDict(json.load(fh)["config"])
+    train.check_workdir(run_dir, cfg)
+    t0 = time.perf_counter()
+    try:
+        out = train.Trainer(cfg, run_dir, mesh=mesh, corpus=corpus).run()
+    except faults.NonFiniteError as e:  # train.nan_policy=stop: a diverged run, recorded as such
+        out = {"train/loss": float("nan"), "eval/loss": float("nan"), "stopped": str(e)}
+    loss, eval_loss = out.get("train/loss"), out.get("eval/loss")
+    # Worse than a uniform guess over the vocabulary counts as diverged (the analysis marks it, never drops it).
+    ok = _finite(loss) and _finite(eval_loss) and eval_loss < math.log(cfg.model.vocab_size)
+    result = {"status": "done" if ok else "diverged",
+              "train_loss": loss, "eval_loss": eval_loss, "steps": cfg.train.steps,
+              "wall_s": round(time.perf_counter() - t0, 2)}
+    if "stopped" in out:
+        result["stopped"] = out["stopped"]
+    if not keep_checkpoints:
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    _atomic_write(os.path.join(run_dir, RESULT_FILE), json.dumps(result, indent=1))
+    return result
+
+
+def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, log=print, mesh=None) -> dict:
+    """Runs every unfinished run. jobs=1: one after another in this process (one JAX start-up, corpus read once);
+    jobs>1: that many `python tools/sweep.py --run_dir=...` subprocesses at a time. Returns {id: status}."""
+    todo = [r for r in runs if status(r["dir"]) != "done"]
+    outcome = {r["id"]: "done" for r in runs if status(r["dir"]) == "done"}
+    log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
+    t0 = time.perf_counter()
+    if jobs == 1:
+        from maxscale import data as data_lib
+        corpora = {}
+        for i, r in enumerate(todo):
+            key = json.dumps(r["config"].data.to_dict(), sort_keys=True)
+            if key not in corpora:
+                corpora = {key: data_lib.load_corpus(r["config"])}
+            log(f"sweep: [{i + 1}/{len(todo)}] {r['id']} {_short(r['overrides'])} ({status(r['dir'])})")
+            try:
+                res = run_one(r["dir"], keep_checkpoints, corpus=corpora[key], mesh=mesh)
+                outcome[r["id"]] = res["status"]
+                log(f"sweep: {r['id']} {res['status']} eval_loss={res['eval_loss']} in {res['wall_s']:.0f}s")
+            except Exception as e:  # one failed run must not stop the sweep
+                outcome[r["id"]] = "failed"
+                log(f"sweep: {r['id']} failed: {type(e).__name__}: {e}")
+    else:
+        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "sweep.py")
+
+        def launch(r):
+            cmd = [sys.executable, tool, f"--run_dir={r['dir']}"] + (["--keep_checkpoints"] if keep_checkpoints else [])
+            with open(os.path.join(r["dir"], "log.txt"), "a") as fh:
+                rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            return r, rc
+
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for r, rc in pool.map(launch, todo):
+                outcome[r["id"]] = _read_result(r["dir"]).get("status", "failed") if rc == 0 else "failed"
+                log(f"sweep: {r['id']} {outcome[r['id']]} (log {os.path.join(r['dir'], 'log.txt')})")
+    counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
+    log(f"sweep: finished in {(time.perf_counter() - t0) / 60:.1f} min: {counts}")
+    return outcome
+
+
+def slurm_script(sweep_dir: str, n_runs: int, jobs: int, python: str = "python", partition: str = "",
+                 time_limit: str = "") -> str:
+    """An sbatch job-array script: task i runs line i+1 of runs.txt (`%jobs` at a time)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    name = os.path.basename(os.path.normpath(sweep_dir))
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{name}", f"#SBATCH --array=0-{n_runs - 1}%{max(jobs, 1)}",
+             f"#SBATCH --output={os.path.abspath(sweep_dir)}/slurm-%A_%a.out", "#SBATCH --nodes=1",
+             "#SBATCH --ntasks=1"]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if time_limit:
+        lines.append(f"#SBATCH --time={time_limit}")
+    lines += ["set -euo pipefail", f"cd {shlex.quote(repo)}",
+              f'RUN_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(sweep_dir))}/runs.txt)',
+              f'exec {python} tools/sweep.py --run_dir="$RUN_DIR"', ""]
+    return "\n".join(lines)
+
+
+def _read_result(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, RESULT_FILE)) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _short(overrides: dict) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+USAGE = ("usage: python tools/sweep.py SWEEP_FILE [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
+         "[--dry_run] [--keep_checkpoints]\n"
+         "       python tools/sweep.py --run_dir=DIR   (one run; what SLURM tasks call)")
+
+
+def _parse(argv: list[str]) -> tuple[list[str], dict]:
+    pos, flags = [], {}
+    valid = {"jobs", "root", "slurm", "partition", "time", "dry_run", "keep_checkpoints", "run_dir"}
+    for a in argv:
+        if a.startswith("--"):
+            name, eq, value = a[2:].partition("=")
+            name = name.replace("-", "_")
+            if name not in valid:
+                raise ConfigError(f"unknown flag --{name}; {config_lib._closest(name, sorted(valid))}")
+            flags[name] = value if eq else True
+        else:
+            pos.append(a)
+    return pos, flags
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        pos, flags = _parse(argv)
+        if "run_dir" in flags:
+            run_dir = flags["run_dir"]
+            if not isinstance(run_dir, str) or not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
+                raise ConfigError(f"--run_dir={run_dir}: no {RUN_FILE} there; expand the sweep first")
+            result = run_one(run_dir, keep_checkpoints=bool(flags.get("keep_checkpoints")))
+            print(json.dumps(result))
+            return 0
+        if len(pos) != 1:
+            raise ConfigError("expected one sweep file, e.g. python tools/sweep.py configs/sweeps/width_mup.py")
+        try:
+            jobs = int(flags.get("jobs", 1))
+        except ValueError:
+            jobs = 0
+        if jobs < 1:
+            raise ConfigError(f"--jobs={flags.get('jobs')}: expected a positive integer")
+        root = flags.get("root", "runs")
+        if not isinstance(root, str) or not root:
+            raise ConfigError("--root needs a directory, e.g. --root=runs")
+        sweep = load_sweep(pos[0])
+        runs = expand(sweep, root)
+    except ConfigError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return config_lib.EXIT_USAGE
+
+    if flags.get("dry_run"):
+        for r in runs:
+            print(f"{r['id']}  {status(r['dir']):<8} {_short(r['overrides'])}")
+        print(f"{len(runs)} runs in {os.path.join(root, sweep['name'])}")
+        return 0
+    sweep_dir = write_plan(sweep, runs, root)
+    if flags.get("slurm"):
+        path = os.path.join(sweep_dir, "sweep.sbatch")
+        _atomic_write(path, slurm_script(sweep_dir, len(runs), jobs, partition=flags.get("partition", ""),
+                                         time_limit=flags.get("time", "")))
+        print(f"wrote {path} ({len(runs)} array tasks, {jobs} at a time); submit with: sbatch {path}")
+        return 0
+    outcome = run_local(runs, jobs=jobs, keep_checkpoints=bool(flags.get("keep_checkpoints")))
+    return 0 if all(s in ("done", "diverged") for s in outcome.values()) else 1

@@ -1,0 +1,98 @@
+"""Coordinate checks: muP-family activations stay the same size as width grows, SP's do not; across depth,
+CompleteP and depth-muP keep the residual stream bounded while alpha = 0 lets it grow."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from maxscale import config as config_lib  # noqa: E402
+from maxscale import data as data_lib  # noqa: E402
+from maxscale.analysis import coord_check as cc  # noqa: E402
+from maxscale.model import transformer  # noqa: E402
+
+
+def small_base(**fields):
+    """Width 32, depth 2, 2 heads of 16, ffn 64; batch 4 x 32 tokens; a large constant LR."""
+    c = config_lib.defaults()
+    c.model.update(width=32, depth=2, num_heads=2, ffn_size=64)
+    c.data.update(seq_len=32, max_bytes=300_000)
+    c.train.update(batch_size=4)
+    c.optimizer.update(lr=0.005)
+    for key, value in fields.items():
+        config_lib.override(c, key.replace("__", "."), repr(value))
+    return config_lib.resolve(c)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return data_lib.load_corpus(small_base())
+
+
+def test_capture_returns_the_same_logits_and_per_layer_stats():
+    cfg = small_base(model__depth=3)
+    model = transformer.ModelDef(cfg)
+    params = model.init(0)
+    tokens = np.arange(2 * 8, dtype=np.int32).reshape(2, 8) % 256
+    plain = model.apply(params, tokens)
+    logits, stats = model.apply(params, tokens, capture=True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), rtol=1e-6)
+    assert set(stats["layers"]) == {"attn", "mlp", "resid"} and stats["layers"]["resid"].shape == (3,)
+    assert float(stats["logits"]) == pytest.approx(float(np.abs(np.asarray(plain)).mean()), rel=1e-5)
+    assert float(stats["embed"]) == pytest.approx(float(np.abs(np.asarray(params["embed"])[tokens]).mean()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def width_verdict(corpus):
+    # completep over a base depth of 1: its depth factors are live (residual 1/2), its width rules are muP's
+    variants = [cc.Variant("sp"), cc.Variant("mup"), cc.Variant("completep")]
+    base = small_base(parameterization__base_depth=1)
+    result = cc.run(base, "width", [32, 64, 128, 256], variants, seeds=2, steps=4, corpus=corpus, log=lambda s: None)
+    return cc.verdict(result)
+
+
+def test_mup_and_completep_keep_activations_width_independent_sp_does_not(width_verdict):
+    s = width_verdict["series"]
+    print(cc.summary(width_verdict))
+    assert s["mup"]["pass"] and s["mup"]["max_slope"] <= 0.3
+    assert s["completep"]["pass"] and s["completep"]["max_slope"] <= 0.3
+    assert not s["sp"]["pass"] and s["sp"]["max_slope"] > 0.8
+    # SP's hidden outputs grow roughly like width (an Adam step moves W x by O(fan_in)); muP's stay flat
+    assert s["sp"]["slopes_by_step"]["mlp/1"][-1] > 0.8
+    assert abs(s["mup"]["slopes_by_step"]["mlp/1"][-1]) < 0.3
+
+
+@pytest.mark.slow
+def test_completep_and_depth_mup_keep_the_residual_stream_bounded_alpha_zero_does_not(corpus):
+    variants = [cc.Variant("completep"), cc.Variant("depth_mup"), cc.Variant("completep", 0.0)]
+    result = cc.run(small_base(), "depth", [2, 4, 8, 16], variants, seeds=2, steps=4, corpus=corpus,
+                    log=lambda s: None)
+    v = cc.verdict(result)
+    print(cc.summary(v))
+    s = v["series"]
+    assert s["completep"]["pass"] and s["depth_mup"]["pass"]
+    assert not s["completep(alpha=0)"]["pass"] and s["completep(alpha=0)"]["max_slope"] > 0.5
+    last = lambda label: np.asarray(result["series"][label]["resid/last"]).mean(1)[:, -1]  # noqa: E731
+    assert last("completep(alpha=0)")[-1] > 2 * last("completep")[-1]  # depth 16 after 4 steps
+
+
+def test_outputs_and_cli_errors(width_verdict, tmp_path):
+    # the plot and JSON from a tiny synthetic result (no training)
+    result = {"axis": "width", "sizes": [32, 64], "steps": 2, "seeds": 1, "lr": 0.01,
+              "series": {"mup": {"embed": [[[1, 1, 1]], [[1, 1, 1]]], "logits": [[[1, 2, 3]], [[1, 2, 3]]]}}}
+    v = cc.write(result, str(tmp_path))
+    assert v["series"]["mup"]["pass"] and json.load(open(tmp_path / "coord_check.json"))["verdict"] == v
+    png = tmp_path / "coord_check.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
+    tool = [sys.executable, str(REPO / "tools" / "coord_check.py"), "--config=configs/tiny.py"]
+    for bad in (["--axis=height", "--out=x"], ["--sizes=64", "--out=x"], ["--parameterizations=mu", "--out=x"],
+                ["--sizes=64,100", "--out=x"], []):
+        out = subprocess.run(tool + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 2, (bad, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("coord_check: error:"), out.stderr

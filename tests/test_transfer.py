@@ -1,0 +1,114 @@
+"""Transfer analysis on synthetic sweeps whose optima are known: no training needed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from maxscale.analysis import transfer  # noqa: E402
+from maxscale.config import ConfigError  # noqa: E402
+
+LOG2_LRS = list(range(-12, -4))  # 8 learning rates a factor of 2 apart
+
+
+def write_run(root, rid, name, width, lr, loss, steps=100, finished=True):
+    d = os.path.join(root, rid)
+    os.makedirs(d)
+    cfg = {"model": {"width": width, "ffn_size": 3 * width, "vocab_size": 256, "depth": 2},
+           "optimizer": {"lr": lr}, "parameterization": {"name": name, "base_width": 64},
+           "train": {"steps": steps}}
+    with open(os.path.join(d, "sweep_run.json"), "w") as fh:
+        json.dump({"id": rid, "config": cfg}, fh)
+    with open(os.path.join(d, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as fh:
+        fh.write(json.dumps({"step": steps // 2, "eval/loss": 9.0}) + "\n")
+        if finished:
+            fh.write(json.dumps({"step": steps, "eval/loss": loss}) + "\n")
+
+
+def parabola(log2_lr, log2_opt, floor=2.0):
+    return floor + 0.05 * (log2_lr - log2_opt) ** 2
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    """SP's optimum moves from 2^-7.3 at width 64 to 2^-10.3 at 512 (3 octaves); muP's stays at 2^-7.6 +- 0.25.
+    SP at 512 diverges at the two largest LRs; one muP run is unfinished."""
+    root = str(tmp_path / "width")
+    i = 0
+    for k, width in enumerate((64, 128, 256, 512)):
+        for e in LOG2_LRS:
+            lr = 2.0 ** e
+            sp_loss = parabola(e, -7.3 - k)
+            if width == 512 and e >= -6:
+                sp_loss = float("nan") if e == -5 else 7.5
+            write_run(root, f"sp{i:03d}", "sp", width, lr, sp_loss)
+            mup_opt = -7.6 + (0.25 if k % 2 else -0.25)
+            write_run(root, f"mu{i:03d}", "mup", width, lr, parabola(e, mup_opt),
+                      finished=not (width == 128 and e == -12))
+            i += 1
+    return root
+
+
+def test_optimum_is_the_vertex_of_the_parabola_in_log2_hp():
+    hps = [2.0 ** e for e in LOG2_LRS]
+    o = transfer.optimum(hps, [parabola(e, -8.37) for e in LOG2_LRS])
+    assert o["refined"] and not o["at_edge"]
+    assert o["log2_opt"] == pytest.approx(-8.37, abs=1e-6)
+    edge = transfer.optimum(hps, [parabola(e, -14.0) for e in LOG2_LRS])
+    assert edge["at_edge"] and edge["log2_opt"] == -12
+    # noise on one point moves a 5-point fit less than a 3-point one, and never beyond one grid step
+    noisy = [parabola(e, -8.0) + (0.04 if e == -7 else 0.0) for e in LOG2_LRS]
+    five, three = transfer.optimum(hps, noisy), transfer.optimum(hps, noisy, half_window=1)
+    assert five["fit_points"] == 5 and three["fit_points"] == 3
+    assert abs(five["log2_opt"] + 8.0) < abs(three["log2_opt"] + 8.0) <= 1.0
+
+
+def test_sp_drifts_three_octaves_mup_half_an_octave_diverged_runs_are_marked(sweep_dir):
+    table = transfer.analyze(transfer.load_runs(sweep_dir))
+    assert table["hp"] == "optimizer.lr" and table["scale"] == "model.width"
+    assert table["series_fields"] == ["parameterization.name"]  # ffn_size follows the width: not a series
+    sp, mup = table["series"]["name=sp"], table["series"]["name=mup"]
+    assert sp["drift_octaves"] == pytest.approx(3.0, abs=1e-6)
+    assert sp["log2_opt_vs_log2_scale"] == pytest.approx(-1.0, abs=1e-6)
+    assert mup["drift_octaves"] == pytest.approx(0.5, abs=1e-6)
+    assert sp["diverged"] == 2 and sp["scales"][512]["diverged"] == [False] * 6 + [True, True]
+    assert mup["unfinished"] == 1 and table["counts"]["unfinished"] == 1
+    assert not sp["any_at_edge"]
+
+
+def test_report_writes_markdown_json_and_png(sweep_dir, tmp_path):
+    out = str(tmp_path / "report")
+    transfer.report(sweep_dir, out)
+    md = open(os.path.join(out, "transfer.md")).read()
+    assert "| name=sp |" in md and "| 3.00 |" in md and "2 diverged" in md
+    saved = json.load(open(os.path.join(out, "transfer.json")))
+    assert saved["series"]["name=mup"]["drift_octaves"] == pytest.approx(0.5)
+    png = os.path.join(out, "transfer.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) < 200_000
+
+
+def test_explicit_axes_and_errors(sweep_dir, tmp_path):
+    with pytest.raises(ConfigError, match="does not vary"):
+        transfer.analyze(transfer.load_runs(sweep_dir), hp="optimizer.b1")
+    with pytest.raises(ConfigError, match="not a directory"):
+        transfer.load_runs(str(tmp_path / "missing"))
+
+
+def test_cli(sweep_dir, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "tools" / "transfer_report.py"), *a],
+                                    capture_output=True, text=True, timeout=120, cwd=REPO)
+    ok = run(sweep_dir, f"--out={tmp_path / 'cli'}")
+    assert ok.returncode == 0, ok.stderr
+    assert "drift (octaves)" in ok.stdout and (tmp_path / "cli" / "transfer.png").exists()
+    bad = run(str(tmp_path / "nope"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    bad = run(sweep_dir, "--scal=model.width")
+    assert bad.returncode == 2 and "--hp=FIELD" in bad.stderr

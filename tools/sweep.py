@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""Expand and run a sweep (logic in maxscale/sweep.py).
+
+  python tools/sweep.py configs/sweeps/width_mup.py [--jobs=N] [--dry_run] [--slurm] [--root=runs]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+from maxscale import sweep  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(sweep.main(sys.argv[1:]))
