@@ -165,7 +165,10 @@ class Transformer(nnx.Module):
         dt = DTYPES[m.dtype]
         mults = self.par.multipliers()
         embed_VD = self.embed[...]
-        x_BTD = (embed_VD.astype(dt)[tokens_BT] * mults["input"]).astype(dt)
+        # Gather from a whole table (FSDP all-gathers it, as it does every weight): a lookup into a table sharded
+        # on `embed` yields rows sharded the wrong way, and XLA then replicates them in the backward pass.
+        table_VD = sharding.constrain(embed_VD.astype(dt), (None, None))
+        x_BTD = (table_VD[tokens_BT] * mults["input"]).astype(dt)
         x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
         if capture:
             stats = {"embed": _mean_abs(x_BTD)}
