@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import random
@@ -28,6 +27,7 @@ import time
 from typing import Callable
 
 from maxscale import config as config_lib
+from maxscale import metrics
 
 # Defaults for a chaos run of configs/tiny.py: short, every step logged, frequent asynchronous checkpoints (so that
 # many kills land inside a save), an eval. The caller's overrides come after these and win.
@@ -70,19 +70,8 @@ class Report:
 
 def read_records(workdir: str) -> dict:
     """{(step, 'train'|'eval'): record without timing fields} of metrics.jsonl, skipping a torn last line."""
-    out = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return out
-    with open(path) as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            kind = "eval" if "eval/loss" in record else "train"
-            out[(record["step"], kind)] = {k: v for k, v in record.items() if k not in TIMING_KEYS}
-    return out
+    return {(r["step"], "eval" if "eval/loss" in r else "train"): {k: v for k, v in r.items() if k not in TIMING_KEYS}
+            for r in metrics.read_metrics(workdir)}
 
 
 def _same(a, b) -> bool:

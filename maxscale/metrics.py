@@ -73,8 +73,20 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of `workdir/metrics.jsonl` ([] if none), skipping a torn last line of a killed run."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _duration(seconds: float) -> str:
