@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A bad config value, override, mesh or input file. The message is one line with the fix."""
 
 
+class HelpRequested(ConfigError):
+    """`--help`: the message is the usage line; CLIs that have more to say print their docstring too."""
+
+
 def defaults() -> ml_collections.ConfigDict:
     """Every field a run can set, with its default. Sizes of 0 mean 'derive from the other fields'."""
     c = ml_collections.ConfigDict()
@@ -355,6 +359,9 @@ def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] = ("workdir",)) -
     """Parses `--config=FILE[:arg] --config.a.b=v ... --flag=v`. Returns (config before resolve, extra flags)."""
     spec, overrides, extras = None, [], {}
     for raw in argv:
+        if raw in ("-h", "--help"):
+            flags = " ".join(f"[--{f}=...]" for f in extra_flags)
+            raise HelpRequested(f"usage: --config=FILE.py[:arg] [--config.<section>.<field>=<value> ...] {flags}".strip())
         if not raw.startswith("--") or "=" not in raw:
             raise ConfigError(f"argument {raw!r}: expected --name=value (e.g. --config=configs/tiny.py)")
         name, _, value = raw[2:].partition("=")

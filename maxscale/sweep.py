@@ -46,7 +46,7 @@ RUN_FILE = "sweep_run.json"
 def load_sweep(path: str) -> dict:
     """Imports a sweep file and checks its shape (ConfigError with one line on any problem)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"sweep file {path!r} does not exist; pass e.g. configs/sweeps/width_mup.py")
+        raise ConfigError(f"sweep file {path!r} does not exist; pass e.g. configs/sweeps/width.py")
     spec = importlib.util.spec_from_file_location("_maxscale_sweep", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -319,7 +319,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(result))
             return 0
         if len(pos) != 1:
-            raise ConfigError("expected one sweep file, e.g. python tools/sweep.py configs/sweeps/width_mup.py")
+            raise ConfigError("expected one sweep file, e.g. python tools/sweep.py configs/sweeps/width.py")
         try:
             jobs = int(flags.get("jobs", 1))
         except ValueError:

@@ -404,6 +404,9 @@ def main(argv: list[str]) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         trainer = Trainer(cfg, workdir)
+    except config_lib.HelpRequested as e:
+        print(f"{__doc__.strip()}\n\n{e}\nEvery field and its default: maxscale/config.py (defaults()).")
+        return 0
     except ConfigError as e:
         print(f"maxscale.train: error: {e}", file=sys.stderr)
         return config_lib.EXIT_USAGE

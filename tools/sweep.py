@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Expand and run a sweep (logic in maxscale/sweep.py).
 
-  python tools/sweep.py configs/sweeps/width_mup.py [--jobs=N] [--dry_run] [--slurm] [--root=runs]
+  python tools/sweep.py configs/sweeps/width.py [--jobs=N] [--dry_run] [--slurm] [--root=runs]
 """
 import os
 import sys
