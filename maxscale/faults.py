@@ -11,6 +11,7 @@ import signal
 import threading
 
 from maxscale import config as config_lib
+from maxscale import metrics as metrics_lib
 
 
 class RunStopped(Exception):
@@ -142,18 +143,9 @@ def rewind_metrics(workdir: str, step: int) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    kept, lines = [], []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if line.endswith("\n") and isinstance(record, dict) and record.get("step", math.inf) <= step:
-                kept.append(record)
-                lines.append(line)
+    kept = [r for r in metrics_lib.read_metrics(workdir) if r.get("step", math.inf) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
-        fh.writelines(lines)
+        fh.writelines(json.dumps(r) + "\n" for r in kept)  # the writer's own format: same lines
     os.replace(tmp, path)
     return kept
