@@ -146,21 +146,28 @@ def defaults() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading and overrides
 
-def load(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/file.py[:arg]` by calling its `get_config()` (or `get_config(arg)`)."""
-    path, _, arg = spec.partition(":")
+def import_entry(path: str, entry: str, what: str, example: str):
+    """Imports the Python file `path` and returns its function `entry`; ConfigError (one line) on any problem.
+    `what` names the file in messages ("--config", "sweep file"); `example` is a path that would work."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--config: no such file {path!r}; pass a config file such as configs/tiny.py")
-    module_spec = importlib.util.spec_from_file_location("_maxscale_config", path)
+        raise ConfigError(f"{what}: no such file {path!r}; pass a file such as {example}")
+    module_spec = importlib.util.spec_from_file_location(f"_maxscale_{entry}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # a user's file: report it in one line
-        raise ConfigError(f"--config: {path} failed to load ({type(e).__name__}: {e})") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {path} has no get_config(); define get_config() returning a ConfigDict")
+        raise ConfigError(f"{what}: {path} failed to load ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, entry, None)):
+        raise ConfigError(f"{what}: {path} has no {entry}(); define {entry}()")
+    return getattr(module, entry)
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/file.py[:arg]` by calling its `get_config()` (or `get_config(arg)`)."""
+    path, _, arg = spec.partition(":")
+    get_config = import_entry(path, "get_config", "--config", "configs/tiny.py")
     try:
-        cfg = module.get_config(arg) if arg else module.get_config()
+        cfg = get_config(arg) if arg else get_config()
     except TypeError as e:
         raise ConfigError(f"--config: {path}:{arg} get_config() rejected its argument ({e})") from None
     except ConfigError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -45,19 +44,13 @@ RUN_FILE = "sweep_run.json"
 
 def load_sweep(path: str) -> dict:
     """Imports a sweep file and checks its shape (ConfigError with one line on any problem)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file {path!r} does not exist; pass e.g. configs/sweeps/width.py")
-    spec = importlib.util.spec_from_file_location("_maxscale_sweep", path)
-    module = importlib.util.module_from_spec(spec)
+    get_sweep = config_lib.import_entry(path, "get_sweep", "sweep file", "configs/sweeps/width.py")
     try:
-        spec.loader.exec_module(module)
-        sweep = module.get_sweep()
-    except AttributeError as e:
-        raise ConfigError(f"sweep file {path}: {e}; define get_sweep() returning a dict") from None
+        sweep = get_sweep()
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"sweep file {path} failed to load ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"sweep file {path}: get_sweep() failed ({type(e).__name__}: {e})") from None
     if not isinstance(sweep, dict) or "config" not in sweep:
         raise ConfigError(f"sweep file {path}: get_sweep() must return a dict with at least a 'config' entry")
     unknown = set(sweep) - {"config", "fixed", "grid", "points", "name"}
