@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install train test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: install
 ## Everything but the cases marked slow.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+## One style everywhere: ruff lint + format check (configured in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## Rewrite the tree in that style.
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: install
 	$(BIN)/python tools/bench.py --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \

@@ -1,6 +1,6 @@
 """Character-level Shakespeare. The text file is the argument:
 
-    python -m maxscale.train --config=configs/shakespeare.py:path/to/tinyshakespeare.txt --workdir=runs/shakespeare
+python -m maxscale.train --config=configs/shakespeare.py:path/to/tinyshakespeare.txt --workdir=runs/shakespeare
 """
 
 from maxscale.config import defaults

@@ -18,19 +18,15 @@ from typing import Any, Sequence
 
 import ml_collections
 
-# Exit codes of `python -m maxscale.train` (docs/reliability.md). 75 is sysexits' EX_TEMPFAIL: run it again.
-EXIT_USAGE = 2        # bad config, flag, input file or workdir: one line naming the field and the fix; nothing written
-EXIT_NONFINITE = 3    # non-finite loss or gradient with train.nan_policy=stop; the last good checkpoint is kept
-EXIT_CHECKPOINT = 74  # a checkpoint save failed (e.g. full disk) or no checkpoint restores; earlier ones are intact
-EXIT_PREEMPTED = 75   # SIGTERM/SIGINT: stopped after a step and saved a checkpoint; the same command resumes
-
-
-class ConfigError(ValueError):
-    """A bad config value, override, mesh or input file. The message is one line with the fix."""
-
-
-class HelpRequested(ConfigError):
-    """`--help`: the message is the usage line; CLIs that have more to say print their docstring too."""
+from maxscale import parameterization
+from maxscale.errors import (  # noqa: F401 - re-exported: config.ConfigError etc. are part of this module's API
+    EXIT_CHECKPOINT,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    ConfigError,
+    HelpRequested,
+)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -38,44 +34,44 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = dict(
-        width=256,            # d_model
-        depth=4,              # number of transformer blocks
+        width=256,  # d_model
+        depth=4,  # number of transformer blocks
         num_heads=4,
-        num_kv_heads=0,       # grouped-query attention; 0 = num_heads
-        head_dim=0,           # 0 = width // num_heads
-        ffn_size=0,           # 0 = 4 * width (gelu) or 8/3 * width rounded up to a multiple of 64 (swiglu)
-        vocab_size=256,       # the byte tokenizer needs 256; token files need at least their header's vocab
-        mlp="swiglu",         # swiglu | gelu
-        norm="rmsnorm",       # rmsnorm | layernorm
+        num_kv_heads=0,  # grouped-query attention; 0 = num_heads
+        head_dim=0,  # 0 = width // num_heads
+        ffn_size=0,  # 0 = 4 * width (gelu) or 8/3 * width rounded up to a multiple of 64 (swiglu)
+        vocab_size=256,  # the byte tokenizer needs 256; token files need at least their header's vocab
+        mlp="swiglu",  # swiglu | gelu
+        norm="rmsnorm",  # rmsnorm | layernorm
         norm_eps=1e-6,
         tie_embeddings=False,
         qk_norm=False,
         rope_theta=10_000.0,
-        dtype="float32",      # compute dtype: float32 | bfloat16
+        dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="float32",
-        remat=False,          # rematerialise each block in the backward pass (saves activation memory)
+        remat=False,  # rematerialise each block in the backward pass (saves activation memory)
     )
 
     # Rules live in maxscale/parameterization.py; these are their inputs. Base shapes of 0 = the model's own.
     c.parameterization = dict(
-        name="sp",            # sp | mup | depth_mup | completep
-        depth_alpha=-1.0,     # branch multiplier m_L^-alpha; -1 = the parameterization's own (0, 0, 1/2, 1)
+        name="sp",  # sp | mup | depth_mup | completep
+        depth_alpha=-1.0,  # branch multiplier m_L^-alpha; -1 = the parameterization's own (0, 0, 1/2, 1)
         base_width=0,
         base_depth=0,
         base_num_heads=0,
         base_head_dim=0,
         base_ffn_size=0,
-        init_std=0.02,        # sigma: base init std of every matrix
-        embed_init_std=0.0,   # 0 = init_std
-        input_mult=1.0,       # embedding output multiplier
-        output_mult=1.0,      # readout multiplier (muP divides it by m_N)
-        attn_mult=1.0,        # attention logit multiplier
-        attn_exponent=-1.0,   # logit scale d_head^-exponent; -1 = the parameterization's own (1/2 SP, 1 muP)
+        init_std=0.02,  # sigma: base init std of every matrix
+        embed_init_std=0.0,  # 0 = init_std
+        input_mult=1.0,  # embedding output multiplier
+        output_mult=1.0,  # readout multiplier (muP divides it by m_N)
+        attn_mult=1.0,  # attention logit multiplier
+        attn_exponent=-1.0,  # logit scale d_head^-exponent; -1 = the parameterization's own (1/2 SP, 1 muP)
         zero_init_readout=False,
         zero_init_query=False,
-        scale_eps=True,       # muP-family eps scaling (CompleteP Table 1); off = the same eps everywhere
+        scale_eps=True,  # muP-family eps scaling (CompleteP Table 1); off = the same eps everywhere
         eps_depth_scope="blocks",  # eps x m_L^-alpha on: blocks (CompleteP Table 1) | all (nanoGPT-mup completep)
-        width_grows="head_dim",    # scale_shapes(): head_dim (fixed heads) | heads (fixed head dim)
+        width_grows="head_dim",  # scale_shapes(): head_dim (fixed heads) | heads (fixed head dim)
     )
 
     c.optimizer = dict(
@@ -86,39 +82,39 @@ def defaults() -> ml_collections.ConfigDict:
         eps=1e-8,
         weight_decay=0.0,
         weight_decay_mode="coupled",  # coupled: p -= lr*wd*p (torch AdamW); independent: p -= sched(t)*wd*p
-        grad_clip=1.0,                # global-norm clipping; 0 = off
+        grad_clip=1.0,  # global-norm clipping; 0 = off
     )
 
     c.schedule = dict(
-        name="cosine",        # constant | cosine | wsd | power
+        name="cosine",  # constant | cosine | wsd | power
         warmup_steps=0,
         final_lr_fraction=0.1,  # cosine and wsd end at lr * this
-        decay_fraction=0.2,   # wsd: the last fraction of steps decays linearly
-        power_t0=100.0,       # power: eta0 * (1 + t/t0)^-chi * (1 - t/T)^delta
+        decay_fraction=0.2,  # wsd: the last fraction of steps decays linearly
+        power_t0=100.0,  # power: eta0 * (1 + t/t0)^-chi * (1 - t/T)^delta
         power_chi=0.5,
         power_delta=0.0,
     )
 
     c.data = dict(
-        source="stdlib",      # stdlib | text file, glob or directory | token file from tools/prepare_data.py
+        source="stdlib",  # stdlib | text file, glob or directory | token file from tools/prepare_data.py
         seq_len=128,
         seed=0,
-        eval_fraction=0.02,   # share of documents held out for eval
-        max_bytes=0,          # 0 = no limit; caps the corpus read (useful for quick experiments)
+        eval_fraction=0.02,  # share of documents held out for eval
+        max_bytes=0,  # 0 = no limit; caps the corpus read (useful for quick experiments)
     )
 
     c.train = dict(
-        batch_size=16,        # global, in sequences
+        batch_size=16,  # global, in sequences
         steps=1000,
         seed=0,
         eval_every=200,
         eval_steps=4,
         log_every=10,
-        sample_tokens=200,    # generated at the end of the run; 0 = none
+        sample_tokens=200,  # generated at the end of the run; 0 = none
         sample_prompt="def ",
-        peak_flops=0.0,       # per-device peak for MFU; 0 = known table, else a matmul measured at start
-        nan_policy="stop",    # non-finite loss/gradient: stop (keep the last good checkpoint) | skip the update
-        spike_factor=2.0,     # log a loss spike when a logged loss exceeds this x its running mean; 0 = off
+        peak_flops=0.0,  # per-device peak for MFU; 0 = known table, else a matmul measured at start
+        nan_policy="stop",  # non-finite loss/gradient: stop (keep the last good checkpoint) | skip the update
+        spike_factor=2.0,  # log a loss spike when a logged loss exceeds this x its running mean; 0 = off
         preempt_grace_s=0.0,  # after SIGTERM/SIGINT, exit within this many seconds, saved or not; 0 = no limit
         debug_nan_at_step=0,  # for tests: make the loss and gradients of this step NaN; 0 = off
     )
@@ -127,7 +123,7 @@ def defaults() -> ml_collections.ConfigDict:
         every=500,
         max_to_keep=3,
         async_save=True,
-        verify=True,          # check each file's CRC-32 against the checkpoint's manifest before restoring
+        verify=True,  # check each file's CRC-32 against the checkpoint's manifest before restoring
     )
 
     # Axis sizes in devices; -1 fills the rest. dcn_<axis>: how many slices (hosts joined by the data-centre
@@ -145,6 +141,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading and overrides
+
 
 def import_entry(path: str, entry: str, what: str, example: str):
     """Imports the Python file `path` and returns its function `entry`; ConfigError (one line) on any problem.
@@ -228,9 +225,11 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts):
-        here = ".".join(parts[:i + 1])
+        here = ".".join(parts[: i + 1])
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            options = [".".join(parts[:i] + [k]) for k in node.keys()] if isinstance(node, ml_collections.ConfigDict) else []
+            options = (
+                [".".join(parts[:i] + [k]) for k in node.keys()] if isinstance(node, ml_collections.ConfigDict) else []
+            )
             if isinstance(node, ml_collections.ConfigDict):
                 raise ConfigError(f"--config.{key}: unknown field {here!r}; {_closest(here, options)}")
             raise ConfigError(f"--config.{key}: {'.'.join(parts[:i])} is a value, not a section")
@@ -238,7 +237,9 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
             node = node[part]
     current = node[parts[-1]]
     if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"--config.{key}: is a section; set one of its fields, e.g. --config.{key}.{next(iter(current.keys()))}=...")
+        raise ConfigError(
+            f"--config.{key}: is a section; set one of its fields, e.g. --config.{key}.{next(iter(current.keys()))}=..."
+        )
     value = _parse_value(key, text, current)
     with node.unlocked():
         node[parts[-1]] = value
@@ -265,15 +266,41 @@ _CHOICES = {
     "schedule.name": ("constant", "cosine", "wsd", "power"),
     "train.nan_policy": ("stop", "skip"),
 }
-_POSITIVE = ("model.width", "model.depth", "model.num_heads", "model.vocab_size", "data.seq_len",
-             "train.batch_size", "train.steps", "train.eval_every", "train.log_every", "checkpoint.every",
-             "checkpoint.max_to_keep", "optimizer.lr", "optimizer.eps", "parameterization.init_std")
-_NON_NEGATIVE = ("model.num_kv_heads", "model.head_dim", "model.ffn_size", "optimizer.weight_decay",
-                 "optimizer.grad_clip", "schedule.warmup_steps", "train.eval_steps", "train.sample_tokens",
-                 "data.max_bytes", "parameterization.base_width", "parameterization.base_depth",
-                 "parameterization.base_num_heads", "parameterization.base_head_dim",
-                 "parameterization.base_ffn_size", "parameterization.embed_init_std",
-                 "train.preempt_grace_s", "train.debug_nan_at_step")
+_POSITIVE = (
+    "model.width",
+    "model.depth",
+    "model.num_heads",
+    "model.vocab_size",
+    "data.seq_len",
+    "train.batch_size",
+    "train.steps",
+    "train.eval_every",
+    "train.log_every",
+    "checkpoint.every",
+    "checkpoint.max_to_keep",
+    "optimizer.lr",
+    "optimizer.eps",
+    "parameterization.init_std",
+)
+_NON_NEGATIVE = (
+    "model.num_kv_heads",
+    "model.head_dim",
+    "model.ffn_size",
+    "optimizer.weight_decay",
+    "optimizer.grad_clip",
+    "schedule.warmup_steps",
+    "train.eval_steps",
+    "train.sample_tokens",
+    "data.max_bytes",
+    "parameterization.base_width",
+    "parameterization.base_depth",
+    "parameterization.base_num_heads",
+    "parameterization.base_head_dim",
+    "parameterization.base_ffn_size",
+    "parameterization.embed_init_std",
+    "train.preempt_grace_s",
+    "train.debug_nan_at_step",
+)
 
 
 def _get(cfg, field):
@@ -302,16 +329,20 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m = cfg.model
     if m.head_dim == 0:
         if m.width % m.num_heads:
-            raise ConfigError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}; "
-                              f"choose heads dividing the width or set model.head_dim explicitly")
+            raise ConfigError(
+                f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}; "
+                f"choose heads dividing the width or set model.head_dim explicitly"
+            )
         m.head_dim = m.width // m.num_heads
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     if m.num_kv_heads == 0:
         m.num_kv_heads = m.num_heads
     if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
-                          f"grouped-query attention needs whole groups")
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
+            f"grouped-query attention needs whole groups"
+        )
     if m.ffn_size == 0:
         m.ffn_size = 4 * m.width if m.mlp == "gelu" else 64 * math.ceil(8 * m.width / 3 / 64)
 
@@ -329,8 +360,10 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie in (0, 1)")
     if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
-        raise ConfigError(f"train.spike_factor={cfg.train.spike_factor} must be > 1 (a multiple of the running "
-                          f"mean loss) or 0 to turn spike logging off")
+        raise ConfigError(
+            f"train.spike_factor={cfg.train.spike_factor} must be > 1 (a multiple of the running "
+            f"mean loss) or 0 to turn spike logging off"
+        )
 
     for axis in ("data", "fsdp", "tensor", "expert"):
         v = cfg.mesh[axis]
@@ -343,10 +376,11 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if v < 1:
             raise ConfigError(f"mesh.dcn_{axis}={v} must be >= 1 (1 = the axis stays inside one slice)")
         if size != -1 and size % v:
-            raise ConfigError(f"mesh.dcn_{axis}={v} does not divide mesh.{axis}={size}; the axis is dcn x ici "
-                              f"devices, so choose mesh.{axis} as a multiple of mesh.dcn_{axis}")
+            raise ConfigError(
+                f"mesh.dcn_{axis}={v} does not divide mesh.{axis}={size}; the axis is dcn x ici "
+                f"devices, so choose mesh.{axis} as a multiple of mesh.dcn_{axis}"
+            )
 
-    from maxscale import parameterization  # local import: parameterization imports this module
     parameterization.resolve(cfg)
     return cfg
 
@@ -362,20 +396,25 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-def parse_argv(argv: Sequence[str], extra_flags: Sequence[str] = ("workdir",)) -> tuple[ml_collections.ConfigDict, dict]:
+
+def parse_argv(
+    argv: Sequence[str], extra_flags: Sequence[str] = ("workdir",)
+) -> tuple[ml_collections.ConfigDict, dict]:
     """Parses `--config=FILE[:arg] --config.a.b=v ... --flag=v`. Returns (config before resolve, extra flags)."""
     spec, overrides, extras = None, [], {}
     for raw in argv:
         if raw in ("-h", "--help"):
             flags = " ".join(f"[--{f}=...]" for f in extra_flags)
-            raise HelpRequested(f"usage: --config=FILE.py[:arg] [--config.<section>.<field>=<value> ...] {flags}".strip())
+            raise HelpRequested(
+                f"usage: --config=FILE.py[:arg] [--config.<section>.<field>=<value> ...] {flags}".strip()
+            )
         if not raw.startswith("--") or "=" not in raw:
             raise ConfigError(f"argument {raw!r}: expected --name=value (e.g. --config=configs/tiny.py)")
         name, _, value = raw[2:].partition("=")
         if name == "config":
             spec = value
         elif name.startswith("config."):
-            overrides.append((name[len("config."):], value))
+            overrides.append((name[len("config.") :], value))
         elif name in extra_flags:
             extras[name] = value
         else:

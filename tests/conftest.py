@@ -5,7 +5,8 @@ import sys
 
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    + ["--xla_force_host_platform_device_count=8"])
+    + ["--xla_force_host_platform_device_count=8"]
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +33,13 @@ def tiny_config(**overrides):
 
 
 def one_device_mesh(cfg):
-    from maxscale import sharding
+    from maxscale.parallel import sharding
+
     return sharding.make_mesh(cfg, jax.devices()[:1])
 
 
 @pytest.fixture(scope="session")
 def tiny_corpus():
-    from maxscale import data
+    from maxscale.train import data
+
     return data.load_corpus(tiny_config())

@@ -13,9 +13,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from maxscale import checkpoint as ckpt_lib, config as config_lib, data as data_lib, sharding, train
+
+from maxscale import config as config_lib
+from maxscale import errors
+from maxscale.parallel import sharding
+from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import data as data_lib
+from maxscale.train import loop
+from maxscale.train import step as step_lib
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 ARGS = [f"--config={TINY}", "--config.data.max_bytes=300000"]
@@ -32,7 +38,7 @@ def artifacts(tmp_path_factory):
     base = tmp_path_factory.mktemp("artifacts")
     data_lib.write_token_file(resolved(), str(base / "tokens"))
     cfg32 = resolved("--config.model.width=32", "--config.mesh.data=1")
-    setup = train.Setup.build(cfg32, sharding.make_mesh(cfg32, jax.devices()[:1]))
+    setup = step_lib.Setup.build(cfg32, sharding.make_mesh(cfg32, jax.devices()[:1]))
     zeros = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), setup.abstract_state())
 
     class Iterator:
@@ -86,55 +92,85 @@ def _checkpoint_of_another_model(d, a):
 # id -> (prepare(tmp_dir, artifacts_dir) -> extra args, expected words of the one line)
 CASES = {
     "missing-data-file": (lambda d, a: [f"--config.data.source={d}/nope.txt"], "no such file"),
-    "empty-data-file": (lambda d, a: (_write(f"{d}/empty.txt", ""), [f"--config.data.source={d}/empty.txt"])[1],
-                        "the files are empty; pass a non-empty text corpus"),
-    "empty-data-directory": (lambda d, a: (os.makedirs(f"{d}/docs"), [f"--config.data.source={d}/docs"])[1],
-                             "no such file, directory or glob match"),
-    "data-shorter-than-seq-len": (lambda d, a: (_write(f"{d}/short.txt", "x" * 50),
-                                                [f"--config.data.source={d}/short.txt"])[1],
-                                  "data.seq_len=64 is longer than the train split"),
-    "token-header-not-json": (lambda d, a: (_write(f"{d}/t.json", "garbage"), [f"--config.data.source={d}/t.json"])[1],
-                              "not a readable token-file header"),
-    "token-header-wrong-format": (lambda d, a: [f"--config.data.source={_token_file(d, a, format='other')}"],
-                                  "not a maxscale-tokens-v1 header; make one with tools/prepare_data.py"),
-    "token-file-truncated": (lambda d, a: [f"--config.data.source={_truncated_token_file(d, a)}"],
-                             "is missing or not"),
-    "token-vocab-above-model-vocab": (lambda d, a: [f"--config.data.source={_token_file(d, a, vocab_size=70000)}"],
-                                      "model.vocab_size=256 is smaller than the data's vocabulary"),
-    "workdir-is-a-file": (lambda d, a: (_write(f"{d}/file", "x"), ["--workdir=FILE"])[1],
-                          "is not a writable directory; choose another --workdir"),
-    "workdir-below-a-file": (lambda d, a: (_write(f"{d}/file", "x"), [f"--workdir={d}/file/run"])[1],
-                             "is not a writable directory"),
+    "empty-data-file": (
+        lambda d, a: (_write(f"{d}/empty.txt", ""), [f"--config.data.source={d}/empty.txt"])[1],
+        "the files are empty; pass a non-empty text corpus",
+    ),
+    "empty-data-directory": (
+        lambda d, a: (os.makedirs(f"{d}/docs"), [f"--config.data.source={d}/docs"])[1],
+        "no such file, directory or glob match",
+    ),
+    "data-shorter-than-seq-len": (
+        lambda d, a: (_write(f"{d}/short.txt", "x" * 50), [f"--config.data.source={d}/short.txt"])[1],
+        "data.seq_len=64 is longer than the train split",
+    ),
+    "token-header-not-json": (
+        lambda d, a: (_write(f"{d}/t.json", "garbage"), [f"--config.data.source={d}/t.json"])[1],
+        "not a readable token-file header",
+    ),
+    "token-header-wrong-format": (
+        lambda d, a: [f"--config.data.source={_token_file(d, a, format='other')}"],
+        "not a maxscale-tokens-v1 header; make one with tools/prepare_data.py",
+    ),
+    "token-file-truncated": (lambda d, a: [f"--config.data.source={_truncated_token_file(d, a)}"], "is missing or not"),
+    "token-vocab-above-model-vocab": (
+        lambda d, a: [f"--config.data.source={_token_file(d, a, vocab_size=70000)}"],
+        "model.vocab_size=256 is smaller than the data's vocabulary",
+    ),
+    "workdir-is-a-file": (
+        lambda d, a: (_write(f"{d}/file", "x"), ["--workdir=FILE"])[1],
+        "is not a writable directory; choose another --workdir",
+    ),
+    "workdir-below-a-file": (
+        lambda d, a: (_write(f"{d}/file", "x"), [f"--workdir={d}/file/run"])[1],
+        "is not a writable directory",
+    ),
     "workdir-flag-missing": (lambda d, a: ["--workdir="], "--workdir is required"),
-    "workdir-run-of-another-width": (lambda d, a: [f"--workdir={_run_dir(d, **{'model.width': 32})}"],
-                                     "holds a run with a different config (model.width 32 -> 64)"),
-    "workdir-run-of-another-global-batch": (lambda d, a: [f"--workdir={_run_dir(d, **{'train.batch_size': 16})}"],
-                                            "different config (train.batch_size 16 -> 8)"),
-    "workdir-config-json-corrupt": (lambda d, a: (_write(f"{d}/run/config.json", '{"model": {"wid'),
-                                                  [f"--workdir={d}/run"])[1],
-                                    "config.json is unreadable"),
-    "workdir-config-json-not-an-object": (lambda d, a: (_write(f"{d}/run/config.json", "[1, 2]"),
-                                                        [f"--workdir={d}/run"])[1],
-                                          "config.json is unreadable (not a JSON object)"),
-    "checkpoint-of-another-model-shape": (lambda d, a: [f"--workdir={_checkpoint_of_another_model(d, a)}"],
-                                          "checkpoint 1 was written with a different config "
-                                          "(model.head_dim 8 -> 16; model.width 32 -> 64"),
-    "checkpoints-path-is-a-file": (lambda d, a: (_write(f"{_run_dir(d)}/checkpoints", "x"),
-                                                 [f"--workdir={d}/run"])[1],
-                                   "checkpoints is not a writable directory"),
+    "workdir-run-of-another-width": (
+        lambda d, a: [f"--workdir={_run_dir(d, **{'model.width': 32})}"],
+        "holds a run with a different config (model.width 32 -> 64)",
+    ),
+    "workdir-run-of-another-global-batch": (
+        lambda d, a: [f"--workdir={_run_dir(d, **{'train.batch_size': 16})}"],
+        "different config (train.batch_size 16 -> 8)",
+    ),
+    "workdir-config-json-corrupt": (
+        lambda d, a: (_write(f"{d}/run/config.json", '{"model": {"wid'), [f"--workdir={d}/run"])[1],
+        "config.json is unreadable",
+    ),
+    "workdir-config-json-not-an-object": (
+        lambda d, a: (_write(f"{d}/run/config.json", "[1, 2]"), [f"--workdir={d}/run"])[1],
+        "config.json is unreadable (not a JSON object)",
+    ),
+    "checkpoint-of-another-model-shape": (
+        lambda d, a: [f"--workdir={_checkpoint_of_another_model(d, a)}"],
+        "checkpoint 1 was written with a different config (model.head_dim 8 -> 16; model.width 32 -> 64",
+    ),
+    "checkpoints-path-is-a-file": (
+        lambda d, a: (_write(f"{_run_dir(d)}/checkpoints", "x"), [f"--workdir={d}/run"])[1],
+        "checkpoints is not a writable directory",
+    ),
     "config-file-missing": (lambda d, a: [f"--config={d}/nope.py"], "--config: no such file"),
-    "config-file-syntax-error": (lambda d, a: (_write(f"{d}/c.py", "def get_config(:\n"), [f"--config={d}/c.py"])[1],
-                                 "failed to load (SyntaxError"),
-    "config-file-without-get-config": (lambda d, a: (_write(f"{d}/c.py", "x = 1\n"), [f"--config={d}/c.py"])[1],
-                                       "has no get_config()"),
+    "config-file-syntax-error": (
+        lambda d, a: (_write(f"{d}/c.py", "def get_config(:\n"), [f"--config={d}/c.py"])[1],
+        "failed to load (SyntaxError",
+    ),
+    "config-file-without-get-config": (
+        lambda d, a: (_write(f"{d}/c.py", "x = 1\n"), [f"--config={d}/c.py"])[1],
+        "has no get_config()",
+    ),
     "positional-argument": (lambda d, a: ["configs/tiny.py"], "expected --name=value"),
     "nan-policy-unknown": (lambda d, a: ["--config.train.nan_policy=ignore"], "choose one of stop, skip"),
-    "grace-period-negative": (lambda d, a: ["--config.train.preempt_grace_s=-1"],
-                              "train.preempt_grace_s=-1.0 must be >= 0"),
+    "grace-period-negative": (
+        lambda d, a: ["--config.train.preempt_grace_s=-1"],
+        "train.preempt_grace_s=-1.0 must be >= 0",
+    ),
     "spike-factor-below-one": (lambda d, a: ["--config.train.spike_factor=0.5"], "must be > 1"),
     "debug-nan-step-not-an-integer": (lambda d, a: ["--config.train.debug_nan_at_step=seven"], "expected an integer"),
-    "max-to-keep-zero": (lambda d, a: ["--config.checkpoint.max_to_keep=0"],
-                         "checkpoint.max_to_keep=0 must be positive"),
+    "max-to-keep-zero": (
+        lambda d, a: ["--config.checkpoint.max_to_keep=0"],
+        "checkpoint.max_to_keep=0 must be positive",
+    ),
 }
 
 
@@ -167,20 +203,26 @@ def prepared(case, tmp_path, artifacts):
 def test_bad_input_is_one_line_exit_2_nothing_written_or_lost(case, tmp_path, artifacts, capsys):
     args, expected = prepared(case, tmp_path, artifacts)
     before = snapshot(tmp_path)
-    code = train.main(args)
+    code = loop.main(args)
     err = capsys.readouterr().err.strip()
-    assert code == config_lib.EXIT_USAGE == 2
+    assert code == errors.EXIT_USAGE == 2
     assert len(err.splitlines()) == 1 and err.startswith("maxscale.train: error: ") and expected in err, err
     assert snapshot(tmp_path) == before
 
 
 def test_at_least_twenty_bad_inputs_are_tabled():
     from test_config import BAD
+
     assert len(CASES) >= 20 and len(CASES) + len(BAD) >= 40
 
 
-SUBPROCESS_SAMPLE = ("missing-data-file", "workdir-below-a-file", "workdir-config-json-corrupt",
-                     "checkpoint-of-another-model-shape", "token-file-truncated")
+SUBPROCESS_SAMPLE = (
+    "missing-data-file",
+    "workdir-below-a-file",
+    "workdir-config-json-corrupt",
+    "checkpoint-of-another-model-shape",
+    "token-file-truncated",
+)
 
 
 @pytest.mark.slow
@@ -192,8 +234,14 @@ def test_a_sample_as_real_processes_has_no_traceback_and_touches_nothing(tmp_pat
         args, expected = prepared(case, d, artifacts)
         before = snapshot(d)
         env = dict(os.environ, PYTHONPATH=ROOT)
-        proc = subprocess.Popen([sys.executable, "-m", "maxscale.train", *args], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maxscale.train", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         runs[case] = (proc, d, before, expected)
     results = {case: run[0].communicate(timeout=300) for case, run in runs.items()}
     for case, (proc, d, before, expected) in runs.items():

@@ -9,19 +9,25 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
-from maxscale import compile_check
-from maxscale.config import ConfigError
+
+from maxscale.errors import ConfigError
 from maxscale.model import transformer
+from maxscale.parallel import compile_check
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    return subprocess.run([sys.executable, "tools/compile_check.py", "--config=configs/tiny.py", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "tools/compile_check.py", "--config=configs/tiny.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def expected_param_bytes(cfg, fsdp: int, tensor: int) -> int:
@@ -60,15 +66,18 @@ def test_library_call_simulates_a_larger_mesh_in_a_subprocess():
     assert report["per_device_bytes"]["params"] == 4 * transformer.count_params(cfg)["total"] // 16
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mesh=tensor=8"], "heads=4 does not divide over mesh.tensor=8"),
-    (["--mesh=data=16"], "train.batch_size=8 is not divisible by the data-parallel size"),
-    (["--mesh=data=8,fsdq=2"], "unknown axis 'fsdq'"),
-    (["--mesh=4x4x4x4x4"], "at most 4 sizes"),
-    (["--mesh=data=4,dcn_data=3"], "mesh.dcn_data=3 does not divide mesh.data=4"),
-    (["--config.mesh.data=-1"], "--mesh is required"),
-    (["--mesh=8", "--device=abacus"], "not in the table"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mesh=tensor=8"], "heads=4 does not divide over mesh.tensor=8"),
+        (["--mesh=data=16"], "train.batch_size=8 is not divisible by the data-parallel size"),
+        (["--mesh=data=8,fsdq=2"], "unknown axis 'fsdq'"),
+        (["--mesh=4x4x4x4x4"], "at most 4 sizes"),
+        (["--mesh=data=4,dcn_data=3"], "mesh.dcn_data=3 does not divide mesh.data=4"),
+        (["--config.mesh.data=-1"], "--mesh is required"),
+        (["--mesh=8", "--device=abacus"], "not in the table"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = cli(*args)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -5,18 +5,26 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from maxscale import config as config_lib
-from maxscale import train
+from maxscale import errors
+from maxscale.train import loop
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def test_overrides_are_typed_and_derived_sizes_filled():
-    cfg, flags = config_lib.parse_argv([f"--config={TINY}", "--config.model.width=96", "--config.model.num_heads=3",
-                                        "--config.optimizer.lr=1e-3", "--config.model.qk_norm=true",
-                                        "--workdir=/tmp/x"])
+    cfg, flags = config_lib.parse_argv(
+        [
+            f"--config={TINY}",
+            "--config.model.width=96",
+            "--config.model.num_heads=3",
+            "--config.optimizer.lr=1e-3",
+            "--config.model.qk_norm=true",
+            "--workdir=/tmp/x",
+        ]
+    )
     cfg = config_lib.resolve(cfg)
     assert cfg.model.width == 96 and cfg.model.head_dim == 32 and cfg.model.num_kv_heads == 3
     assert cfg.optimizer.lr == 1e-3 and cfg.model.qk_norm is True and flags == {"workdir": "/tmp/x"}
@@ -52,7 +60,7 @@ BAD = [
 @pytest.mark.parametrize("args,expected", BAD, ids=[a[0][0] for a in BAD])
 def test_bad_input_is_one_line_exit_2_nothing_written(args, expected, tmp_path, capsys):
     workdir = tmp_path / "run"
-    code = train.main([f"--config={TINY}", f"--workdir={workdir}", "--config.data.max_bytes=300000"] + args)
+    code = loop.main([f"--config={TINY}", f"--workdir={workdir}", "--config.data.max_bytes=300000"] + args)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and expected in err, err
@@ -60,9 +68,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, expected, tmp_path, 
 
 
 def test_cli_error_has_no_traceback_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "maxscale.train", f"--config={TINY}", f"--workdir={tmp_path}/r",
-                           "--config.model.width=100", "--config.model.num_heads=3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maxscale.train",
+            f"--config={TINY}",
+            f"--workdir={tmp_path}/r",
+            "--config.model.width=100",
+            "--config.model.num_heads=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "model.width=100" in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -70,9 +90,11 @@ def test_cli_error_has_no_traceback_and_exits_2(tmp_path):
 
 def test_config_file_with_unknown_field_is_rejected(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from maxscale.config import defaults\n"
-                   "def get_config():\n    c = defaults()\n    c.model.widht = 3\n    return c\n")
-    with pytest.raises(config_lib.ConfigError, match="model.widht.*did you mean model.width"):
+    bad.write_text(
+        "from maxscale.config import defaults\n"
+        "def get_config():\n    c = defaults()\n    c.model.widht = 3\n    return c\n"
+    )
+    with pytest.raises(errors.ConfigError, match="model.widht.*did you mean model.width"):
         config_lib.parse_argv([f"--config={bad}"])
 
 

@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maxscale import config as config_lib  # noqa: E402
-from maxscale import data as data_lib  # noqa: E402
 from maxscale.analysis import coord_check as cc  # noqa: E402
 from maxscale.model import transformer  # noqa: E402
+from maxscale.train import data as data_lib  # noqa: E402
 
 
 def small_base(**fields):
@@ -71,8 +71,7 @@ def test_mup_and_completep_keep_activations_width_independent_sp_does_not(width_
 @pytest.mark.slow
 def test_completep_and_depth_mup_keep_the_residual_stream_bounded_alpha_zero_does_not(corpus):
     variants = [cc.Variant("completep"), cc.Variant("depth_mup"), cc.Variant("completep", 0.0)]
-    result = cc.run(small_base(), "depth", [2, 4, 8, 16], variants, seeds=2, steps=4, corpus=corpus,
-                    log=lambda s: None)
+    result = cc.run(small_base(), "depth", [2, 4, 8, 16], variants, seeds=2, steps=4, corpus=corpus, log=lambda s: None)
     v = cc.verdict(result)
     print(cc.summary(v))
     s = v["series"]
@@ -84,15 +83,26 @@ def test_completep_and_depth_mup_keep_the_residual_stream_bounded_alpha_zero_doe
 
 def test_outputs_and_cli_errors(width_verdict, tmp_path):
     # the plot and JSON from a tiny synthetic result (no training)
-    result = {"axis": "width", "sizes": [32, 64], "steps": 2, "seeds": 1, "lr": 0.01,
-              "series": {"mup": {"embed": [[[1, 1, 1]], [[1, 1, 1]]], "logits": [[[1, 2, 3]], [[1, 2, 3]]]}}}
+    result = {
+        "axis": "width",
+        "sizes": [32, 64],
+        "steps": 2,
+        "seeds": 1,
+        "lr": 0.01,
+        "series": {"mup": {"embed": [[[1, 1, 1]], [[1, 1, 1]]], "logits": [[[1, 2, 3]], [[1, 2, 3]]]}},
+    }
     v = cc.write(result, str(tmp_path))
     assert v["series"]["mup"]["pass"] and json.load(open(tmp_path / "coord_check.json"))["verdict"] == v
     png = tmp_path / "coord_check.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
     tool = [sys.executable, str(REPO / "tools" / "coord_check.py"), "--config=configs/tiny.py"]
-    for bad in (["--axis=height", "--out=x"], ["--sizes=64", "--out=x"], ["--parameterizations=mu", "--out=x"],
-                ["--sizes=64,100", "--out=x"], []):
+    for bad in (
+        ["--axis=height", "--out=x"],
+        ["--sizes=64", "--out=x"],
+        ["--parameterizations=mu", "--out=x"],
+        ["--sizes=64,100", "--out=x"],
+        [],
+    ):
         out = subprocess.run(tool + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 2, (bad, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("coord_check: error:"), out.stderr

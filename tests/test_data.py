@@ -1,15 +1,13 @@
 """Data: deterministic batches, per-process shares of one global batch, saved/restored iterator state, splits."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
-import pytest
-
 from conftest import ROOT, tiny_config
-from maxscale import data
+
+from maxscale.train import data
 
 
 def take(it, n):
@@ -66,8 +64,13 @@ def test_token_file_from_prepare_data(tmp_path):
     for i in range(20):
         (src / f"f{i}.txt").write_text("hello world\n" * (50 + i))
     out = tmp_path / "tokens"
-    proc = subprocess.run([sys.executable, "tools/prepare_data.py", f"--source={src}", f"--out={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "tools/prepare_data.py", f"--source={src}", f"--out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     header = json.load(open(f"{out}.json"))
     cfg = tiny_config(**{"data.source": f"{out}.json", "data.seq_len": 16})

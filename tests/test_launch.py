@@ -1,5 +1,5 @@
 """Launchers (dry runs, a fake-srun run of the sbatch script, a real 2x2
-multi-process CPU job) and maxscale.distributed.initialize validation."""
+multi-process CPU job). maxscale.parallel.distributed.initialize: test_distributed.py."""
 
 import json
 import os
@@ -11,13 +11,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import ml_collections
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from maxscale import distributed, launch_common  # noqa: E402
+from maxscale.launch import common as launch_common  # noqa: E402
 
 # Env that would change what the launchers or initialize() do; removed from
 # child processes and from the in-process initialize() tests.
@@ -25,62 +24,102 @@ _CLUSTER_ENV_PREFIXES = ("MAXSCALE_", "SLURM_", "TPU_", "MEGASCALE_", "JAX_", "X
 
 
 def _clean_env(**extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_ENV_PREFIXES)}
-  env["PYTHONPATH"] = str(REPO)
-  env.update(extra)
-  return env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_ENV_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
 
 
 def _run_launcher(script, *args, timeout=60, **env):
-  return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], capture_output=True,
-                        text=True, timeout=timeout, env=_clean_env(**env), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_clean_env(**env),
+        cwd=REPO,
+    )
 
 
 # --- SLURM ---------------------------------------------------------------------
 
+
 def test_slurm_dry_run_per_gpu_array():
-  r = _run_launcher("slurm.py", "--nodes=2", "--gpus_per_node=4", "--mode=per_gpu", "--array=3",
-                    "--partition=gpu", "--time=02:00:00", "--job_name=sweep", "--dry-run", "--",
-                    "python", "-m", "maxscale.train", "--config.seed={array_index}", "a b")
-  assert r.returncode == 0, r.stderr
-  lines = r.stdout.splitlines()
-  for expected in ("#SBATCH --job-name=sweep", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
-                   "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00",
-                   "#SBATCH --array=0-2", "#SBATCH --output=%x-%A_%a.out",
-                   'export MAXSCALE_LOCAL_DEVICE_IDS="$SLURM_LOCALID"',
-                   'export MAXSCALE_PROCESS_ID="$SLURM_PROCID"',
-                   'export MAXSCALE_NUM_PROCESSES="$SLURM_NTASKS"',
-                   "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 bash -c maxscale_task"):
-    assert expected in [l.strip() for l in lines], expected
-  assert "exec python -m maxscale.train --config.seed=\"${SLURM_ARRAY_TASK_ID}\" 'a b'" in r.stdout
-  assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)' in r.stdout
-  assert subprocess.run(["bash", "-n"], input=r.stdout, text=True).returncode == 0
+    r = _run_launcher(
+        "slurm.py",
+        "--nodes=2",
+        "--gpus_per_node=4",
+        "--mode=per_gpu",
+        "--array=3",
+        "--partition=gpu",
+        "--time=02:00:00",
+        "--job_name=sweep",
+        "--dry-run",
+        "--",
+        "python",
+        "-m",
+        "maxscale.train",
+        "--config.seed={array_index}",
+        "a b",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for expected in (
+        "#SBATCH --job-name=sweep",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --array=0-2",
+        "#SBATCH --output=%x-%A_%a.out",
+        'export MAXSCALE_LOCAL_DEVICE_IDS="$SLURM_LOCALID"',
+        'export MAXSCALE_PROCESS_ID="$SLURM_PROCID"',
+        'export MAXSCALE_NUM_PROCESSES="$SLURM_NTASKS"',
+        "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 bash -c maxscale_task",
+    ):
+        assert expected in [l.strip() for l in lines], expected
+    assert "exec python -m maxscale.train --config.seed=\"${SLURM_ARRAY_TASK_ID}\" 'a b'" in r.stdout
+    assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)' in r.stdout
+    assert subprocess.run(["bash", "-n"], input=r.stdout, text=True).returncode == 0
 
 
 def test_slurm_dry_run_per_node_writes_output(tmp_path):
-  out = tmp_path / "job.sbatch"
-  r = _run_launcher("slurm.py", "--nodes=4", "--gpus_per_node=8", "--mode=per_node", "--port=12345",
-                    f"--output={out}", "--dry-run", "--", "python", "-m", "maxscale.train")
-  assert r.returncode == 0, r.stderr
-  assert out.read_text() == r.stdout
-  assert "#SBATCH --ntasks-per-node=1" in r.stdout
-  assert "export MAXSCALE_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in r.stdout
-  assert 'MAXSCALE_COORDINATOR_ADDRESS="${head_node}:12345"' in r.stdout
-  assert "--array" not in r.stdout and "#SBATCH --output=%x-%j.out" in r.stdout
+    out = tmp_path / "job.sbatch"
+    r = _run_launcher(
+        "slurm.py",
+        "--nodes=4",
+        "--gpus_per_node=8",
+        "--mode=per_node",
+        "--port=12345",
+        f"--output={out}",
+        "--dry-run",
+        "--",
+        "python",
+        "-m",
+        "maxscale.train",
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == r.stdout
+    assert "#SBATCH --ntasks-per-node=1" in r.stdout
+    assert "export MAXSCALE_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in r.stdout
+    assert 'MAXSCALE_COORDINATOR_ADDRESS="${head_node}:12345"' in r.stdout
+    assert "--array" not in r.stdout and "#SBATCH --output=%x-%j.out" in r.stdout
 
 
 def test_slurm_array_placeholder_needs_array():
-  r = _run_launcher("slurm.py", "--dry-run", "--", "python", "x.py", "--seed={array_index}")
-  assert r.returncode == 2 and "--array" in r.stderr
+    r = _run_launcher("slurm.py", "--dry-run", "--", "python", "x.py", "--seed={array_index}")
+    assert r.returncode == 2 and "--array" in r.stderr
 
 
 def test_slurm_script_runs_under_fake_srun(tmp_path):
-  """Executes the generated script with stub scontrol/srun: checks the quoting
-  and that each task sees its own MAXSCALE_* values."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  (bin_dir / "scontrol").write_text("#!/bin/bash\necho node-a\necho node-b\n")
-  (bin_dir / "srun").write_text(textwrap.dedent("""\
+    """Executes the generated script with stub scontrol/srun: checks the quoting
+    and that each task sees its own MAXSCALE_* values."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node-a\necho node-b\n")
+    (bin_dir / "srun").write_text(
+        textwrap.dedent("""\
       #!/bin/bash
       nodes=1; tpn=1
       while [[ $1 == --* ]]; do
@@ -90,205 +129,151 @@ def test_slurm_script_runs_under_fake_srun(tmp_path):
       for ((i = 0; i < n; i++)); do
         SLURM_PROCID=$i SLURM_LOCALID=$((i % tpn)) SLURM_NTASKS=$n "$@" || exit $?
       done
-      """))
-  for f in bin_dir.iterdir():
-    f.chmod(0o755)
-  probe = ("import os, sys; e = os.environ; print(e['MAXSCALE_PROCESS_ID'], e['MAXSCALE_NUM_PROCESSES'],"
-           " e['MAXSCALE_COORDINATOR_ADDRESS'], e['MAXSCALE_LOCAL_DEVICE_IDS'], sys.argv[1:])")
-  script = launch_common.sbatch_script([sys.executable, "-c", probe, "--seed={array_index}", "it's"],
-                                       nodes=2, gpus_per_node=2, mode="per_gpu", array=4)
-  (tmp_path / "job.sh").write_text(script)
-  env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]",
-                   SLURM_JOB_ID="7", SLURM_ARRAY_TASK_ID="2")
-  r = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, env=env,
-                     timeout=30)
-  assert r.returncode == 0, r.stderr
-  port = 61440 + 7
-  assert r.stdout.splitlines() == [
-      f"{i} 4 node-a:{port} {i % 2} ['--seed=2', \"it's\"]" for i in range(4)]
+      """)
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    probe = (
+        "import os, sys; e = os.environ; print(e['MAXSCALE_PROCESS_ID'], e['MAXSCALE_NUM_PROCESSES'],"
+        " e['MAXSCALE_COORDINATOR_ADDRESS'], e['MAXSCALE_LOCAL_DEVICE_IDS'], sys.argv[1:])"
+    )
+    script = launch_common.sbatch_script(
+        [sys.executable, "-c", probe, "--seed={array_index}", "it's"], nodes=2, gpus_per_node=2, mode="per_gpu", array=4
+    )
+    (tmp_path / "job.sh").write_text(script)
+    env = _clean_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_ID="7",
+        SLURM_ARRAY_TASK_ID="2",
+    )
+    r = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    port = 61440 + 7
+    assert r.stdout.splitlines() == [f"{i} 4 node-a:{port} {i % 2} ['--seed=2', \"it's\"]" for i in range(4)]
 
 
 # --- Cloud TPU VM --------------------------------------------------------------
 
+
 def test_tpu_vm_dry_run():
-  r = _run_launcher("tpu_vm.py", "--tpu_name=my-v5p", "--zone=us-east5-a", "--project=proj",
-                    "--worker=all", "--dry-run", "--", "python", "-m", "maxscale.train",
-                    "--config.name=a b")
-  assert r.returncode == 0, r.stderr
-  line = r.stdout.strip()
-  assert line == ("gcloud compute tpus tpu-vm ssh my-v5p --zone=us-east5-a --project=proj --worker=all "
-                  "--command='python -m maxscale.train '\"'\"'--config.name=a b'\"'\"''")
-  argv = shlex.split(line)  # what a shell would pass to gcloud
-  assert argv[-1] == "--command=python -m maxscale.train '--config.name=a b'"
-  assert shlex.split(argv[-1].split("=", 1)[1]) == ["python", "-m", "maxscale.train", "--config.name=a b"]
+    r = _run_launcher(
+        "tpu_vm.py",
+        "--tpu_name=my-v5p",
+        "--zone=us-east5-a",
+        "--project=proj",
+        "--worker=all",
+        "--dry-run",
+        "--",
+        "python",
+        "-m",
+        "maxscale.train",
+        "--config.name=a b",
+    )
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert line == (
+        "gcloud compute tpus tpu-vm ssh my-v5p --zone=us-east5-a --project=proj --worker=all "
+        "--command='python -m maxscale.train '\"'\"'--config.name=a b'\"'\"''"
+    )
+    argv = shlex.split(line)  # what a shell would pass to gcloud
+    assert argv[-1] == "--command=python -m maxscale.train '--config.name=a b'"
+    assert shlex.split(argv[-1].split("=", 1)[1]) == ["python", "-m", "maxscale.train", "--config.name=a b"]
 
 
 def test_tpu_vm_setup_prepends_clone_and_install():
-  argv = launch_common.tpu_vm_argv(["python", "-m", "maxscale.train"], "t", "z",
-                                   setup_repo="https://example.com/maxscale.git")
-  remote = argv[-1].removeprefix("--command=")
-  assert remote.startswith("(test -d maxscale || git clone https://example.com/maxscale.git maxscale)"
-                           " && cd maxscale && python3 -m pip install")
-  assert remote.endswith("&& python -m maxscale.train")
-  assert "--project" not in " ".join(argv)
+    argv = launch_common.tpu_vm_argv(
+        ["python", "-m", "maxscale.train"], "t", "z", setup_repo="https://example.com/maxscale.git"
+    )
+    remote = argv[-1].removeprefix("--command=")
+    assert remote.startswith(
+        "(test -d maxscale || git clone https://example.com/maxscale.git maxscale)"
+        " && cd maxscale && python3 -m pip install"
+    )
+    assert remote.endswith("&& python -m maxscale.train")
+    assert "--project" not in " ".join(argv)
 
 
 # --- Kubernetes ----------------------------------------------------------------
 
+
 def _env_by_name(container):
-  return {e["name"]: e for e in container["env"]}
+    return {e["name"]: e for e in container["env"]}
 
 
 def test_k8s_dry_run_gpu():
-  r = _run_launcher("k8s.py", "--name=lm-7b", "--image=ghcr.io/x/maxscale:1", "--num_processes=4",
-                    "--gpus_per_process=8", "--dry-run", "--", "python", "-m", "maxscale.train")
-  assert r.returncode == 0, r.stderr
-  manifest = json.loads(r.stdout)
-  service, job = manifest["items"]
-  assert (service["kind"], job["kind"], job["apiVersion"]) == ("Service", "Job", "batch/v1")
-  assert service["spec"]["clusterIP"] == "None"
-  spec = job["spec"]
-  assert spec["completionMode"] == "Indexed"
-  assert spec["completions"] == spec["parallelism"] == 4
-  pod = spec["template"]["spec"]
-  assert pod["subdomain"] == service["metadata"]["name"] == "lm-7b"
-  assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
-  (container,) = pod["containers"]
-  assert container["command"] == ["python", "-m", "maxscale.train"]
-  assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
-  env = _env_by_name(container)
-  assert env["MAXSCALE_COORDINATOR_ADDRESS"]["value"] == "lm-7b-0.lm-7b:8476"
-  assert env["MAXSCALE_NUM_PROCESSES"]["value"] == "4"
-  assert env["MAXSCALE_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
-      "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    r = _run_launcher(
+        "k8s.py",
+        "--name=lm-7b",
+        "--image=ghcr.io/x/maxscale:1",
+        "--num_processes=4",
+        "--gpus_per_process=8",
+        "--dry-run",
+        "--",
+        "python",
+        "-m",
+        "maxscale.train",
+    )
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    service, job = manifest["items"]
+    assert (service["kind"], job["kind"], job["apiVersion"]) == ("Service", "Job", "batch/v1")
+    assert service["spec"]["clusterIP"] == "None"
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 4
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "lm-7b"
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "maxscale.train"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    env = _env_by_name(container)
+    assert env["MAXSCALE_COORDINATOR_ADDRESS"]["value"] == "lm-7b-0.lm-7b:8476"
+    assert env["MAXSCALE_NUM_PROCESSES"]["value"] == "4"
+    assert env["MAXSCALE_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
 
 
 def test_k8s_tpu_selectors_and_bad_name():
-  m = launch_common.k8s_manifest(["python", "t.py"], "tpu-job", "img", 2, tpu_topology="2x2x2",
-                                 tpu_accelerator="tpu-v5p-slice")
-  pod = m["items"][1]["spec"]["template"]["spec"]
-  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
-                                 "cloud.google.com/gke-tpu-topology": "2x2x2"}
-  assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 4}
-  with pytest.raises(ValueError, match="name="):
-    launch_common.k8s_manifest(["x"], "Bad_Name", "img", 2)
-
-
-# --- maxscale.distributed.initialize ---------------------------------------------
-
-@pytest.fixture
-def fake_jax(monkeypatch):
-  """Clean cluster env and recorders in place of jax.distributed.initialize
-  and jax.config.update, so initialize() can be checked in-process."""
-  for k in list(os.environ):
-    if k.startswith(_CLUSTER_ENV_PREFIXES):
-      monkeypatch.delenv(k)
-  calls = {"init": [], "config": []}
-  monkeypatch.setattr(distributed, "_INITIALIZED", False)
-  monkeypatch.setattr(distributed, "_tpu_chips_present", lambda: False)
-  monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
-  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls["init"].append(kw))
-  monkeypatch.setattr(distributed.jax.config, "update", lambda *a: calls["config"].append(a))
-  return calls
-
-
-def _cfg(**kw):
-  base = dict(coordinator_address="", num_processes=0, process_id=-1, local_device_ids="")
-  return ml_collections.ConfigDict({**base, **kw})
-
-
-def test_initialize_single_process_is_noop(fake_jax):
-  distributed.initialize(None)
-  distributed.initialize(_cfg())
-  assert fake_jax == {"init": [], "config": []}
-
-
-def test_initialize_explicit_config_beats_env_and_is_idempotent(fake_jax, monkeypatch):
-  monkeypatch.setenv("MAXSCALE_COORDINATOR_ADDRESS", "10.0.0.9:1")
-  monkeypatch.setenv("MAXSCALE_NUM_PROCESSES", "8")
-  monkeypatch.setenv("MAXSCALE_PROCESS_ID", "7")
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  cfg = _cfg(coordinator_address="10.0.0.1:8476", num_processes=2, process_id=1, local_device_ids="0,1")
-  distributed.initialize(cfg)
-  distributed.initialize(cfg)  # second call: no-op
-  assert fake_jax["config"] == [("jax_cpu_collectives_implementation", "gloo")]
-  assert fake_jax["init"] == [dict(coordinator_address="10.0.0.1:8476", num_processes=2, process_id=1,
-                                   local_device_ids=[0, 1], cluster_detection_method="deactivate")]
-
-
-def test_initialize_from_env_on_gpu_skips_gloo(fake_jax, monkeypatch):
-  monkeypatch.setenv("MAXSCALE_COORDINATOR_ADDRESS", "node0:8476")
-  monkeypatch.setenv("MAXSCALE_NUM_PROCESSES", "4")
-  monkeypatch.setenv("MAXSCALE_PROCESS_ID", "3")
-  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
-  distributed.initialize()
-  assert fake_jax["config"] == []
-  assert fake_jax["init"][0]["process_id"] == 3 and fake_jax["init"][0]["local_device_ids"] is None
-
-
-@pytest.mark.parametrize("env", [
-    {"SLURM_JOB_ID": "12", "SLURM_NTASKS": "16"},
-    {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"},
-    {"MEGASCALE_COORDINATOR_ADDRESS": "w0"},
-])
-def test_initialize_auto_detects_clusters(fake_jax, monkeypatch, env):
-  for k, v in env.items():
-    monkeypatch.setenv(k, v)
-  distributed.initialize()
-  assert fake_jax["init"] == [{}]
-
-
-def test_initialize_single_task_slurm_and_explicit_one_process_stay_local(fake_jax, monkeypatch):
-  monkeypatch.setenv("SLURM_JOB_ID", "12")
-  monkeypatch.setenv("SLURM_NTASKS", "1")
-  distributed.initialize()
-  monkeypatch.setattr(distributed, "_INITIALIZED", False)
-  monkeypatch.setenv("SLURM_NTASKS", "8")
-  distributed.initialize(_cfg(num_processes=1))  # explicit 1 overrides detection
-  assert fake_jax["init"] == []
-
-
-@pytest.mark.parametrize("cfg, env, field", [
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), {}, "process_id"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=-5), {}, "process_id"),
-    (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), {}, "coordinator_address"),
-    (dict(coordinator_address="h:99999", num_processes=2, process_id=0), {}, "coordinator_address"),
-    (dict(num_processes=2, process_id=0), {}, "coordinator_address"),
-    (dict(coordinator_address="h:1", num_processes=2), {}, "process_id"),
-    (dict(coordinator_address="h:1", process_id=0), {}, "num_processes"),
-    (dict(num_processes=-1), {}, "num_processes"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=0, local_device_ids="0;1"), {},
-     "local_device_ids"),
-    ({}, {"MAXSCALE_NUM_PROCESSES": "two"}, "MAXSCALE_NUM_PROCESSES"),
-    ({}, {"MAXSCALE_NUM_PROCESSES": "2", "MAXSCALE_PROCESS_ID": "2",
-          "MAXSCALE_COORDINATOR_ADDRESS": "h:1"}, "MAXSCALE_PROCESS_ID=2 must be <"),
-])
-def test_initialize_rejects_bad_values(fake_jax, monkeypatch, cfg, env, field):
-  for k, v in env.items():
-    monkeypatch.setenv(k, v)
-  with pytest.raises(ValueError, match=field) as e:
-    distributed.initialize(_cfg(**cfg))
-  assert "\n" not in str(e.value)
-  assert fake_jax["init"] == []
+    m = launch_common.k8s_manifest(
+        ["python", "t.py"], "tpu-job", "img", 2, tpu_topology="2x2x2", tpu_accelerator="tpu-v5p-slice"
+    )
+    pod = m["items"][1]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+        "cloud.google.com/gke-tpu-topology": "2x2x2",
+    }
+    assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 4}
+    with pytest.raises(ValueError, match="name="):
+        launch_common.k8s_manifest(["x"], "Bad_Name", "img", 2)
 
 
 # --- launch/local.py: real processes -------------------------------------------
 
+
 def test_local_launcher_env_helpers():
-  flags = launch_common.split_command(["--n=2", "--", "python", "--", "x"])
-  assert flags == (["--n=2"], ["python", "--", "x"])
-  from maxscale import launch_local
-  assert launch_local.merge_xla_flags("--xla_foo=1 --xla_force_host_platform_device_count=8", 2) == (
-      "--xla_foo=1 --xla_force_host_platform_device_count=2")
-  env = launch_local.child_env({"XLA_FLAGS": "--a"}, "127.0.0.1:5", 3, 1, 4)
-  assert (env["MAXSCALE_COORDINATOR_ADDRESS"], env["MAXSCALE_NUM_PROCESSES"],
-          env["MAXSCALE_PROCESS_ID"], env["JAX_PLATFORMS"]) == ("127.0.0.1:5", "3", "1", "cpu")
-  assert env["XLA_FLAGS"] == "--a --xla_force_host_platform_device_count=4"
+    flags = launch_common.split_command(["--n=2", "--", "python", "--", "x"])
+    assert flags == (["--n=2"], ["python", "--", "x"])
+    from maxscale.launch import local as launch_local
+
+    assert launch_local.merge_xla_flags("--xla_foo=1 --xla_force_host_platform_device_count=8", 2) == (
+        "--xla_foo=1 --xla_force_host_platform_device_count=2"
+    )
+    env = launch_local.child_env({"XLA_FLAGS": "--a"}, "127.0.0.1:5", 3, 1, 4)
+    assert (
+        env["MAXSCALE_COORDINATOR_ADDRESS"],
+        env["MAXSCALE_NUM_PROCESSES"],
+        env["MAXSCALE_PROCESS_ID"],
+        env["JAX_PLATFORMS"],
+    ) == ("127.0.0.1:5", "3", "1", "cpu")
+    assert env["XLA_FLAGS"] == "--a --xla_force_host_platform_device_count=4"
 
 
 _COLLECTIVE_SCRIPT = """\
 import numpy as np
-from maxscale import distributed
+from maxscale.parallel import distributed
 distributed.initialize()  # before any other JAX use
 import jax, jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -307,53 +292,70 @@ print(f"primary={distributed.is_primary()} global_sum={float(total)} ids={ids.to
 
 
 def test_local_launcher_real_collective(tmp_path):
-  script = tmp_path / "collective.py"
-  script.write_text(_COLLECTIVE_SCRIPT)
-  t0 = time.monotonic()
-  r = _run_launcher("local.py", "--num_processes=2", "--devices_per_process=2", "--",
-                    sys.executable, str(script), timeout=60)
-  assert r.returncode == 0, r.stdout + r.stderr
-  out = r.stdout.splitlines()
-  for i in range(2):
-    assert f"[p{i}] process {i}/2 | local devices 2 | global devices 4 | platform cpu" in out
-    assert f"[p{i}] primary={i == 0} global_sum=10.0 ids=[0, 1]" in out
-  assert time.monotonic() - t0 < 30
+    script = tmp_path / "collective.py"
+    script.write_text(_COLLECTIVE_SCRIPT)
+    t0 = time.monotonic()
+    r = _run_launcher(
+        "local.py", "--num_processes=2", "--devices_per_process=2", "--", sys.executable, str(script), timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    for i in range(2):
+        assert f"[p{i}] process {i}/2 | local devices 2 | global devices 4 | platform cpu" in out
+        assert f"[p{i}] primary={i == 0} global_sum=10.0 ids=[0, 1]" in out
+    assert time.monotonic() - t0 < 30
 
 
 def test_local_launcher_failure_stops_others(tmp_path):
-  script = tmp_path / "fail.py"
-  script.write_text(textwrap.dedent("""\
+    script = tmp_path / "fail.py"
+    script.write_text(
+        textwrap.dedent("""\
       import os, sys, time
       if os.environ["MAXSCALE_PROCESS_ID"] == "1":
         print("failing", flush=True)
         sys.exit(3)
       time.sleep(60)
-      """))
-  t0 = time.monotonic()
-  r = _run_launcher("local.py", "--num_processes=2", "--", sys.executable, str(script), timeout=30)
-  assert r.returncode == 3, r.stdout + r.stderr
-  assert "[p1] failing" in r.stdout
-  assert time.monotonic() - t0 < 10  # p0 was terminated, not waited for
+      """)
+    )
+    t0 = time.monotonic()
+    r = _run_launcher("local.py", "--num_processes=2", "--", sys.executable, str(script), timeout=30)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "[p1] failing" in r.stdout
+    assert time.monotonic() - t0 < 10  # p0 was terminated, not waited for
 
 
 def test_local_launcher_kills_after_grace_and_forwards_sigterm(tmp_path):
-  # Children ignore SIGTERM: the launcher must SIGKILL them after --grace_s.
-  script = tmp_path / "stubborn.py"
-  script.write_text(textwrap.dedent("""\
+    # Children ignore SIGTERM: the launcher must SIGKILL them after --grace_s.
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        textwrap.dedent("""\
       import signal, time
       signal.signal(signal.SIGTERM, signal.SIG_IGN)
       print("ready", flush=True)
       time.sleep(60)
-      """))
-  p = subprocess.Popen([sys.executable, str(REPO / "launch" / "local.py"), "--num_processes=2",
-                        "--grace_s=1", "--", sys.executable, str(script)],
-                       stdout=subprocess.PIPE, text=True, env=_clean_env(), cwd=REPO)
-  seen = set()
-  while len(seen) < 2:  # both children are up (and so are the launcher's handlers)
-    line = p.stdout.readline()
-    assert line, "launcher exited early"
-    seen.add(line.split()[0])
-  t0 = time.monotonic()
-  p.send_signal(signal.SIGTERM)
-  assert p.wait(timeout=15) == 128 + signal.SIGTERM
-  assert time.monotonic() - t0 < 8
+      """)
+    )
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "launch" / "local.py"),
+            "--num_processes=2",
+            "--grace_s=1",
+            "--",
+            sys.executable,
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_clean_env(),
+        cwd=REPO,
+    )
+    seen = set()
+    while len(seen) < 2:  # both children are up (and so are the launcher's handlers)
+        line = p.stdout.readline()
+        assert line, "launcher exited early"
+        seen.add(line.split()[0])
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=15) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 8

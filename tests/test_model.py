@@ -4,19 +4,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from maxscale.model import transformer
 
 
-@pytest.mark.parametrize("over", [
-    {},
-    {"model.mlp": "gelu", "model.norm": "layernorm"},
-    {"model.tie_embeddings": True, "model.qk_norm": True},
-    {"model.num_kv_heads": 2},
-    {"model.dtype": "bfloat16"},
-    {"model.remat": True},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"model.mlp": "gelu", "model.norm": "layernorm"},
+        {"model.tie_embeddings": True, "model.qk_norm": True},
+        {"model.num_kv_heads": 2},
+        {"model.dtype": "bfloat16"},
+        {"model.remat": True},
+    ],
+)
 def test_variants_give_finite_logits(over):
     cfg = tiny_config(**over)
     model = transformer.ModelDef(cfg)

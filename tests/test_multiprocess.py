@@ -19,11 +19,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-COMMON = ["--config=configs/tiny.py", "--config.train.log_every=1", "--config.data.max_bytes=300000",
-          "--config.train.eval_steps=0", "--config.train.sample_tokens=0", "--config.checkpoint.every=2",
-          "--config.schedule.name=constant", "--config.schedule.warmup_steps=2",
-          "--config.train.peak_flops=1e12",  # skips the matmul probe: MFU is not what this test checks
-          "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+COMMON = [
+    "--config=configs/tiny.py",
+    "--config.train.log_every=1",
+    "--config.data.max_bytes=300000",
+    "--config.train.eval_steps=0",
+    "--config.train.sample_tokens=0",
+    "--config.checkpoint.every=2",
+    "--config.schedule.name=constant",
+    "--config.schedule.warmup_steps=2",
+    "--config.train.peak_flops=1e12",  # skips the matmul probe: MFU is not what this test checks
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+]
 
 
 def _env(**extra):
@@ -36,8 +44,15 @@ def _env(**extra):
 
 def train_one_process(workdir, steps, *extra):
     """1 process x 4 simulated devices."""
-    cmd = [sys.executable, "-m", "maxscale.train", *COMMON, f"--workdir={workdir}", f"--config.train.steps={steps}",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "maxscale.train",
+        *COMMON,
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        *extra,
+    ]
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -46,8 +61,19 @@ def train_one_process(workdir, steps, *extra):
 
 def train_two_processes(workdir, steps):
     """2 processes x 2 simulated devices each, one global mesh of 4."""
-    cmd = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2", "--",
-           sys.executable, "-m", "maxscale.train", *COMMON, f"--workdir={workdir}", f"--config.train.steps={steps}"]
+    cmd = [
+        sys.executable,
+        "launch/local.py",
+        "--num_processes=2",
+        "--devices_per_process=2",
+        "--",
+        sys.executable,
+        "-m",
+        "maxscale.train",
+        *COMMON,
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -78,8 +104,7 @@ def test_two_processes_match_one_process_and_only_process_0_writes(one_process_6
     workdir, run = two_processes_4_steps
     got = losses(workdir)
     assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s] for s in range(1, 5)], [one_process_6_steps[s] for s in range(1, 5)],
-                               rtol=1e-5)
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [one_process_6_steps[s] for s in range(1, 5)], rtol=1e-5)
     assert got[4] < got[1] - 0.5  # it trained, not just agreed
 
     # metrics, config and TensorBoard: one writer (process 0); progress lines: process 0 only
@@ -107,9 +132,21 @@ def test_checkpoint_of_two_processes_resumes_in_one(one_process_6_steps, two_pro
 def test_mesh_that_replicates_the_batch_across_processes_is_refused(tmp_path):
     """Each process loads only its rows, so a mesh whose batch axes do not split over the processes (here all
     of the mesh is tensor) would need rows no process loaded: one line, exit 2, before anything is written."""
-    cmd = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2", "--",
-           sys.executable, "-m", "maxscale.train", *COMMON, f"--workdir={tmp_path / 'run'}",
-           "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=4"]
+    cmd = [
+        sys.executable,
+        "launch/local.py",
+        "--num_processes=2",
+        "--devices_per_process=2",
+        "--",
+        sys.executable,
+        "-m",
+        "maxscale.train",
+        *COMMON,
+        f"--workdir={tmp_path / 'run'}",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=1",
+        "--config.mesh.tensor=4",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "must split evenly over the 2 processes" in r.stderr

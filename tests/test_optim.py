@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from maxscale import optim
+
 from maxscale.model import transformer
+from maxscale.train import optim
 
 T = 1000
 
@@ -56,6 +56,7 @@ def _first_update(cfg, factor_override=None):
             tree = orig(c, s)
             tree["embed"] = dict(tree["embed"], **factor_override)
             return tree
+
         optim.factor_tree, saved = patched, orig
         try:
             tx = optim.make_optimizer(cfg, specs)
@@ -85,9 +86,16 @@ def test_changing_one_factor_changes_only_that_parameters_update():
 @pytest.mark.parametrize("mode", ["coupled", "independent"])
 def test_weight_decay_modes(mode):
     """coupled: decay = lr * wd * p; independent: decay = wd * sched * p, not scaled by the LR."""
-    cfg = tiny_config(**{"optimizer.grad_clip": 0.0, "optimizer.weight_decay": 0.5, "optimizer.lr": 0.01,
-                         "optimizer.weight_decay_mode": mode, "schedule.name": "constant",
-                         "schedule.warmup_steps": 0})
+    cfg = tiny_config(
+        **{
+            "optimizer.grad_clip": 0.0,
+            "optimizer.weight_decay": 0.5,
+            "optimizer.lr": 0.01,
+            "optimizer.weight_decay_mode": mode,
+            "schedule.name": "constant",
+            "schedule.warmup_steps": 0,
+        }
+    )
     model = transformer.ModelDef(cfg)
     tx = optim.make_optimizer(cfg, model.spec_tree())
     params = model.init(0)

@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maxscale import config as config_lib  # noqa: E402
-from maxscale import optim, parameterization  # noqa: E402
-from maxscale.config import ConfigError  # noqa: E402
+from maxscale import parameterization  # noqa: E402
+from maxscale.errors import ConfigError  # noqa: E402
 from maxscale.model import transformer  # noqa: E402
 from maxscale.parameterization import Parameterization  # noqa: E402
+from maxscale.train import optim  # noqa: E402
 
 NAMES = tuple(parameterization.RULES)
 
@@ -106,7 +107,7 @@ def test_completep_doubling_depth_halves_the_residual_multiplier_and_keeps_the_h
 def test_depth_mup_doubling_depth_scales_residual_and_block_lr_by_inverse_sqrt2():
     par1, specs1 = table(scaled("depth_mup"))
     par2, specs2 = table(scaled("depth_mup", depth=4))
-    r = 2 ** -0.5
+    r = 2**-0.5
     assert par2.residual_mult == pytest.approx(par1.residual_mult * r)
     for path in HIDDEN + ("blocks/attn_norm", "blocks/mlp_norm"):
         assert par2.lr_factor(specs2[path][0]) == pytest.approx(par1.lr_factor(specs1[path][0]) * r), path
@@ -118,11 +119,11 @@ def test_depth_mup_doubling_depth_scales_residual_and_block_lr_by_inverse_sqrt2(
 def test_general_depth_exponent(alpha):
     par, specs = table(scaled("completep", depth=8, parameterization__depth_alpha=alpha))
     assert par.alpha == alpha
-    assert par.residual_mult == pytest.approx(4.0 ** -alpha)
+    assert par.residual_mult == pytest.approx(4.0**-alpha)
     # alpha = 0 is plain muP: no depth factor at all (docs/parameterizations.md, depth table)
     expected_lr = 1.0 if alpha == 0 else 4.0 ** (alpha - 1)
     assert par.lr_factor(specs["blocks/wq"][0]) == pytest.approx(expected_lr)
-    assert par.eps_factor(specs["blocks/wq"][0]) == pytest.approx(4.0 ** -alpha)
+    assert par.eps_factor(specs["blocks/wq"][0]) == pytest.approx(4.0**-alpha)
 
 
 def test_mup_ignores_depth():
@@ -161,9 +162,16 @@ def test_weight_decay_factors(mode, hidden_wd):
 
 
 def test_options_zero_init_multipliers_and_attention_exponent():
-    cfg = scaled("mup", width=256, parameterization__zero_init_readout=True, parameterization__zero_init_query=True,
-                 parameterization__input_mult=3.0, parameterization__output_mult=8.0,
-                 parameterization__attn_mult=2.0, parameterization__attn_exponent=0.5)
+    cfg = scaled(
+        "mup",
+        width=256,
+        parameterization__zero_init_readout=True,
+        parameterization__zero_init_query=True,
+        parameterization__input_mult=3.0,
+        parameterization__output_mult=8.0,
+        parameterization__attn_mult=2.0,
+        parameterization__attn_exponent=0.5,
+    )
     par, specs = table(cfg)
     assert par.init_std(specs["unembed"][0], "unembed") == 0.0
     assert par.init_std(specs["blocks/wq"][0], "blocks/wq") == 0.0
@@ -193,6 +201,7 @@ def test_model_init_uses_the_table():
 def test_optimizer_applies_the_lr_factors():
     """Adam's first update is lr * factor * sign(g): measure it per parameter."""
     import jax
+
     cfg = scaled("mup", width=128, schedule__name="constant", schedule__warmup_steps=0, optimizer__grad_clip=0.0)
     model = transformer.ModelDef(cfg)
     params = model.init(0)
@@ -216,8 +225,12 @@ def test_scale_shapes_scales_every_width_dimension():
 
 
 def test_bad_options_are_one_line_errors():
-    for field, value in (("parameterization.name", "mupp"), ("parameterization.eps_depth_scope", "some"),
-                         ("parameterization.width_grows", "ffn"), ("parameterization.depth_alpha", "3.0")):
+    for field, value in (
+        ("parameterization.name", "mupp"),
+        ("parameterization.eps_depth_scope", "some"),
+        ("parameterization.width_grows", "ffn"),
+        ("parameterization.depth_alpha", "3.0"),
+    ):
         c = config_lib.defaults()
         config_lib.override(c, field, value)
         with pytest.raises(ConfigError) as e:
@@ -226,14 +239,24 @@ def test_bad_options_are_one_line_errors():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "maxscale.parameterization", *args], capture_output=True, text=True,
-                          cwd=REPO, env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "maxscale.parameterization", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
 
 
 def test_cli_prints_the_table():
-    out = _cli("--config=configs/tiny.py", "--config.parameterization.name=completep",
-               "--config.parameterization.base_width=32", "--config.parameterization.base_depth=1", "--json")
+    out = _cli(
+        "--config=configs/tiny.py",
+        "--config.parameterization.name=completep",
+        "--config.parameterization.base_width=32",
+        "--config.parameterization.base_depth=1",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     t = json.loads(out.stdout)
     assert t["multipliers"]["residual"] == 0.5 and t["multipliers"]["output"] == 0.5

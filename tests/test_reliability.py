@@ -19,12 +19,25 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, one_device_mesh, tiny_config
-from maxscale import chaos, checkpoint as ckpt_lib, config as config_lib, data as data_lib, faults, sharding, train
 
-BASE = {"train.steps": 24, "train.log_every": 1, "checkpoint.every": 4, "checkpoint.max_to_keep": 2,
-        "train.eval_every": 12, "train.eval_steps": 1, "train.sample_tokens": 0}
+from maxscale import errors
+from maxscale.parallel import sharding
+from maxscale.tools import chaos
+from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import data as data_lib
+from maxscale.train import faults, loop
+from maxscale.train import step as step_lib
+
+BASE = {
+    "train.steps": 24,
+    "train.log_every": 1,
+    "checkpoint.every": 4,
+    "checkpoint.max_to_keep": 2,
+    "train.eval_every": 12,
+    "train.eval_steps": 1,
+    "train.sample_tokens": 0,
+}
 _SETUPS = {}
 
 
@@ -34,8 +47,8 @@ def make_trainer(workdir, corpus, mesh=None, **overrides):
     mesh = mesh if mesh is not None else one_device_mesh(cfg)
     key = (cfg.train.debug_nan_at_step, tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()))
     if key not in _SETUPS:
-        _SETUPS[key] = train.Setup.build(cfg, mesh)
-    return train.Trainer(cfg, str(workdir), corpus=corpus, setup=_SETUPS[key])
+        _SETUPS[key] = step_lib.Setup.build(cfg, mesh)
+    return loop.Trainer(cfg, str(workdir), corpus=corpus, setup=_SETUPS[key])
 
 
 def host(state):
@@ -67,6 +80,7 @@ def crash_at(n):
     def hook(call):
         if call == n:
             raise Crash
+
     return hook
 
 
@@ -87,6 +101,7 @@ def assert_same_run(workdir, result, reference):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Exact resume
+
 
 def test_crashes_and_a_sigterm_resume_to_a_bitwise_identical_run(tmp_path, tiny_corpus, reference, capfd):
     trainer = make_trainer(tmp_path, tiny_corpus)
@@ -132,6 +147,7 @@ def test_rewind_metrics_keeps_one_run(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Corruption and failed saves
 
+
 def _largest(pattern):
     return max(glob.glob(pattern, recursive=True), key=os.path.getsize)
 
@@ -169,8 +185,11 @@ ORBAX_READ_ERRORS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableE
 
 
 @ORBAX_READ_ERRORS
-@pytest.mark.parametrize("damage", [_flip_bytes, _truncate_unhashed, _empty_item_unhashed, _half_written],
-                         ids=["flipped-bytes", "truncated-file", "empty-item", "half-written"])
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_bytes, _truncate_unhashed, _empty_item_unhashed, _half_written],
+    ids=["flipped-bytes", "truncated-file", "empty-item", "half-written"],
+)
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tmp_path, tiny_corpus, reference, capfd):
     workdir = tmp_path / "run"
     shutil.copytree(reference[0], workdir)
@@ -196,14 +215,14 @@ def test_no_restorable_checkpoint_stops_without_moving_anything(tmp_path, tiny_c
         _flip_bytes(str(workdir / "checkpoints" / step))
     with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint in .* restores .*step 24.*step 20") as e:
         make_trainer(workdir, tiny_corpus).run()
-    assert e.value.exit_code == config_lib.EXIT_CHECKPOINT == 74 and "\n" not in str(e.value)
+    assert e.value.exit_code == errors.EXIT_CHECKPOINT == 74 and "\n" not in str(e.value)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "24"]
 
 
-def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus, reference,
-                                                                      monkeypatch):
+def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_corpus, reference, monkeypatch):
     # The disk fills up as step 12 commits: every item is written, its commit marker cannot be.
     from orbax.checkpoint._src.path import async_path
+
     original = async_path.write_text
 
     async def disk_full_at_12(path, text, *args, **kwargs):
@@ -229,13 +248,14 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Topology change
 
+
 def test_checkpoint_restores_onto_another_mesh_and_training_continues(tmp_path, tiny_corpus, reference):
     """Written on fsdp 4 x tensor 2 (8 devices), restored on data 2 x tensor 2 (4 devices): identical parameters,
     and the same losses as the one-device reference (same global batch) up to float reassociation."""
     ref_dir, records, ref_state = reference
     cfg8 = tiny_config(**{**BASE, "mesh.fsdp": 4, "mesh.tensor": 2})
     mesh8 = sharding.make_mesh(cfg8, jax.devices())
-    setup8 = train.Setup.build(cfg8, mesh8)
+    setup8 = step_lib.Setup.build(cfg8, mesh8)
     # Move checkpoint 20 of the reference onto the 8-device mesh and save it from there.
     reader = ckpt_lib.Checkpointer(str(ref_dir / "checkpoints"), cfg8, read_only=True)
     state8 = reader.restore(20, setup8.abstract_state(), None)
@@ -262,8 +282,9 @@ def test_checkpoint_restores_onto_another_mesh_and_training_continues(tmp_path, 
     result = trainer.run()
     got = chaos.read_records(str(workdir))
     for step in range(21, 25):
-        np.testing.assert_allclose(got[(step, "train")]["train/loss"], records[(step, "train")]["train/loss"],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            got[(step, "train")]["train/loss"], records[(step, "train")]["train/loss"], rtol=1e-5
+        )
     np.testing.assert_allclose(got[(24, "eval")]["eval/loss"], records[(24, "eval")]["eval/loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(host(result["state"]["params"])), jax.tree.leaves(ref_state["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -272,10 +293,11 @@ def test_checkpoint_restores_onto_another_mesh_and_training_continues(tmp_path, 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Numerical faults
 
+
 def test_nonfinite_step_stops_before_any_save_then_skip_policy_resumes(tmp_path, tiny_corpus, reference, capfd):
     with pytest.raises(faults.NonFiniteError) as e:
         make_trainer(tmp_path, tiny_corpus, **{"train.debug_nan_at_step": 7}).run()
-    assert e.value.exit_code == config_lib.EXIT_NONFINITE == 3
+    assert e.value.exit_code == errors.EXIT_NONFINITE == 3
     assert "non-finite loss or gradient at step 7" in str(e.value) and "last good checkpoint is step 4" in str(e.value)
     assert ckpt_lib.committed_steps(str(tmp_path / "checkpoints")) == [4]  # nothing saved after the bad step
 
@@ -324,8 +346,13 @@ def test_loss_spikes_are_flagged_deterministically():
 # ----------------------------------------------------------------------------------------------------------------
 # 2 and 7. Real processes: SIGTERM with the documented exit code, the grace period, and the chaos tool
 
-CHAOS_ARGS = [f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", *chaos.DEFAULT_OVERRIDES,
-              "--config.train.steps=30", "--config.checkpoint.every=3", "--config.train.eval_every=15"]
+CHAOS_ARGS = [
+    f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+    *chaos.DEFAULT_OVERRIDES,
+    "--config.train.steps=30",
+    "--config.checkpoint.every=3",
+    "--config.train.eval_every=15",
+]
 
 
 @pytest.fixture
@@ -349,8 +376,13 @@ def test_chaos_tool_finds_no_divergence(tmp_path, one_device_env):
 
 
 def _train(workdir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "maxscale.train", *CHAOS_ARGS, f"--workdir={workdir}", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "maxscale.train", *CHAOS_ARGS, f"--workdir={workdir}", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):
@@ -369,7 +401,7 @@ def test_sigterm_saves_and_exits_75_and_the_grace_period_bounds_the_exit(tmp_pat
     _wait_for_step(workdir, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == config_lib.EXIT_PREEMPTED == 75, err
+    assert proc.returncode == errors.EXIT_PREEMPTED == 75, err
     stopped = max(s for s, kind in chaos.read_records(str(workdir)) if kind == "train")
     assert ckpt_lib.committed_steps(str(workdir / "checkpoints"))[-1] == stopped < 30
     assert f"SIGTERM: stopped after step {stopped} with checkpoint {stopped} committed" in out

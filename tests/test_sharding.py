@@ -7,19 +7,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import one_device_mesh, tiny_config
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec as P
 
-from conftest import one_device_mesh, tiny_config
-from maxscale import data, sharding, train
-from maxscale.config import ConfigError
+from maxscale.errors import ConfigError
+from maxscale.parallel import sharding
+from maxscale.train import data
+from maxscale.train import step as step_lib
 
 # ffn 192 (not 2 x width) so a hidden activation's shape cannot be mistaken for a residual-stream one in the HLO
 FFN = 192
 
 
 def losses(cfg, mesh, corpus, steps=5):
-    setup = train.Setup.build(cfg, mesh)
+    setup = step_lib.Setup.build(cfg, mesh)
     state = setup.init_state()
     it = iter(data.train_dataset(corpus, cfg))
     out = []
@@ -40,10 +42,17 @@ def expected_specs(fsdp: int, tensor: int) -> dict[str, P]:
     f = "fsdp" if fsdp > 1 else None
     t = "tensor" if tensor > 1 else None
     return {
-        "blocks/wq": P(None, f, t, None), "blocks/wk": P(None, f, t, None), "blocks/wv": P(None, f, t, None),
+        "blocks/wq": P(None, f, t, None),
+        "blocks/wk": P(None, f, t, None),
+        "blocks/wv": P(None, f, t, None),
         "blocks/wo": P(None, t, None, f),
-        "blocks/w_up": P(None, f, t), "blocks/w_gate": P(None, f, t), "blocks/w_down": P(None, t, f),
-        "blocks/attn_norm": P(None, f), "embed": P(t, f), "unembed": P(f, t), "final_norm": P(f),
+        "blocks/w_up": P(None, f, t),
+        "blocks/w_gate": P(None, f, t),
+        "blocks/w_down": P(None, t, f),
+        "blocks/attn_norm": P(None, f),
+        "embed": P(t, f),
+        "unembed": P(f, t),
+        "final_norm": P(f),
     }
 
 
@@ -65,11 +74,17 @@ def test_mesh_matches_one_device_with_the_rules_shardings(shape, reference, tiny
     for path, spec in expected_specs(fsdp, tensor).items():
         assert leaf(state["params"], path).sharding.spec == spec, path
     # what one device holds: heads and MLP hidden units split over tensor, the embed dim over fsdp
-    local = {p: leaf(state["params"], p).addressable_shards[0].data.shape
-             for p in ("blocks/wq", "blocks/wo", "blocks/w_up", "blocks/w_down", "embed")}
-    assert local == {"blocks/wq": (L, D // fsdp, H // tensor, K), "blocks/wo": (L, H // tensor, K, D // fsdp),
-                     "blocks/w_up": (L, D // fsdp, F // tensor), "blocks/w_down": (L, F // tensor, D // fsdp),
-                     "embed": (V // tensor, D // fsdp)}
+    local = {
+        p: leaf(state["params"], p).addressable_shards[0].data.shape
+        for p in ("blocks/wq", "blocks/wo", "blocks/w_up", "blocks/w_down", "embed")
+    }
+    assert local == {
+        "blocks/wq": (L, D // fsdp, H // tensor, K),
+        "blocks/wo": (L, H // tensor, K, D // fsdp),
+        "blocks/w_up": (L, D // fsdp, F // tensor),
+        "blocks/w_down": (L, F // tensor, D // fsdp),
+        "embed": (V // tensor, D // fsdp),
+    }
     # Adam's moments take their parameter's sharding
     mu = [x for x in jax.tree.leaves(state["opt_state"]) if x.shape == (L, D, F)]
     assert mu and all(x.sharding.spec == expected_specs(fsdp, tensor)["blocks/w_up"] for x in mu)
@@ -79,9 +94,8 @@ def test_tensor_parallel_activations_hold_a_share_of_heads_and_hidden_units():
     """The compiled step of a (2, 2, 2) mesh computes on [B/4, T, H/2, K] queries and [B/4, T, F/2] MLP hidden
     activations, and never on the full heads or hidden units of its rows."""
     cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.ffn_size": FFN})
-    setup = train.Setup.build(cfg, sharding.make_mesh(cfg))
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                 sharding=setup.batch_sharding)
+    setup = step_lib.Setup.build(cfg, sharding.make_mesh(cfg))
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
     hlo = setup.train_step.lower(setup.abstract_state(), batch).compile().as_text()
     B, T, H, K = cfg.train.batch_size // 4, cfg.data.seq_len, cfg.model.num_heads, cfg.model.head_dim
     assert f"f32[{B},{T},{H // 2},{K}]" in hlo and f"f32[{B},{T},{FFN // 2}]" in hlo
@@ -96,6 +110,7 @@ def test_logical_rules_drop_size_one_axes():
 
 
 # -- hybrid meshes: each axis is dcn (outer, across slices) x ici (inner, within a slice) --------------------------
+
 
 def ids(mesh_or_grid):
     grid = mesh_or_grid.devices if hasattr(mesh_or_grid, "devices") else mesh_or_grid
@@ -124,8 +139,9 @@ class FakeDevice:
     device_kind: str = "cpu"
 
 
-@pytest.mark.parametrize("sizes, dcn", [((4, 2, 1, 1), (2, 1, 1, 1)), ((2, 4, 1, 1), (1, 2, 1, 1)),
-                                        ((2, 2, 2, 2), (1, 2, 1, 2))])
+@pytest.mark.parametrize(
+    "sizes, dcn", [((4, 2, 1, 1), (2, 1, 1, 1)), ((2, 4, 1, 1), (1, 2, 1, 1)), ((2, 2, 2, 2), (1, 2, 1, 2))]
+)
 def test_grouped_fallback_equals_jax_hybrid_mesh_on_real_slices(sizes, dcn):
     n, per_slice = int(np.prod(sizes)), int(np.prod(sizes) // np.prod(dcn))
     on_slices = [FakeDevice(i, slice_index=i // per_slice) for i in range(n)]
@@ -145,14 +161,16 @@ def test_hybrid_mesh_errors_are_one_line():
         sharding.make_mesh(cfg)
     devices = [FakeDevice(i, slice_index=i // 2) for i in range(8)]  # 4 slices, but dcn asks for 2
     with pytest.raises(ConfigError, match="number of slices"):
-        sharding.device_grid({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1},
-                             {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1}, devices)
+        sharding.device_grid(
+            {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}, {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1}, devices
+        )
 
 
 def test_docs_rules_table_is_the_rules_dict():
     """docs/sharding.md shows sharding.RULES; this keeps the two from drifting apart."""
     import os
     import re
+
     text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "sharding.md")).read()
     table = text.split("## The rules table")[1].split("\n\n")[2]
     documented = {}

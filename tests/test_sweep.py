@@ -14,9 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maxscale import config as config_lib  # noqa: E402
-from maxscale import sharding, sweep, train  # noqa: E402
 from maxscale.analysis import transfer  # noqa: E402
-from maxscale.config import ConfigError  # noqa: E402
+from maxscale.errors import ConfigError  # noqa: E402
+from maxscale.parallel import sharding  # noqa: E402
+from maxscale.tools import sweep  # noqa: E402
+from maxscale.train import loop  # noqa: E402
 
 BASE = """
 from maxscale.config import defaults
@@ -36,20 +38,25 @@ def get_config():
 def write_sweep(tmp_path, body, name="demo"):
     (tmp_path / "base.py").write_text(BASE)
     path = tmp_path / f"{name}.py"
-    path.write_text("from maxscale import config, parameterization\n"
-                    f"BASE = {str(tmp_path / 'base.py')!r}\n\n"
-                    "def get_sweep():\n" + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ") + "\n")
+    path.write_text(
+        "from maxscale import config, parameterization\n"
+        f"BASE = {str(tmp_path / 'base.py')!r}\n\n"
+        "def get_sweep():\n" + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ") + "\n"
+    )
     return str(path)
 
 
 def test_grid_times_points_with_bundled_fields(tmp_path):
-    path = write_sweep(tmp_path, """
+    path = write_sweep(
+        tmp_path,
+        """
         base = config.resolve(config.load(BASE))
         return {"config": BASE, "fixed": {"optimizer.weight_decay": 0.1},
                 "grid": {"shape": [parameterization.scale_shapes(base, width=w) for w in (32, 64)],
                          "optimizer.lr": [1e-3, 2e-3, 4e-3]},
                 "points": [{"parameterization.name": "sp"}, {"parameterization.name": "mup"}]}
-        """)
+        """,
+    )
     s = sweep.load_sweep(path)
     runs = sweep.expand(s, str(tmp_path / "runs"))
     assert s["name"] == "demo" and len(runs) == 2 * 3 * 2
@@ -84,17 +91,34 @@ def test_bad_sweeps_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="same config"):
         sweep.expand(sweep.load_sweep(dup))
     for args in ([str(tmp_path / "missing.py")], [bad_field], [dup, "--jobs=0"], [dup, "--job=2"]):
-        out = subprocess.run([sys.executable, str(REPO / "tools" / "sweep.py"), *args], capture_output=True,
-                             text=True, timeout=120, cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "sweep.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         assert out.returncode == 2, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("sweep: error:"), out.stderr
 
 
 def test_slurm_array_script(tmp_path):
     path = write_sweep(tmp_path, 'return {"config": BASE, "grid": {"optimizer.lr": [1e-3, 2e-3, 4e-3]}}')
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "sweep.py"), path, "--slurm", "--jobs=2",
-                          f"--root={tmp_path / 'runs'}", "--partition=gpu"], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "sweep.py"),
+            path,
+            "--slurm",
+            "--jobs=2",
+            f"--root={tmp_path / 'runs'}",
+            "--partition=gpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     script = (tmp_path / "runs" / "demo" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-2%2" in script and "#SBATCH --partition=gpu" in script
@@ -104,10 +128,13 @@ def test_slurm_array_script(tmp_path):
 
 
 def test_local_runs_skip_finished_resume_interrupted_and_mark_diverged(tmp_path):
-    path = write_sweep(tmp_path, """
+    path = write_sweep(
+        tmp_path,
+        """
         return {"config": BASE, "points": [{"optimizer.lr": 3e-3}, {"optimizer.lr": 1e-2},
                                            {"optimizer.lr": 1e-2, "train.debug_nan_at_step": 3}]}
-        """)
+        """,
+    )
     s = sweep.load_sweep(path)
     root = str(tmp_path / "runs")
     runs = sweep.expand(s, root)
@@ -117,13 +144,14 @@ def test_local_runs_skip_finished_resume_interrupted_and_mark_diverged(tmp_path)
     # interrupt the first run after 2 of its 4 steps (a checkpoint is written at step 2)
     first = runs[0]
     half = config_lib.resolve(sweep.apply_overrides(first["config"], {"train.steps": 2, "train.eval_every": 2}))
-    train.Trainer(half, first["dir"], mesh=mesh).run()
+    loop.Trainer(half, first["dir"], mesh=mesh).run()
     assert sweep.status(first["dir"]) == "started"
 
     outcome = sweep.run_local(runs, mesh=mesh)
     assert list(outcome.values()) == ["done", "done", "diverged"]
-    logged_steps = [json.loads(line)["step"] for line in open(os.path.join(first["dir"], "metrics.jsonl"))
-                    if "train/loss" in line]
+    logged_steps = [
+        json.loads(line)["step"] for line in open(os.path.join(first["dir"], "metrics.jsonl")) if "train/loss" in line
+    ]
     assert logged_steps.count(1) <= 1 and logged_steps[-1] == 4  # resumed at step 2, not restarted
     for r in runs[:2]:
         result = json.load(open(os.path.join(r["dir"], "result.json")))

@@ -4,14 +4,13 @@ import json
 import os
 
 import numpy as np
-import pytest
-
 from conftest import one_device_mesh, tiny_config
-from maxscale import metrics, train
+
+from maxscale.train import loop, metrics
 
 
 def run(cfg, workdir, corpus):
-    return train.Trainer(cfg, str(workdir), mesh=one_device_mesh(cfg), corpus=corpus).run()
+    return loop.Trainer(cfg, str(workdir), mesh=one_device_mesh(cfg), corpus=corpus).run()
 
 
 def test_loss_falls_and_run_dir_is_complete(tmp_path, tiny_corpus):
@@ -32,16 +31,30 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, tiny_corpus):
 
 
 def test_restart_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path, tiny_corpus):
-    full = tiny_config(**{"train.steps": 20, "train.log_every": 1, "checkpoint.every": 10, "train.eval_steps": 0,
-                          "train.sample_tokens": 0})
+    full = tiny_config(
+        **{
+            "train.steps": 20,
+            "train.log_every": 1,
+            "checkpoint.every": 10,
+            "train.eval_steps": 0,
+            "train.sample_tokens": 0,
+        }
+    )
     run(full, tmp_path / "full", tiny_corpus)
     # The same run, stopped after 10 steps (steps is a resumable field), then restarted with the full length.
-    first = tiny_config(**{"train.steps": 20, "train.log_every": 1, "checkpoint.every": 10, "train.eval_steps": 0,
-                           "train.sample_tokens": 0})
-    trainer = train.Trainer(first, str(tmp_path / "split"), mesh=one_device_mesh(first), corpus=tiny_corpus)
+    first = tiny_config(
+        **{
+            "train.steps": 20,
+            "train.log_every": 1,
+            "checkpoint.every": 10,
+            "train.eval_steps": 0,
+            "train.sample_tokens": 0,
+        }
+    )
+    trainer = loop.Trainer(first, str(tmp_path / "split"), mesh=one_device_mesh(first), corpus=tiny_corpus)
     trainer.cfg.train.steps = 10  # same schedule horizon in config.json; the loop stops at 10
     _ = trainer.run()
-    trainer2 = train.Trainer(full, str(tmp_path / "split"), mesh=one_device_mesh(full), corpus=tiny_corpus)
+    trainer2 = loop.Trainer(full, str(tmp_path / "split"), mesh=one_device_mesh(full), corpus=tiny_corpus)
     result = trainer2.run()
     assert result["step"] == 20
     a = {m["step"]: m["train/loss"] for m in metrics.read_metrics(str(tmp_path / "full")) if "train/loss" in m}
@@ -54,7 +67,12 @@ def test_incompatible_workdir_is_refused(tmp_path, tiny_corpus, capsys):
     cfg = tiny_config(**{"train.steps": 2, "train.eval_steps": 0, "train.sample_tokens": 0, "schedule.warmup_steps": 0})
     run(cfg, tmp_path, tiny_corpus)
     before = sorted(os.listdir(tmp_path))
-    code = train.main([f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')}",
-                       f"--workdir={tmp_path}", "--config.model.width=32"])
+    code = loop.main(
+        [
+            f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')}",
+            f"--workdir={tmp_path}",
+            "--config.model.width=32",
+        ]
+    )
     assert code == 2 and "different config" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == before

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from maxscale.analysis import transfer  # noqa: E402
-from maxscale.config import ConfigError  # noqa: E402
+from maxscale.errors import ConfigError  # noqa: E402
 
 LOG2_LRS = list(range(-12, -4))  # 8 learning rates a factor of 2 apart
 
@@ -20,9 +20,12 @@ LOG2_LRS = list(range(-12, -4))  # 8 learning rates a factor of 2 apart
 def write_run(root, rid, name, width, lr, loss, steps=100, finished=True):
     d = os.path.join(root, rid)
     os.makedirs(d)
-    cfg = {"model": {"width": width, "ffn_size": 3 * width, "vocab_size": 256, "depth": 2},
-           "optimizer": {"lr": lr}, "parameterization": {"name": name, "base_width": 64},
-           "train": {"steps": steps}}
+    cfg = {
+        "model": {"width": width, "ffn_size": 3 * width, "vocab_size": 256, "depth": 2},
+        "optimizer": {"lr": lr},
+        "parameterization": {"name": name, "base_width": 64},
+        "train": {"steps": steps},
+    }
     with open(os.path.join(d, "sweep_run.json"), "w") as fh:
         json.dump({"id": rid, "config": cfg}, fh)
     with open(os.path.join(d, "config.json"), "w") as fh:
@@ -45,20 +48,21 @@ def sweep_dir(tmp_path):
     i = 0
     for k, width in enumerate((64, 128, 256, 512)):
         for e in LOG2_LRS:
-            lr = 2.0 ** e
+            lr = 2.0**e
             sp_loss = parabola(e, -7.3 - k)
             if width == 512 and e >= -6:
                 sp_loss = float("nan") if e == -5 else 7.5
             write_run(root, f"sp{i:03d}", "sp", width, lr, sp_loss)
             mup_opt = -7.6 + (0.25 if k % 2 else -0.25)
-            write_run(root, f"mu{i:03d}", "mup", width, lr, parabola(e, mup_opt),
-                      finished=not (width == 128 and e == -12))
+            write_run(
+                root, f"mu{i:03d}", "mup", width, lr, parabola(e, mup_opt), finished=not (width == 128 and e == -12)
+            )
             i += 1
     return root
 
 
 def test_optimum_is_the_vertex_of_the_parabola_in_log2_hp():
-    hps = [2.0 ** e for e in LOG2_LRS]
+    hps = [2.0**e for e in LOG2_LRS]
     o = transfer.optimum(hps, [parabola(e, -8.37) for e in LOG2_LRS])
     assert o["refined"] and not o["at_edge"]
     assert o["log2_opt"] == pytest.approx(-8.37, abs=1e-6)
@@ -103,8 +107,13 @@ def test_explicit_axes_and_errors(sweep_dir, tmp_path):
 
 
 def test_cli(sweep_dir, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(REPO / "tools" / "transfer_report.py"), *a],
-                                    capture_output=True, text=True, timeout=120, cwd=REPO)
+    run = lambda *a: subprocess.run(
+        [sys.executable, str(REPO / "tools" / "transfer_report.py"), *a],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     ok = run(sweep_dir, f"--out={tmp_path / 'cli'}")
     assert ok.returncode == 0, ok.stderr
     assert "drift (octaves)" in ok.stdout and (tmp_path / "cli" / "transfer.png").exists()

@@ -1,4 +1,4 @@
-"""Benchmark the train step and print JSON (see maxscale/bench.py).
+"""Benchmark the train step and print JSON (see maxscale/tools/bench.py).
 
     python tools/bench.py --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \
         --config.data.seq_len=256 --config.train.batch_size=16 [--steps=10] [--compile_depths=4,64]
@@ -11,6 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maxscale import config as config_lib  # noqa: E402
+from maxscale import errors
 
 
 def main(argv) -> int:
@@ -18,10 +19,11 @@ def main(argv) -> int:
         cfg, flags = config_lib.parse_argv(argv, extra_flags=("steps", "compile_depths"))
         cfg = config_lib.resolve(cfg)
         steps = int(flags.get("steps", 10))
-    except (config_lib.ConfigError, ValueError) as e:
+    except (errors.ConfigError, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
-    from maxscale import bench
+        return errors.EXIT_USAGE
+    from maxscale.tools import bench
+
     result = bench.run(cfg, steps=steps)
     if flags.get("compile_depths"):
         result["compile_s_by_depth"] = {}

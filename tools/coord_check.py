@@ -6,6 +6,7 @@
   python tools/coord_check.py --config=configs/tiny.py --axis=depth --sizes=2,4,8,16,32 \\
       --parameterizations=completep,depth_mup,completep:0 --out=runs/coord/depth
 """
+
 import os
 import sys
 

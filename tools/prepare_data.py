@@ -1,6 +1,6 @@
 """Tokenizes a corpus once into a token file (numpy memmap + JSON header) for `data.source=<out>.json`.
 
-    python tools/prepare_data.py --source=stdlib|FILE|DIR|GLOB --out=data/stdlib [--eval_fraction=0.02]
+python tools/prepare_data.py --source=stdlib|FILE|DIR|GLOB --out=data/stdlib [--eval_fraction=0.02]
 """
 
 import argparse
@@ -10,7 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maxscale import config as config_lib  # noqa: E402
-from maxscale import data  # noqa: E402
+from maxscale import errors
+from maxscale.train import data  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,11 +26,13 @@ def main(argv=None) -> int:
     try:
         cfg = config_lib.resolve(cfg)
         header = data.write_token_file(cfg, args.out)
-    except config_lib.ConfigError as e:
+    except errors.ConfigError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
-    print(f"wrote {args.out}.json: {header['train']['tokens']:,} train and {header['eval']['tokens']:,} eval "
-          f"tokens ({header['dtype']}, vocab {header['vocab_size']})")
+        return errors.EXIT_USAGE
+    print(
+        f"wrote {args.out}.json: {header['train']['tokens']:,} train and {header['eval']['tokens']:,} eval "
+        f"tokens ({header['dtype']}, vocab {header['vocab_size']})"
+    )
     return 0
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Transfer report of a sweep (logic in maxscale/analysis/transfer.py): optimum per scale, drift in octaves, plots.
 
-  python tools/transfer_report.py runs/width [--hp=optimizer.lr] [--scale=model.width] [--out=DIR]
+python tools/transfer_report.py runs/width [--hp=optimizer.lr] [--scale=model.width] [--out=DIR]
 """
+
 import os
 import sys
 

@@ -10,7 +10,7 @@ from maxscale import config, parameterization
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
 DEPTHS = (2, 4, 8, 16)
-LRS = [2.0 ** e for e in range(-12, -3)]  # 2^-12 .. 2^-4
+LRS = [2.0**e for e in range(-12, -3)]  # 2^-12 .. 2^-4
 
 
 def get_sweep():

@@ -10,8 +10,10 @@ from maxscale import config, parameterization
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
 WIDTHS = (64, 128, 256, 512)
-LRS = {"sp": [2.0 ** e for e in range(-13, -6)],   # 2^-13 .. 2^-7
-       "mup": [2.0 ** e for e in range(-11, -4)]}  # 2^-11 .. 2^-5
+LRS = {
+    "sp": [2.0**e for e in range(-13, -6)],  # 2^-13 .. 2^-7
+    "mup": [2.0**e for e in range(-11, -4)],
+}  # 2^-11 .. 2^-5
 
 
 def get_sweep():

@@ -30,13 +30,15 @@ import numpy as np
 import optax
 
 from maxscale import config as config_lib
-from maxscale import optim, parameterization
-from maxscale.config import ConfigError
+from maxscale import errors, parameterization
+from maxscale.errors import ConfigError
 from maxscale.model import transformer
+from maxscale.train import optim
+from maxscale.train import step as step_lib
 
 AXES = ("width", "depth")
 DEFAULT_THRESHOLD = 0.3  # |d log mean|x| / d log size|: SP sits near 1 or above after a large-LR step, muP near 0
-DEFAULT_JUDGE_FROM = 2   # first judged step (see the module docstring)
+DEFAULT_JUDGE_FROM = 2  # first judged step (see the module docstring)
 # axis -> (judged curves or None for all, "abs": |slope| <= threshold | "growth": slope <= threshold)
 JUDGED = {"width": (None, "abs"), "depth": (("resid/last", "resid/mean"), "growth")}
 
@@ -44,6 +46,7 @@ JUDGED = {"width": (None, "abs"), "depth": (("resid/last", "resid/mean"), "growt
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One parameterization to check: a name from the table and an optional depth exponent override."""
+
     name: str
     depth_alpha: float = -1.0
 
@@ -56,8 +59,9 @@ class Variant:
         """'mup', 'completep', or 'completep:0' (name:depth_alpha)."""
         name, _, alpha = text.partition(":")
         if name not in parameterization.RULES:
-            raise ConfigError(f"parameterization {name!r} is not in the table; "
-                              f"choose from {', '.join(parameterization.RULES)}")
+            raise ConfigError(
+                f"parameterization {name!r} is not in the table; choose from {', '.join(parameterization.RULES)}"
+            )
         try:
             return cls(name, float(alpha) if alpha else -1.0)
         except ValueError:
@@ -68,9 +72,16 @@ def size_config(base: ml_collections.ConfigDict, axis: str, size: int, variant: 
     """The resolved config of `base` scaled to `size` along `axis`, under `variant`, for a coordinate check:
     constant LR, no warmup, weight decay or clipping (clipping would hide a blow-up)."""
     overrides = parameterization.scale_shapes(base, **{axis: size})
-    overrides.update({"parameterization.name": variant.name, "parameterization.depth_alpha": variant.depth_alpha,
-                      "schedule.name": "constant", "schedule.warmup_steps": 0, "optimizer.weight_decay": 0.0,
-                      "optimizer.grad_clip": 0.0})
+    overrides.update(
+        {
+            "parameterization.name": variant.name,
+            "parameterization.depth_alpha": variant.depth_alpha,
+            "schedule.name": "constant",
+            "schedule.warmup_steps": 0,
+            "optimizer.weight_decay": 0.0,
+            "optimizer.grad_clip": 0.0,
+        }
+    )
     cfg = ml_collections.ConfigDict(base.to_dict())
     for key, value in overrides.items():
         config_lib.override(cfg, key, value if isinstance(value, str) else repr(value))
@@ -82,7 +93,7 @@ def fixed_batch(corpus, batch: int, seq_len: int) -> np.ndarray:
     need = batch * seq_len + 1
     if len(corpus.train) < need:
         raise ConfigError(f"the corpus has {len(corpus.train)} tokens; a coordinate check batch needs {need}")
-    return np.stack([np.asarray(corpus.train[i * seq_len:i * seq_len + seq_len + 1], np.int32) for i in range(batch)])
+    return np.stack([np.asarray(corpus.train[i * seq_len : i * seq_len + seq_len + 1], np.int32) for i in range(batch)])
 
 
 def _flatten_stats(stats: dict) -> dict[str, float]:
@@ -126,7 +137,7 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
 
     def loss_fn(params):
         logits, stats = model.apply(params, tokens[:, :-1], capture=True)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        loss = step_lib.cross_entropy(logits, tokens[:, 1:])
         return loss, stats
 
     def one_seed(params):
@@ -146,16 +157,25 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
         stats = jax.device_get(run_seed(init_params(model, cfg.train.seed + i)))  # leaves [step, ...]
         records = []
         for t in range(steps + 1):
-            at = jax.tree.map(lambda x: x[t], stats)
+            at = jax.tree.map(lambda x, t=t: x[t], stats)
             records.append({**_flatten_stats(at), "loss": float(at["loss"])})
         out.append(records)
     return out
 
 
-def run(base: ml_collections.ConfigDict, axis: str, sizes: list[int], variants: list[Variant], seeds: int = 3,
-        steps: int = 5, corpus=None, log=print) -> dict:
+def run(
+    base: ml_collections.ConfigDict,
+    axis: str,
+    sizes: list[int],
+    variants: list[Variant],
+    seeds: int = 3,
+    steps: int = 5,
+    corpus=None,
+    log=print,
+) -> dict:
     """Runs the check; returns {axis, sizes, steps, seeds, lr, series: {label: {curve: [size][seed][step]}}}."""
-    from maxscale import data as data_lib
+    from maxscale.train import data as data_lib
+
     if axis not in AXES:
         raise ConfigError(f"axis={axis!r}: choose width or depth")
     if len(sizes) < 2:
@@ -171,12 +191,20 @@ def run(base: ml_collections.ConfigDict, axis: str, sizes: list[int], variants: 
             keys = traj[0][0].keys()
             for k in keys:
                 curves.setdefault(k, []).append([[rec[k] for rec in seed] for seed in traj])
-            log(f"coord_check: {v.label} {axis}={size}: loss {traj[0][0]['loss']:.3f} -> {traj[0][-1]['loss']:.3f}, "
-                f"resid/last {np.mean([s[-1]['resid/last'] for s in traj]):.3g}")
+            log(
+                f"coord_check: {v.label} {axis}={size}: loss {traj[0][0]['loss']:.3f} -> {traj[0][-1]['loss']:.3f}, "
+                f"resid/last {np.mean([s[-1]['resid/last'] for s in traj]):.3g}"
+            )
         # per-layer curves exist only where every size has the layer
         series[v.label] = {k: c for k, c in curves.items() if len(c) == len(sizes)}
-    return {"axis": axis, "sizes": list(sizes), "steps": steps, "seeds": seeds, "lr": base.optimizer.lr,
-            "series": series}
+    return {
+        "axis": axis,
+        "sizes": list(sizes),
+        "steps": steps,
+        "seeds": seeds,
+        "lr": base.optimizer.lr,
+        "series": series,
+    }
 
 
 def slope(sizes, values) -> float:
@@ -192,9 +220,15 @@ def verdict(result: dict, threshold: float = DEFAULT_THRESHOLD, judge_from: int 
     axis, sizes = result["axis"], result["sizes"]
     judged_keys, mode = JUDGED[axis]
     judge_from = min(judge_from, result["steps"])
-    out = {"axis": axis, "sizes": sizes, "threshold": threshold,
-           "steps_judged": list(range(judge_from, result["steps"] + 1)),
-           "judged": "all curves" if judged_keys is None else list(judged_keys), "criterion": mode, "series": {}}
+    out = {
+        "axis": axis,
+        "sizes": sizes,
+        "threshold": threshold,
+        "steps_judged": list(range(judge_from, result["steps"] + 1)),
+        "judged": "all curves" if judged_keys is None else list(judged_keys),
+        "criterion": mode,
+        "series": {},
+    }
     for label, curves in result["series"].items():
         slopes, worst = {}, {}
         for key, data in curves.items():
@@ -210,18 +244,23 @@ def verdict(result: dict, threshold: float = DEFAULT_THRESHOLD, judge_from: int 
         if axis == "depth":  # per-layer curves do not line up across depths
             keys = [k for k in keys if not k.split("/")[-1].isdigit()]
         worst_key = max(keys, key=lambda k: worst[k])
-        out["series"][label] = {"pass": worst[worst_key] <= threshold, "max_slope": round(worst[worst_key], 4),
-                                "worst_curve": worst_key,
-                                "max_slope_by_curve": {k: round(worst[k], 4) for k in sorted(worst)},
-                                "slopes_by_step": slopes}
+        out["series"][label] = {
+            "pass": worst[worst_key] <= threshold,
+            "max_slope": round(worst[worst_key], 4),
+            "worst_curve": worst_key,
+            "max_slope_by_curve": {k: round(worst[k], 4) for k in sorted(worst)},
+            "slopes_by_step": slopes,
+        }
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Plot: one row per parameterization, one column per step, one line per curve against size (as microsoft/mup)
 
+
 def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
@@ -229,8 +268,7 @@ def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
     labels = list(result["series"])
     steps = result["steps"] + 1
     sizes = result["sizes"]
-    fig, axes = plt.subplots(len(labels), steps, figsize=(2.1 * steps, 1.9 * len(labels)), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(len(labels), steps, figsize=(2.1 * steps, 1.9 * len(labels)), squeeze=False, sharex=True)
     for r, label in enumerate(labels):
         curves = result["series"][label]
         keys = [k for k in curves if k != "loss" and not k.endswith(("/mean", "/last"))]
@@ -258,15 +296,17 @@ def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
                 ax.set_xlabel(result["axis"], fontsize=7)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=6, frameon=False)
-    fig.suptitle(f"coordinate check: mean |x| vs {result['axis']} (lr={result['lr']:g}, {result['seeds']} seeds)",
-                 fontsize=9)
+    fig.suptitle(
+        f"coordinate check: mean |x| vs {result['axis']} (lr={result['lr']:g}, {result['seeds']} seeds)", fontsize=9
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def write(result: dict, out_dir: str, threshold: float = DEFAULT_THRESHOLD,
-          judge_from: int = DEFAULT_JUDGE_FROM) -> dict:
+def write(
+    result: dict, out_dir: str, threshold: float = DEFAULT_THRESHOLD, judge_from: int = DEFAULT_JUDGE_FROM
+) -> dict:
     """Writes coord_check.json (data + verdict) and coord_check.png into `out_dir`; returns the verdict."""
     os.makedirs(out_dir, exist_ok=True)
     v = verdict(result, threshold, judge_from)
@@ -278,11 +318,14 @@ def write(result: dict, out_dir: str, threshold: float = DEFAULT_THRESHOLD,
 
 def summary(v: dict) -> str:
     what = "|slope|" if v["criterion"] == "abs" else "slope (growth)"
-    lines = [f"coordinate check over {v['axis']} {v['sizes']}: pass if max {what} <= {v['threshold']} "
-             f"({v['judged']}, steps {v['steps_judged'][0]}..{v['steps_judged'][-1]})"]
+    lines = [
+        f"coordinate check over {v['axis']} {v['sizes']}: pass if max {what} <= {v['threshold']} "
+        f"({v['judged']}, steps {v['steps_judged'][0]}..{v['steps_judged'][-1]})"
+    ]
     for label, s in v["series"].items():
-        lines.append(f"  {label:<22} {'PASS' if s['pass'] else 'FAIL'}  max {what} {s['max_slope']:.3f} "
-                     f"({s['worst_curve']})")
+        lines.append(
+            f"  {label:<22} {'PASS' if s['pass'] else 'FAIL'}  max {what} {s['max_slope']:.3f} ({s['worst_curve']})"
+        )
     return "\n".join(lines)
 
 
@@ -308,8 +351,10 @@ def main(argv: list[str]) -> int:
             threshold = float(flags.get("threshold", DEFAULT_THRESHOLD))
             judge_from = int(flags.get("judge_from", DEFAULT_JUDGE_FROM))
         except ValueError:
-            raise ConfigError("--sizes takes integers (e.g. --sizes=64,128,256); --seeds and --steps integers; "
-                              "--threshold a number, --judge_from an integer") from None
+            raise ConfigError(
+                "--sizes takes integers (e.g. --sizes=64,128,256); --seeds and --steps integers; "
+                "--threshold a number, --judge_from an integer"
+            ) from None
         if len(sizes) < 2 or min(sizes) < 1 or seeds < 1 or steps < 1:
             raise ConfigError("need at least two positive --sizes, --seeds >= 1 and --steps >= 1")
         variants = [Variant.parse(t) for t in flags.get("parameterizations", "sp,mup,completep").split(",")]
@@ -320,8 +365,9 @@ def main(argv: list[str]) -> int:
             size_config(base, axis, size, variants[0])
     except ConfigError as e:
         import sys
+
         print(f"coord_check: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
+        return errors.EXIT_USAGE
     result = run(base, axis, sizes, variants, seeds=seeds, steps=steps)
     v = write(result, out, threshold, judge_from)
     print(summary(v))

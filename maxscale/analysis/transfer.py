@@ -8,9 +8,9 @@ metrics.jsonl), finds the fields that vary, and splits them into
 Per series and scale the optimum is the HP with the lowest final eval loss, refined by the vertex of a least-squares
 parabola in log2(HP) through it and up to two grid points on each side (a single run per point is noisy; five
 points average some of that out), kept within one grid step of the grid minimum. An optimum on the edge of the
-grid, or next to a diverged run, is flagged: the true optimum may lie outside. The drift of a series is max - min of log2(optimum) over its scales,
-in octaves (factors of 2). Diverged runs (non-finite loss or worse than a uniform guess) are listed and plotted
-as crosses, never dropped silently; runs that have not finished are counted as such.
+grid, or next to a diverged run, is flagged: the true optimum may lie outside. The drift of a series is max - min
+of log2(optimum) over its scales, in octaves (factors of 2). Diverged runs (non-finite loss or worse than a uniform
+guess) are listed and plotted as crosses, never dropped silently; runs that have not finished are counted as such.
 """
 
 from __future__ import annotations
@@ -22,13 +22,30 @@ from typing import Any
 
 import numpy as np
 
-from maxscale.config import ConfigError
+from maxscale import errors
+from maxscale.errors import ConfigError
 
-HP_FIELDS = ("optimizer.lr", "parameterization.init_std", "parameterization.embed_init_std",
-             "parameterization.output_mult", "parameterization.input_mult", "parameterization.attn_mult",
-             "optimizer.weight_decay", "optimizer.eps", "optimizer.b2", "schedule.warmup_steps")
-SCALE_FIELDS = ("model.width", "model.depth", "model.num_heads", "model.head_dim", "model.ffn_size",
-                "train.steps", "train.batch_size")
+HP_FIELDS = (
+    "optimizer.lr",
+    "parameterization.init_std",
+    "parameterization.embed_init_std",
+    "parameterization.output_mult",
+    "parameterization.input_mult",
+    "parameterization.attn_mult",
+    "optimizer.weight_decay",
+    "optimizer.eps",
+    "optimizer.b2",
+    "schedule.warmup_steps",
+)
+SCALE_FIELDS = (
+    "model.width",
+    "model.depth",
+    "model.num_heads",
+    "model.head_dim",
+    "model.ffn_size",
+    "train.steps",
+    "train.batch_size",
+)
 METRIC = "eval/loss"
 
 
@@ -130,8 +147,11 @@ def choose_axes(runs: list[dict], hp: str | None = None, scale: str | None = Non
     for name, field in (("--hp", hp), ("--scale", scale)):
         if field not in vary:
             raise ConfigError(f"{name}={field} does not vary in this sweep; varying fields: {', '.join(vary)}")
-    series = [f for f in vary if f not in (hp, scale) and not _determined_by(runs, f, scale)
-              and not f.startswith("parameterization.base_")]
+    series = [
+        f
+        for f in vary
+        if f not in (hp, scale) and not _determined_by(runs, f, scale) and not f.startswith("parameterization.base_")
+    ]
     return hp, scale, series
 
 
@@ -145,15 +165,20 @@ def optimum(hps: list[float], losses: list[float | None], half_window: int = 2) 
     if not ok.any():
         return {"log2_opt": None, "opt": None, "loss": None, "at_edge": False, "refined": False}
     i = int(np.nanargmin(y))
-    res = {"log2_opt": float(x[i]), "loss": float(y[i]), "at_edge": i == 0 or i == len(x) - 1
-           or not (ok[i - 1] and ok[i + 1]), "refined": False, "grid_opt": float(2 ** x[i])}
+    res = {
+        "log2_opt": float(x[i]),
+        "loss": float(y[i]),
+        "at_edge": i == 0 or i == len(x) - 1 or not (ok[i - 1] and ok[i + 1]),
+        "refined": False,
+        "grid_opt": float(2 ** x[i]),
+    }
     if not res["at_edge"]:
         lo = hi = i
         while lo > 0 and i - lo < half_window and ok[lo - 1]:
             lo -= 1
         while hi < len(x) - 1 and hi - i < half_window and ok[hi + 1]:
             hi += 1
-        a, b, _ = np.polyfit(x[lo:hi + 1], y[lo:hi + 1], 2)
+        a, b, _ = np.polyfit(x[lo : hi + 1], y[lo : hi + 1], 2)
         res["fit_points"] = hi - lo + 1
         if a > 0:
             vertex = float(np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
@@ -164,9 +189,13 @@ def optimum(hps: list[float], losses: list[float | None], half_window: int = 2) 
 
 def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -> dict:
     hp, scale, series_fields = choose_axes(runs, hp, scale)
-    table: dict = {"hp": hp, "scale": scale, "series_fields": series_fields, "series": {},
-                   "counts": {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "unfinished",
-                                                                               "not run")}}
+    table: dict = {
+        "hp": hp,
+        "scale": scale,
+        "series_fields": series_fields,
+        "series": {},
+        "counts": {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "unfinished", "not run")},
+    }
     groups: dict = {}
     for r in runs:
         label = ", ".join(f"{f.split('.')[-1]}={r['config'].get(f)}" for f in series_fields) or "all"
@@ -176,37 +205,52 @@ def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -
         for s in sorted({r["config"][scale] for r in members}):
             at = sorted((r for r in members if r["config"][scale] == s), key=lambda r: r["config"][hp])
             done = [r for r in at if r["status"] in ("done", "diverged")]
-            curve = {"hp": [r["config"][hp] for r in done],
-                     "loss": [r["loss"] for r in done],
-                     "diverged": [r["status"] == "diverged" for r in done],
-                     "unfinished": sum(r["status"] in ("unfinished", "not run") for r in at)}
+            curve = {
+                "hp": [r["config"][hp] for r in done],
+                "loss": [r["loss"] for r in done],
+                "diverged": [r["status"] == "diverged" for r in done],
+                "unfinished": sum(r["status"] in ("unfinished", "not run") for r in at),
+            }
             losses = [None if dv else l for l, dv in zip(curve["loss"], curve["diverged"])]
             curve["optimum"] = optimum(curve["hp"], losses) if done else optimum([1.0], [None])
             per_scale[s] = curve
         opts = [c["optimum"]["log2_opt"] for c in per_scale.values() if c["optimum"]["log2_opt"] is not None]
         scales = [s for s, c in per_scale.items() if c["optimum"]["log2_opt"] is not None]
         drift = float(max(opts) - min(opts)) if len(opts) >= 2 else None
-        exponent = (float(np.polyfit(np.log2(scales), opts, 1)[0])
-                    if len(opts) >= 2 and isinstance(scales[0], (int, float)) else None)
+        exponent = (
+            float(np.polyfit(np.log2(scales), opts, 1)[0])
+            if len(opts) >= 2 and isinstance(scales[0], (int, float))
+            else None
+        )
         table["series"][label] = {
-            "scales": per_scale, "drift_octaves": drift, "log2_opt_vs_log2_scale": exponent,
+            "scales": per_scale,
+            "drift_octaves": drift,
+            "log2_opt_vs_log2_scale": exponent,
             "any_at_edge": any(c["optimum"]["at_edge"] for c in per_scale.values()),
             "diverged": sum(sum(c["diverged"]) for c in per_scale.values()),
-            "unfinished": sum(c["unfinished"] for c in per_scale.values())}
+            "unfinished": sum(c["unfinished"] for c in per_scale.values()),
+        }
     return table
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 
+
 def markdown(table: dict) -> str:
     hp, scale = table["hp"], table["scale"]
     hp_name, scale_name = hp.split(".")[-1], scale.split(".")[-1]
-    lines = [f"Optimal {hp_name} per {scale_name} (final {METRIC}; quadratic refinement in log2 {hp_name}; "
-             f"* = optimum on the grid edge)", ""]
+    lines = [
+        f"Optimal {hp_name} per {scale_name} (final {METRIC}; quadratic refinement in log2 {hp_name}; "
+        f"* = optimum on the grid edge)",
+        "",
+    ]
     scales = sorted({s for ser in table["series"].values() for s in ser["scales"]})
-    lines.append(f"| series | " + " | ".join(f"{scale_name}={s}" for s in scales) +
-                 " | drift (octaves) | slope d log2 opt / d log2 scale | diverged | unfinished |")
+    lines.append(
+        "| series | "
+        + " | ".join(f"{scale_name}={s}" for s in scales)
+        + " | drift (octaves) | slope d log2 opt / d log2 scale | diverged | unfinished |"
+    )
     lines.append("|---" * (len(scales) + 5) + "|")
     for label, ser in table["series"].items():
         cells = []
@@ -219,23 +263,33 @@ def markdown(table: dict) -> str:
                 cells.append(f"2^{o['log2_opt']:.2f}{'*' if o['at_edge'] else ''} ({o['loss']:.3f})")
         drift = "-" if ser["drift_octaves"] is None else f"{ser['drift_octaves']:.2f}"
         slope = "-" if ser["log2_opt_vs_log2_scale"] is None else f"{ser['log2_opt_vs_log2_scale']:+.2f}"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {drift} | {slope} | {ser['diverged']} | "
-                     f"{ser['unfinished']} |")
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {drift} | {slope} | {ser['diverged']} | {ser['unfinished']} |"
+        )
     c = table["counts"]
-    lines += ["", f"Runs: {c['done']} finished, {c['diverged']} diverged (plotted as x), {c['unfinished']} "
-                  f"unfinished, {c['not run']} not run."]
+    lines += [
+        "",
+        f"Runs: {c['done']} finished, {c['diverged']} diverged (plotted as x), {c['unfinished']} "
+        f"unfinished, {c['not run']} not run.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(table: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(table["series"])
     fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.0), squeeze=False, sharey=True)
-    finite = [l for ser in table["series"].values() for c in ser["scales"].values()
-              for l, dv in zip(c["loss"], c["diverged"]) if not dv and l is not None and math.isfinite(l)]
+    finite = [
+        l
+        for ser in table["series"].values()
+        for c in ser["scales"].values()
+        for l, dv in zip(c["loss"], c["diverged"])
+        if not dv and l is not None and math.isfinite(l)
+    ]
     lo = min(finite) if finite else 0.0
     hi = min(lo + 1.2, max(finite)) + 0.02 if finite else 1.0  # higher losses are drawn at the top (^)
     for ax, label in zip(axes[0], labels):
@@ -284,7 +338,7 @@ def report(sweep_dir: str, out_dir: str | None = None, hp: str | None = None, sc
 def main(argv: list[str]) -> int:
     """python tools/transfer_report.py runs/<sweep> [--hp=optimizer.lr] [--scale=model.width] [--out=DIR]"""
     import sys
-    from maxscale import config as config_lib
+
     pos, flags = [], {}
     try:
         for a in argv:
@@ -300,7 +354,7 @@ def main(argv: list[str]) -> int:
         table = report(pos[0], flags.get("out"), flags.get("hp"), flags.get("scale"))
     except ConfigError as e:
         print(f"transfer_report: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
+        return errors.EXIT_USAGE
     out = flags.get("out", pos[0])
     print(markdown(table), end="")
     print(f"wrote {os.path.join(out, 'transfer.md')}, transfer.json and transfer.png")

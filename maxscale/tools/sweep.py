@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -33,12 +32,22 @@ from typing import Any
 import ml_collections
 
 from maxscale import config as config_lib
-from maxscale.config import ConfigError
+from maxscale import errors, paths
+from maxscale.errors import ConfigError
 
 # Fields that do not change what a run computes: left out of the run id.
-NOT_HASHED = ("train.log_every", "train.sample_tokens", "train.sample_prompt", "train.peak_flops", "checkpoint",
-              "mesh", "distributed", "model.remat")
+NOT_HASHED = (
+    "train.log_every",
+    "train.sample_tokens",
+    "train.sample_prompt",
+    "train.peak_flops",
+    "checkpoint",
+    "mesh",
+    "distributed",
+    "model.remat",
+)
 RESULT_FILE = "result.json"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/sweep.py lives there
 RUN_FILE = "sweep_run.json"
 
 
@@ -133,40 +142,48 @@ def expand(sweep: dict, root: str = "runs") -> list[dict]:
             raise ConfigError(f"sweep {sweep['name']} point {i} {overrides}: {e}") from None
         rid = run_id(cfg)
         if rid in seen:
-            raise ConfigError(f"sweep {sweep['name']}: points {seen[rid]} and {i} resolve to the same config "
-                              f"({overrides}); remove the duplicate")
+            raise ConfigError(
+                f"sweep {sweep['name']}: points {seen[rid]} and {i} resolve to the same config "
+                f"({overrides}); remove the duplicate"
+            )
         seen[rid] = i
-        runs.append({"id": rid, "dir": os.path.join(root, sweep["name"], rid), "overrides": overrides, "config": cfg})
+        run_dir = os.fspath(paths.join(root, sweep["name"], rid))
+        runs.append({"id": rid, "dir": run_dir, "overrides": overrides, "config": cfg})
     return runs
 
 
 def status(run_dir: str) -> str:
     """'done' (result.json), 'started' (config.json but no result: will resume) or 'new'."""
-    if os.path.exists(os.path.join(run_dir, RESULT_FILE)):
+    if paths.join(run_dir, RESULT_FILE).exists():
         return "done"
-    if os.path.exists(os.path.join(run_dir, "config.json")):
+    if paths.join(run_dir, "config.json").exists():
         return "started"
     return "new"
 
 
 def write_plan(sweep: dict, runs: list[dict], root: str) -> str:
     """Writes <root>/<name>/sweep.json (the index) and each run's sweep_run.json; returns the sweep directory."""
-    sweep_dir = os.path.join(root, sweep["name"])
-    os.makedirs(sweep_dir, exist_ok=True)
+    sweep_dir = paths.join(root, sweep["name"])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     index = [{"id": r["id"], "overrides": r["overrides"]} for r in runs]
-    _atomic_write(os.path.join(sweep_dir, "sweep.json"), json.dumps({"name": sweep["name"], "runs": index}, indent=1))
-    with open(os.path.join(sweep_dir, "runs.txt"), "w") as fh:
-        fh.write("".join(os.path.abspath(r["dir"]) + "\n" for r in runs))
+    paths.write_text_atomic(sweep_dir / "sweep.json", json.dumps({"name": sweep["name"], "runs": index}, indent=1))
+    paths.write_text_atomic(sweep_dir / "runs.txt", "".join(r["dir"] + "\n" for r in runs))
     for r in runs:
-        os.makedirs(r["dir"], exist_ok=True)
-        _atomic_write(os.path.join(r["dir"], RUN_FILE),
-                      json.dumps({"id": r["id"], "sweep": sweep["name"], "overrides": r["overrides"],
-                                  "config": r["config"].to_dict()}, indent=1, sort_keys=True))
-    return sweep_dir
+        paths.as_path(r["dir"]).mkdir(parents=True, exist_ok=True)
+        paths.write_text_atomic(
+            paths.join(r["dir"], RUN_FILE),
+            json.dumps(
+                {"id": r["id"], "sweep": sweep["name"], "overrides": r["overrides"], "config": r["config"].to_dict()},
+                indent=1,
+                sort_keys=True,
+            ),
+        )
+    return os.fspath(sweep_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running
+
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
@@ -175,26 +192,32 @@ def _finite(x) -> bool:
 def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None) -> dict:
     """Trains the run in `run_dir` (resuming if started) in this process and writes result.json. `mesh` defaults
     to one over every device (as `python -m maxscale.train`)."""
-    from maxscale import faults, train
-    with open(os.path.join(run_dir, RUN_FILE)) as fh:
-        cfg = ml_collections.ConfigDict(json.load(fh)["config"])
-    train.check_workdir(run_dir, cfg)
+    from maxscale.train import faults, loop
+
+    cfg = ml_collections.ConfigDict(json.loads(paths.read_text(paths.join(run_dir, RUN_FILE)))["config"])
+    loop.check_workdir(run_dir, cfg)
     t0 = time.perf_counter()
     try:
-        out = train.Trainer(cfg, run_dir, mesh=mesh, corpus=corpus).run()
+        out = loop.Trainer(cfg, run_dir, mesh=mesh, corpus=corpus).run()
     except faults.NonFiniteError as e:  # train.nan_policy=stop: a diverged run, recorded as such
         out = {"train/loss": float("nan"), "eval/loss": float("nan"), "stopped": str(e)}
     loss, eval_loss = out.get("train/loss"), out.get("eval/loss")
     # Worse than a uniform guess over the vocabulary counts as diverged (the analysis marks it, never drops it).
     ok = _finite(loss) and _finite(eval_loss) and eval_loss < math.log(cfg.model.vocab_size)
-    result = {"status": "done" if ok else "diverged",
-              "train_loss": loss, "eval_loss": eval_loss, "steps": cfg.train.steps,
-              "wall_s": round(time.perf_counter() - t0, 2)}
+    result = {
+        "status": "done" if ok else "diverged",
+        "train_loss": loss,
+        "eval_loss": eval_loss,
+        "steps": cfg.train.steps,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
     if "stopped" in out:
         result["stopped"] = out["stopped"]
     if not keep_checkpoints:
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-    _atomic_write(os.path.join(run_dir, RESULT_FILE), json.dumps(result, indent=1))
+        checkpoints = paths.join(run_dir, "checkpoints")
+        if checkpoints.exists():
+            checkpoints.rmtree()
+    paths.write_text_atomic(paths.join(run_dir, RESULT_FILE), json.dumps(result, indent=1))
     return result
 
 
@@ -206,7 +229,8 @@ def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, l
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
     t0 = time.perf_counter()
     if jobs == 1:
-        from maxscale import data as data_lib
+        from maxscale.train import data as data_lib
+
         corpora = {}
         for i, r in enumerate(todo):
             key = json.dumps(r["config"].data.to_dict(), sort_keys=True)
@@ -221,7 +245,7 @@ def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, l
                 outcome[r["id"]] = "failed"
                 log(f"sweep: {r['id']} failed: {type(e).__name__}: {e}")
     else:
-        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "sweep.py")
+        tool = os.path.join(REPO, "tools", "sweep.py")
 
         def launch(r):
             cmd = [sys.executable, tool, f"--run_dir={r['dir']}"] + (["--keep_checkpoints"] if keep_checkpoints else [])
@@ -238,28 +262,36 @@ def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, l
     return outcome
 
 
-def slurm_script(sweep_dir: str, n_runs: int, jobs: int, python: str = "python", partition: str = "",
-                 time_limit: str = "") -> str:
+def slurm_script(
+    sweep_dir: str, n_runs: int, jobs: int, python: str = "python", partition: str = "", time_limit: str = ""
+) -> str:
     """An sbatch job-array script: task i runs line i+1 of runs.txt (`%jobs` at a time)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     name = os.path.basename(os.path.normpath(sweep_dir))
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{name}", f"#SBATCH --array=0-{n_runs - 1}%{max(jobs, 1)}",
-             f"#SBATCH --output={os.path.abspath(sweep_dir)}/slurm-%A_%a.out", "#SBATCH --nodes=1",
-             "#SBATCH --ntasks=1"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=sweep-{name}",
+        f"#SBATCH --array=0-{n_runs - 1}%{max(jobs, 1)}",
+        f"#SBATCH --output={os.path.abspath(sweep_dir)}/slurm-%A_%a.out",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+    ]
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     if time_limit:
         lines.append(f"#SBATCH --time={time_limit}")
-    lines += ["set -euo pipefail", f"cd {shlex.quote(repo)}",
-              f'RUN_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(sweep_dir))}/runs.txt)',
-              f'exec {python} tools/sweep.py --run_dir="$RUN_DIR"', ""]
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(REPO)}",
+        f'RUN_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(sweep_dir))}/runs.txt)',
+        f'exec {python} tools/sweep.py --run_dir="$RUN_DIR"',
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _read_result(run_dir: str) -> dict:
     try:
-        with open(os.path.join(run_dir, RESULT_FILE)) as fh:
-            return json.load(fh)
+        return json.loads(paths.read_text(paths.join(run_dir, RESULT_FILE)))
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -268,19 +300,14 @@ def _short(overrides: dict) -> str:
     return " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-USAGE = ("usage: python tools/sweep.py SWEEP_FILE [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
-         "[--dry_run] [--keep_checkpoints]\n"
-         "       python tools/sweep.py --run_dir=DIR   (one run; what SLURM tasks call)")
+USAGE = (
+    "usage: python tools/sweep.py SWEEP_FILE [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
+    "[--dry_run] [--keep_checkpoints]\n"
+    "       python tools/sweep.py --run_dir=DIR   (one run; what SLURM tasks call)"
+)
 
 
 def _parse(argv: list[str]) -> tuple[list[str], dict]:
@@ -326,7 +353,7 @@ def main(argv: list[str]) -> int:
         runs = expand(sweep, root)
     except ConfigError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
+        return errors.EXIT_USAGE
 
     if flags.get("dry_run"):
         for r in runs:
@@ -336,8 +363,12 @@ def main(argv: list[str]) -> int:
     sweep_dir = write_plan(sweep, runs, root)
     if flags.get("slurm"):
         path = os.path.join(sweep_dir, "sweep.sbatch")
-        _atomic_write(path, slurm_script(sweep_dir, len(runs), jobs, partition=flags.get("partition", ""),
-                                         time_limit=flags.get("time", "")))
+        paths.write_text_atomic(
+            path,
+            slurm_script(
+                sweep_dir, len(runs), jobs, partition=flags.get("partition", ""), time_limit=flags.get("time", "")
+            ),
+        )
         print(f"wrote {path} ({len(runs)} array tasks, {jobs} at a time); submit with: sbatch {path}")
         return 0
     outcome = run_local(runs, jobs=jobs, keep_checkpoints=bool(flags.get("keep_checkpoints")))

@@ -10,18 +10,13 @@ import os
 import signal
 import threading
 
-from maxscale import config as config_lib
-from maxscale import metrics as metrics_lib
-
-
-class RunStopped(Exception):
-    """The run stopped on purpose. The message is one line (what happened, what is intact, what to do);
-    `exit_code` is one of config.EXIT_*."""
-    exit_code = 1
+from maxscale import errors, paths
+from maxscale.errors import RunStopped
+from maxscale.train import metrics as metrics_lib
 
 
 class NonFiniteError(RunStopped):
-    exit_code = config_lib.EXIT_NONFINITE
+    exit_code = errors.EXIT_NONFINITE
 
 
 def _say(text: str) -> None:
@@ -32,9 +27,10 @@ def _say(text: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Preemption
 
+
 class PreemptionWatch:
     """SIGTERM and SIGINT ask the run to stop: the handler only sets a flag; the trainer looks at it after each
-    step, saves a checkpoint, waits for it to commit and exits with config.EXIT_PREEMPTED.
+    step, saves a checkpoint, waits for it to commit and exits with errors.EXIT_PREEMPTED.
 
     A second signal exits at once, as does the end of the grace period (`train.preempt_grace_s` > 0) counted from
     the first signal: the save in flight is then abandoned, which is safe because a step directory only appears on
@@ -42,6 +38,7 @@ class PreemptionWatch:
     ones are restored on exit. With several processes the flag is combined across processes at log steps, so all
     of them stop at the same step.
     """
+
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, grace_s: float = 0.0, process_count: int = 1):
@@ -67,7 +64,7 @@ class PreemptionWatch:
         name = signal.Signals(signum).name
         if self.signal_name is not None:
             _say(f"second signal ({name}): exiting now; the last committed checkpoint is intact")
-            os._exit(config_lib.EXIT_PREEMPTED)
+            os._exit(errors.EXIT_PREEMPTED)
         self.signal_name = name
         if self.grace_s > 0:
             self._timer = threading.Timer(self.grace_s, self._expire)
@@ -75,9 +72,11 @@ class PreemptionWatch:
             self._timer.start()
 
     def _expire(self) -> None:
-        _say(f"the preemption grace period (train.preempt_grace_s={self.grace_s:g}) ran out before the checkpoint "
-             f"committed; exiting; the last committed checkpoint is intact")
-        os._exit(config_lib.EXIT_PREEMPTED)
+        _say(
+            f"the preemption grace period (train.preempt_grace_s={self.grace_s:g}) ran out before the checkpoint "
+            f"committed; exiting; the last committed checkpoint is intact"
+        )
+        os._exit(errors.EXIT_PREEMPTED)
 
     def requested(self, step: int, log_every: int) -> bool:
         if self.process_count == 1:
@@ -86,12 +85,14 @@ class PreemptionWatch:
             return False
         import numpy as np
         from jax.experimental import multihost_utils
+
         flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
         return bool(np.any(flags))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Numerical faults
+
 
 class NonFiniteWatch:
     """Reads the device's count of non-finite steps (loss or gradient norm NaN/Inf; their updates are never
@@ -106,12 +107,16 @@ class NonFiniteWatch:
             return None
         new, self.seen = count - self.seen, count
         if self.policy == "skip":
-            return (f"step {step}: skipped {new} update(s) with a non-finite loss or gradient (last at step "
-                    f"{last_step}; {count} in this run; train.nan_policy=skip)")
+            return (
+                f"step {step}: skipped {new} update(s) with a non-finite loss or gradient (last at step "
+                f"{last_step}; {count} in this run; train.nan_policy=skip)"
+            )
         kept = f"the last good checkpoint is step {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-        raise NonFiniteError(f"non-finite loss or gradient at step {last_step} (train.nan_policy=stop); stopped "
-                             f"without saving; {kept}; lower optimizer.lr, raise optimizer.grad_clip, or rerun with "
-                             f"--config.train.nan_policy=skip to skip such steps")
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {last_step} (train.nan_policy=stop); stopped "
+            f"without saving; {kept}; lower optimizer.lr, raise optimizer.grad_clip, or rerun with "
+            f"--config.train.nan_policy=skip to skip such steps"
+        )
 
 
 class SpikeDetector:
@@ -136,16 +141,14 @@ class SpikeDetector:
 # ----------------------------------------------------------------------------------------------------------------
 # The run log
 
+
 def rewind_metrics(workdir: str, step: int) -> list[dict]:
     """Keeps the records of metrics.jsonl up to `step` (the checkpoint a run resumes from) and drops the rest:
     steps a killed run logged past its last checkpoint, which the resumed run logs again, and a torn last line.
     Atomic (write + rename), so the file always describes one run. Returns the records kept."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not path.exists():
         return []
     kept = [r for r in metrics_lib.read_metrics(workdir) if r.get("step", math.inf) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in kept)  # the writer's own format: same lines
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # the writer's own format
     return kept

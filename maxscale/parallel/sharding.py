@@ -16,9 +16,10 @@ from typing import Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from maxscale.config import ConfigError
+from maxscale.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -43,18 +44,24 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, in
     fill = [a for a, v in sizes.items() if v == -1]
     if fill:
         if num_devices % fixed:
-            raise ConfigError(f"mesh: the fixed axes multiply to {fixed}, which does not divide the {num_devices} "
-                              f"devices; choose sizes whose product divides {num_devices}")
+            raise ConfigError(
+                f"mesh: the fixed axes multiply to {fixed}, which does not divide the {num_devices} "
+                f"devices; choose sizes whose product divides {num_devices}"
+            )
         sizes[fill[0]] = num_devices // fixed
     product = math.prod(sizes.values())
     if product != num_devices:
         shape = " x ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
-        raise ConfigError(f"mesh: {shape} = {product} devices but {num_devices} are present; "
-                          f"make the product {num_devices} or set one axis to -1")
+        raise ConfigError(
+            f"mesh: {shape} = {product} devices but {num_devices} are present; "
+            f"make the product {num_devices} or set one axis to -1"
+        )
     for a, n in dcn_shape(cfg).items():
         if sizes[a] % n:
-            raise ConfigError(f"mesh.dcn_{a}={n} does not divide mesh.{a}={sizes[a]}; the axis is dcn x ici "
-                              f"devices, so choose mesh.{a} as a multiple of mesh.dcn_{a}")
+            raise ConfigError(
+                f"mesh.dcn_{a}={n} does not divide mesh.{a}={sizes[a]}; the axis is dcn x ici "
+                f"devices, so choose mesh.{a} as a multiple of mesh.dcn_{a}"
+            )
     return sizes
 
 
@@ -74,6 +81,7 @@ def device_grid(sizes: dict[str, int], dcn: dict[str, int], devices: Sequence) -
     in list order, which is process order, so a group is a host or a run of hosts.
     """
     from jax.experimental import mesh_utils
+
     shape = tuple(sizes[a] for a in MESH_AXES)
     outer = tuple(dcn[a] for a in MESH_AXES)
     if math.prod(outer) == 1:
@@ -116,8 +124,14 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int]
 
 def check_divisible(specs: dict, shapes: dict, mesh: Mesh) -> None:
     """Every sharded dimension must divide evenly over its mesh axes (ConfigError naming the size otherwise)."""
-    field = {"vocab": "model.vocab_size", "embed": "model.width", "heads": "model.num_heads",
-             "kv_heads": "model.num_kv_heads", "mlp": "model.ffn_size", "experts": "model.num_experts"}
+    field = {
+        "vocab": "model.vocab_size",
+        "embed": "model.width",
+        "heads": "model.num_heads",
+        "kv_heads": "model.num_kv_heads",
+        "mlp": "model.ffn_size",
+        "experts": "model.num_experts",
+    }
     for path, spec in specs.items():
         for name, size in zip(spec.axes, shapes[path]):
             rule = RULES.get(name)
@@ -125,13 +139,19 @@ def check_divisible(specs: dict, shapes: dict, mesh: Mesh) -> None:
             n = math.prod(mesh.shape[a] for a in mesh_axes)
             if n > 1 and size % n:
                 axes = "x".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_axes)
-                raise ConfigError(f"{field.get(name, name)}={size} does not divide over {axes} ({path}); "
-                                  f"choose a size divisible by {n} or a smaller mesh axis")
+                raise ConfigError(
+                    f"{field.get(name, name)}={size} does not divide over {axes} ({path}); "
+                    f"choose a size divisible by {n} or a smaller mesh axis"
+                )
 
 
 def param_shardings(spec_tree, mesh: Mesh, abstract_params) -> dict:
-    return jax.tree.map(lambda spec, a: NamedSharding(mesh, logical_to_spec(spec.axes, mesh, a.shape)),
-                        spec_tree, abstract_params, is_leaf=lambda x: hasattr(x, "axes"))
+    return jax.tree.map(
+        lambda spec, a: NamedSharding(mesh, logical_to_spec(spec.axes, mesh, a.shape)),
+        spec_tree,
+        abstract_params,
+        is_leaf=lambda x: hasattr(x, "axes"),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -143,9 +163,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
         dp = data_parallel_size(mesh)
         rows = {idx[0].start or 0 for idx in out.addressable_devices_indices_map((dp, 1)).values()}
         if dp % len(processes) or len(rows) != dp // len(processes):
-            raise ConfigError(f"mesh: the batch axes mesh.data x mesh.fsdp = {dp} must split evenly over the "
-                              f"{len(processes)} processes (this one holds {len(rows)} of {dp} row blocks); make "
-                              f"data x fsdp a multiple of the process count and keep tensor/expert within a host")
+            raise ConfigError(
+                f"mesh: the batch axes mesh.data x mesh.fsdp = {dp} must split evenly over the "
+                f"{len(processes)} processes (this one holds {len(rows)} of {dp} row blocks); make "
+                f"data x fsdp a multiple of the process count and keep tensor/expert within a host"
+            )
     return out
 
 

@@ -10,37 +10,39 @@ axis against the base shapes, so "more heads at fixed head dim" and "larger head
 right without special cases.
 
     python -m maxscale.parameterization --config=configs/tiny.py [--config.x.y=v ...] [--json]
-prints the table for a config.
+prints the table for a config (parameterization/table.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
-from typing import Any, Mapping
+from typing import Any
 
 import ml_collections
 
+from maxscale.errors import ConfigError
+
 ROLES = ("embedding", "hidden", "readout", "norm", "bias")
-EPS_DEPTH_SCOPES = ("blocks", "all")   # where eps gets m_L^-alpha: CompleteP Table 1 | nanoGPT-mup completep branch
-WIDTH_GROWS = ("head_dim", "heads")    # which attention dimension scale_shapes() grows with width
+EPS_DEPTH_SCOPES = ("blocks", "all")  # where eps gets m_L^-alpha: CompleteP Table 1 | nanoGPT-mup completep branch
+WIDTH_GROWS = ("head_dim", "heads")  # which attention dimension scale_shapes() grows with width
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """What the parameterization needs to know about one parameter (stored as nnx.Param metadata)."""
+
     role: str
-    axes: tuple[str, ...]      # logical axis names, one per dim, e.g. ('layers', 'embed', 'heads', 'head_dim')
-    fan_in: tuple[str, ...]    # axes contracted in the forward pass; () for vectors
+    axes: tuple[str, ...]  # logical axis names, one per dim, e.g. ('layers', 'embed', 'heads', 'head_dim')
+    fan_in: tuple[str, ...]  # axes contracted in the forward pass; () for vectors
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One row of the table: how a parameterization scales with width and depth."""
-    width: bool          # muP-style width scaling of init, LR, eps, readout multiplier
-    depth_alpha: float   # residual branches x m_L^-alpha; LR of block params x m_L^(alpha-1) when alpha > 0
+
+    width: bool  # muP-style width scaling of init, LR, eps, readout multiplier
+    depth_alpha: float  # residual branches x m_L^-alpha; LR of block params x m_L^(alpha-1) when alpha > 0
     attn_exponent: float  # attention logits x d_head^-exponent (relative to the base head dim, see attn_scale)
     source: str
 
@@ -48,32 +50,40 @@ class Rule:
 RULES: dict[str, Rule] = {
     "sp": Rule(width=False, depth_alpha=0.0, attn_exponent=0.5, source="standard parameterization"),
     "mup": Rule(width=True, depth_alpha=0.0, attn_exponent=1.0, source="Yang et al. 2022, TP-V Table 8"),
-    "depth_mup": Rule(width=True, depth_alpha=0.5, attn_exponent=1.0,
-                      source="Bordelon et al. 2023; Yang et al. 2023 (TP-VI)"),
+    "depth_mup": Rule(
+        width=True, depth_alpha=0.5, attn_exponent=1.0, source="Bordelon et al. 2023; Yang et al. 2023 (TP-VI)"
+    ),
     "completep": Rule(width=True, depth_alpha=1.0, attn_exponent=1.0, source="Dey et al. 2025 (CompleteP) Table 1"),
 }
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> None:
     """Fills base shapes of 0 with the model's own sizes and checks the name (in place)."""
-    from maxscale.config import ConfigError
     p, m = cfg.parameterization, cfg.model
     if p.name not in RULES:
         raise ConfigError(f"parameterization.name={p.name!r} is not supported; choose one of {', '.join(RULES)}")
-    for base, own in (("base_width", m.width), ("base_depth", m.depth), ("base_num_heads", m.num_heads),
-                      ("base_head_dim", m.head_dim), ("base_ffn_size", m.ffn_size)):
+    for base, own in (
+        ("base_width", m.width),
+        ("base_depth", m.depth),
+        ("base_num_heads", m.num_heads),
+        ("base_head_dim", m.head_dim),
+        ("base_ffn_size", m.ffn_size),
+    ):
         if p[base] == 0:
             p[base] = own
     if p.depth_alpha != -1.0 and not 0.0 <= p.depth_alpha <= 2.0:
         raise ConfigError(f"parameterization.depth_alpha={p.depth_alpha} must lie in [0, 2] (or -1 for the default)")
     if p.attn_exponent != -1.0 and not 0.0 <= p.attn_exponent <= 2.0:
-        raise ConfigError(f"parameterization.attn_exponent={p.attn_exponent} must lie in [0, 2] (or -1 for the default)")
+        raise ConfigError(
+            f"parameterization.attn_exponent={p.attn_exponent} must lie in [0, 2] (or -1 for the default)"
+        )
     if p.embed_init_std == 0.0:
         p.embed_init_std = p.init_std
     for field, choices in (("eps_depth_scope", EPS_DEPTH_SCOPES), ("width_grows", WIDTH_GROWS)):
         if p[field] not in choices:
-            raise ConfigError(f"parameterization.{field}={p[field]!r} is not supported; "
-                              f"choose one of {', '.join(choices)}")
+            raise ConfigError(
+                f"parameterization.{field}={p[field]!r} is not supported; choose one of {', '.join(choices)}"
+            )
 
 
 class Parameterization:
@@ -86,13 +96,26 @@ class Parameterization:
         self.alpha = self.rule.depth_alpha if p.depth_alpha == -1.0 else p.depth_alpha
         self.attn_exponent = self.rule.attn_exponent if p.attn_exponent == -1.0 else p.attn_exponent
         kv_ratio = m.num_kv_heads / m.num_heads
-        self.sizes = {"vocab": m.vocab_size, "embed": m.width, "mlp": m.ffn_size, "heads": m.num_heads,
-                      "kv_heads": m.num_kv_heads, "head_dim": m.head_dim, "layers": m.depth}
-        self.base_sizes = {"vocab": m.vocab_size, "embed": p.base_width, "mlp": p.base_ffn_size,
-                           "heads": p.base_num_heads, "kv_heads": p.base_num_heads * kv_ratio,
-                           "head_dim": p.base_head_dim, "layers": p.base_depth}
-        self.m_width = m.width / p.base_width    # m_N
-        self.m_depth = m.depth / p.base_depth    # m_L
+        self.sizes = {
+            "vocab": m.vocab_size,
+            "embed": m.width,
+            "mlp": m.ffn_size,
+            "heads": m.num_heads,
+            "kv_heads": m.num_kv_heads,
+            "head_dim": m.head_dim,
+            "layers": m.depth,
+        }
+        self.base_sizes = {
+            "vocab": m.vocab_size,
+            "embed": p.base_width,
+            "mlp": p.base_ffn_size,
+            "heads": p.base_num_heads,
+            "kv_heads": p.base_num_heads * kv_ratio,
+            "head_dim": p.base_head_dim,
+            "layers": p.base_depth,
+        }
+        self.m_width = m.width / p.base_width  # m_N
+        self.m_depth = m.depth / p.base_depth  # m_L
 
     # -- forward multipliers ------------------------------------------------------------------------------------
     @property
@@ -108,17 +131,21 @@ class Parameterization:
     @property
     def residual_mult(self) -> float:
         """Each residual branch is multiplied by m_L^-alpha (depth-muP alpha = 1/2, CompleteP alpha = 1)."""
-        return self.m_depth ** -self.alpha
+        return self.m_depth**-self.alpha
 
     @property
     def attn_scale(self) -> float:
         """Logit scale attn_mult * d^-1/2 * (d/d0)^-(exponent - 1/2): equals SP's 1/sqrt(d) at the base head dim."""
         d, d0 = self.cfg.model.head_dim, self.cfg.parameterization.base_head_dim
-        return self.cfg.parameterization.attn_mult * d ** -0.5 * (d / d0) ** -(self.attn_exponent - 0.5)
+        return self.cfg.parameterization.attn_mult * d**-0.5 * (d / d0) ** -(self.attn_exponent - 0.5)
 
     def multipliers(self) -> dict[str, float]:
-        return {"input": self.input_mult, "output": self.output_mult, "residual": self.residual_mult,
-                "attn_scale": self.attn_scale}
+        return {
+            "input": self.input_mult,
+            "output": self.output_mult,
+            "residual": self.residual_mult,
+            "attn_scale": self.attn_scale,
+        }
 
     # -- per-parameter rules --------------------------------------------------------------------------------------
     def fan_in_ratio(self, spec: ParamSpec) -> float:
@@ -158,8 +185,7 @@ class Parameterization:
         fan-in ratio so that lr * wd stays width-independent; independent decay is left alone (pitfall 3)."""
         if spec.role in ("norm", "bias"):
             return 0.0
-        if (spec.role == "hidden" and self.rule.width
-                and self.cfg.optimizer.weight_decay_mode == "coupled"):
+        if spec.role == "hidden" and self.rule.width and self.cfg.optimizer.weight_decay_mode == "coupled":
             return self.fan_in_ratio(spec)
         return 1.0
 
@@ -170,15 +196,16 @@ class Parameterization:
         if not p.scale_eps:
             return 1.0
         in_scope = self._in_blocks(spec) or p.eps_depth_scope == "all"
-        depth = self.m_depth ** -self.alpha if in_scope else 1.0
+        depth = self.m_depth**-self.alpha if in_scope else 1.0
         return depth / self.m_width if self.rule.width else depth
 
     def factors(self, spec: ParamSpec) -> dict[str, float]:
         return {"lr": self.lr_factor(spec), "wd": self.wd_factor(spec), "eps": self.eps_factor(spec)}
 
 
-def scale_shapes(cfg: ml_collections.ConfigDict, width: int | None = None, depth: int | None = None,
-                 grows: str | None = None) -> dict[str, Any]:
+def scale_shapes(
+    cfg: ml_collections.ConfigDict, width: int | None = None, depth: int | None = None, grows: str | None = None
+) -> dict[str, Any]:
     """Overrides that scale a resolved config's model to `width` and/or `depth`, every width dimension together.
 
     The model of `cfg` is the reference: d_ffn (and heads or head_dim, per `grows`, default
@@ -186,23 +213,28 @@ def scale_shapes(cfg: ml_collections.ConfigDict, width: int | None = None, depth
     own, so the multipliers m_N, m_L are ratios to them. Returns {"model.width": ..., "parameterization.base_width":
     ..., ...}; apply with `config.override` or as a sweep point. Raises ConfigError if a size would not be whole.
     """
-    from maxscale.config import ConfigError
     m, p = cfg.model, cfg.parameterization
     grows = grows or p.width_grows
     if grows not in WIDTH_GROWS:
         raise ConfigError(f"width_grows={grows!r} is not supported; choose one of {', '.join(WIDTH_GROWS)}")
-    out: dict[str, Any] = {f"parameterization.base_{k}": p[f"base_{k}"]
-                           for k in ("width", "depth", "num_heads", "head_dim", "ffn_size")}
+    out: dict[str, Any] = {
+        f"parameterization.base_{k}": p[f"base_{k}"] for k in ("width", "depth", "num_heads", "head_dim", "ffn_size")
+    }
     if width is not None:
         ratio = width / m.width
         sizes = {"model.width": m.width, "model.ffn_size": m.ffn_size}
-        sizes.update({"model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads} if grows == "heads"
-                     else {"model.head_dim": m.head_dim})
+        sizes.update(
+            {"model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads}
+            if grows == "heads"
+            else {"model.head_dim": m.head_dim}
+        )
         for field, size in sizes.items():
             scaled = size * ratio
             if scaled != int(scaled) or scaled < 1:
-                raise ConfigError(f"width={width}: {field}={size} x {ratio:g} is not a whole number; "
-                                  f"choose a width that is a power-of-two multiple of {m.width}")
+                raise ConfigError(
+                    f"width={width}: {field}={size} x {ratio:g} is not a whole number; "
+                    f"choose a width that is a power-of-two multiple of {m.width}"
+                )
             out[field] = int(scaled)
         if grows == "heads":
             out["model.head_dim"] = m.head_dim
@@ -217,49 +249,3 @@ def spec_of(variable: Any) -> ParamSpec:
     """The ParamSpec stored as metadata on an nnx.Param."""
     meta = variable.get_metadata()
     return ParamSpec(role=meta["role"], axes=tuple(meta["axes"]), fan_in=tuple(meta["fan_in"]))
-
-
-def describe(cfg: ml_collections.ConfigDict) -> dict:
-    """The table for a resolved config: one row per parameter, plus the forward multipliers. No arrays made."""
-    from maxscale.model import transformer
-    par = Parameterization(cfg)
-    rows = []
-    for path, spec, shape in transformer.param_specs(cfg):
-        std = par.init_std(spec, path)
-        init = "ones" if spec.role == "norm" else "normal" if std else "zeros"
-        rows.append({"path": path, "shape": list(shape), "role": spec.role, "axes": list(spec.axes),
-                     "init": init, "init_std": std, **par.factors(spec)})
-    return {"parameterization": cfg.parameterization.name, "source": par.rule.source, "depth_alpha": par.alpha,
-            "attn_exponent": par.attn_exponent, "m_width": par.m_width, "m_depth": par.m_depth,
-            "multipliers": par.multipliers(), "params": rows}
-
-
-def _format_table(table: dict) -> str:
-    lines = [f"parameterization={table['parameterization']} ({table['source']}) depth_alpha={table['depth_alpha']} "
-             f"attn_exponent={table['attn_exponent']} m_width={table['m_width']:.6g} m_depth={table['m_depth']:.6g}",
-             "multipliers: " + "  ".join(f"{k}={v:.6g}" for k, v in table["multipliers"].items()),
-             f"{'path':<28} {'shape':<22} {'role':<10} {'init_std':>10} {'lr':>9} {'wd':>9} {'eps':>9}"]
-    for r in table["params"]:
-        init = f"{r['init_std']:.4g}" if r["init"] == "normal" else r["init"]
-        lines.append(f"{r['path']:<28} {str(tuple(r['shape'])):<22} {r['role']:<10} {init:>10} "
-                     f"{r['lr']:>9.4g} {r['wd']:>9.4g} {r['eps']:>9.4g}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    from maxscale import config as config_lib
-    as_json = "--json" in argv
-    argv = [a for a in argv if a != "--json"]
-    try:
-        cfg, _ = config_lib.parse_argv(argv, extra_flags=())
-        cfg = config_lib.resolve(cfg)
-    except config_lib.ConfigError as e:
-        print(f"maxscale.parameterization: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
-    table = describe(cfg)
-    print(json.dumps(table, indent=2) if as_json else _format_table(table))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

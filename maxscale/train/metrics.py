@@ -11,11 +11,22 @@ import time
 
 import jax
 import jax.numpy as jnp
+from tensorboardX import SummaryWriter
+
+from maxscale import paths
 
 # Dense bf16 matmul peaks per chip (vendor figures), used for MFU when the device kind is recognised.
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "B200": 2250e12,
 }
 
 
@@ -46,46 +57,65 @@ def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
 
 
 class MetricWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    `workdir` may be a URL (maxscale/paths.py). Object stores cannot append, so there the whole file is rewritten
+    from memory at most every `remote_flush_s` seconds and at close; locally each record is appended at once."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, remote_flush_s: float = 30.0):
         self.enabled = enabled
         if not enabled:
             return
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a", buffering=1)
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self._remote = paths.is_url(self.path)
+        self._flush_s, self._flushed_at = remote_flush_s, time.monotonic()
+        if self._remote:
+            self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        else:
+            self._file = open(os.fspath(self.path), "a", buffering=1)  # line-buffered: a kill loses no line
+        self._tb = SummaryWriter(os.fspath(paths.join(workdir, "tensorboard")))
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._flushed_at > self._flush_s:
+                self._flush_remote()
+        else:
+            self._file.write(line)
         for k, v in record.items():
             if k != "step":
                 self._tb.add_scalar(k, v, step)
 
+    def _flush_remote(self) -> None:
+        self.path.write_text("".join(self._lines))
+        self._flushed_at = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            if self._remote:
+                self._flush_remote()
+            else:
+                self._file.close()
             self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The records of `workdir/metrics.jsonl` ([] if none), skipping a torn last line of a killed run."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not path.exists():
         return []
     records = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -104,13 +134,16 @@ class Progress:
         self.stream = stream if stream is not None else sys.stdout  # the current stdout, not the one at import
         self.tty = self.stream.isatty()
 
-    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float, seconds_per_step: float,
-               extra: str = "") -> None:
+    def update(
+        self, step: int, loss: float, tokens_per_s: float, mfu: float, seconds_per_step: float, extra: str = ""
+    ) -> None:
         if not self.enabled:
             return
         eta = _duration((self.total - step) * seconds_per_step)
-        line = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-                f"MFU {100 * mfu:.1f}%  ETA {eta}{extra}")
+        line = (
+            f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+            f"MFU {100 * mfu:.1f}%  ETA {eta}{extra}"
+        )
         if self.tty:
             self.stream.write("\r\033[K" + line)
         else:

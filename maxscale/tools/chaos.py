@@ -27,14 +27,21 @@ import time
 from typing import Callable
 
 from maxscale import config as config_lib
-from maxscale import metrics
+from maxscale import errors
+from maxscale.train import metrics
 
 # Defaults for a chaos run of configs/tiny.py: short, every step logged, frequent asynchronous checkpoints (so that
 # many kills land inside a save), an eval. The caller's overrides come after these and win.
-DEFAULT_OVERRIDES = ("--config.train.steps=120", "--config.train.log_every=1", "--config.checkpoint.every=6",
-                     "--config.checkpoint.max_to_keep=2", "--config.train.eval_every=40",
-                     "--config.train.eval_steps=1", "--config.train.sample_tokens=0",
-                     "--config.data.max_bytes=300000")
+DEFAULT_OVERRIDES = (
+    "--config.train.steps=120",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every=6",
+    "--config.checkpoint.max_to_keep=2",
+    "--config.train.eval_every=40",
+    "--config.train.eval_steps=1",
+    "--config.train.sample_tokens=0",
+    "--config.data.max_bytes=300000",
+)
 TIMING_KEYS = ("tokens_per_s", "mfu")  # wall-clock figures: the only fields allowed to differ
 
 
@@ -43,42 +50,49 @@ class Report:
     kills: int = 0
     sigkill: int = 0
     sigterm: int = 0
-    sigterm_saved: int = 0        # exited EXIT_PREEMPTED with a checkpoint at its last logged step
-    sigterm_outside: int = 0      # died by SIGTERM outside the training loop (start-up or exit: nothing unsaved)
-    kills_mid_save: int = 0       # the kill left an uncommitted orbax tmp directory or a half-deleted step
+    sigterm_saved: int = 0  # exited EXIT_PREEMPTED with a checkpoint at its last logged step
+    sigterm_outside: int = 0  # died by SIGTERM outside the training loop (start-up or exit: nothing unsaved)
+    kills_mid_save: int = 0  # the kill left an uncommitted orbax tmp directory or a half-deleted step
     rounds: int = 0
     starts: int = 0
     records_compared: int = 0
     records_mismatched: int = 0
     states_identical: int = 0
-    diverged: int = 0             # rounds with any mismatched record or a different final state
+    diverged: int = 0  # rounds with any mismatched record or a different final state
     failures: list = dataclasses.field(default_factory=list)  # unexpected exit codes, missing checkpoints, ...
     wall_s: float = 0.0
 
     def line(self) -> str:
-        return (f"kills={self.kills} diverged={self.diverged} failures={len(self.failures)} "
-                f"(SIGKILL {self.sigkill}, SIGTERM {self.sigterm}: {self.sigterm_saved} saved and exited "
-                f"{config_lib.EXIT_PREEMPTED}, {self.sigterm_outside} outside the training loop) "
-                f"mid_save={self.kills_mid_save} "
-                f"rounds={self.rounds} starts={self.starts} records_compared={self.records_compared} "
-                f"mismatched={self.records_mismatched} final_states_identical={self.states_identical}/{self.rounds} "
-                f"wall={self.wall_s:.0f}s")
+        return (
+            f"kills={self.kills} diverged={self.diverged} failures={len(self.failures)} "
+            f"(SIGKILL {self.sigkill}, SIGTERM {self.sigterm}: {self.sigterm_saved} saved and exited "
+            f"{errors.EXIT_PREEMPTED}, {self.sigterm_outside} outside the training loop) "
+            f"mid_save={self.kills_mid_save} "
+            f"rounds={self.rounds} starts={self.starts} records_compared={self.records_compared} "
+            f"mismatched={self.records_mismatched} final_states_identical={self.states_identical}/{self.rounds} "
+            f"wall={self.wall_s:.0f}s"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading run directories
 
+
 def read_records(workdir: str) -> dict:
     """{(step, 'train'|'eval'): record without timing fields} of metrics.jsonl, skipping a torn last line."""
-    return {(r["step"], "eval" if "eval/loss" in r else "train"): {k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in metrics.read_metrics(workdir)}
+    return {
+        (r["step"], "eval" if "eval/loss" in r else "train"): {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        for r in metrics.read_metrics(workdir)
+    }
 
 
 def _same(a, b) -> bool:
     if a.keys() != b.keys():
         return False
-    return all(x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
-               for x, y in ((a[k], b[k]) for k in a))
+    return all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+        for x, y in ((a[k], b[k]) for k in a)
+    )
 
 
 def compare_records(records: dict, reference: dict) -> tuple[int, list]:
@@ -90,21 +104,27 @@ def compare_records(records: dict, reference: dict) -> tuple[int, list]:
 def final_state(workdir: str) -> tuple[int, dict]:
     """(step, state as numpy arrays) of the newest checkpoint, restored onto one device."""
     import jax
-    from maxscale import checkpoint, sharding, train
+
+    from maxscale.parallel import sharding
+    from maxscale.train import checkpoint
+    from maxscale.train import step as step_lib
+
     with open(os.path.join(workdir, "config.json")) as fh:
         cfg = config_lib.from_json(fh.read())
     cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
-    setup = train.Setup.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]))
+    setup = step_lib.Setup.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]))
     return checkpoint.load_state(os.path.join(workdir, "checkpoints"), setup.abstract_state())
 
 
 def same_state(a: dict, b: dict) -> bool:
     import jax
     import numpy as np
+
     la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
     return len(la) == len(lb) and all(
         pa == pb and x.dtype == y.dtype and x.shape == y.shape and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        for (pa, x), (pb, y) in zip(la, lb))
+        for (pa, x), (pb, y) in zip(la, lb)
+    )
 
 
 def _interrupted_save(workdir: str) -> bool:
@@ -113,13 +133,15 @@ def _interrupted_save(workdir: str) -> bool:
 
 
 def _latest_checkpoint(workdir: str) -> int | None:
-    from maxscale import checkpoint
+    from maxscale.train import checkpoint
+
     steps = checkpoint.committed_steps(os.path.join(workdir, "checkpoints"))
     return steps[-1] if steps else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running
+
 
 class _Runner:
     def __init__(self, train_args: list[str], base: str, env: dict):
@@ -131,8 +153,12 @@ class _Runner:
         log = os.path.join(self.base, "logs", f"{self.count:03d}-{os.path.basename(workdir)}.log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "maxscale.train", *self.train_args, f"--workdir={workdir}"],
-                                    stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "maxscale.train", *self.train_args, f"--workdir={workdir}"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
         return proc, log
 
     def complete(self, workdir: str) -> float:
@@ -148,16 +174,23 @@ def _tail(path: str, n: int = 3) -> str:
         return " | ".join(line.strip() for line in fh.readlines()[-n:])
 
 
-def run(train_args: list[str], kills: int, workdir: str, seed: int = 0, sigterm_share: float = 0.5,
-        compile_cache: bool = True, term_timeout_s: float = 120.0,
-        log: Callable[[str], None] = print) -> Report:
+def run(
+    train_args: list[str],
+    kills: int,
+    workdir: str,
+    seed: int = 0,
+    sigterm_share: float = 0.5,
+    compile_cache: bool = True,
+    term_timeout_s: float = 120.0,
+    log: Callable[[str], None] = print,
+) -> Report:
     """Runs the chaos test; `train_args` are the --config flags of the run (no --workdir)."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
     report = Report()
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if compile_cache:  # restarts load the compiled step instead of compiling it again: same program, faster
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
@@ -188,8 +221,10 @@ def run(train_args: list[str], kills: int, workdir: str, seed: int = 0, sigterm_
         report.states_identical += identical
         if bad or not identical:
             report.diverged += 1
-            log(f"chaos: {round_dir} DIVERGED: {len(bad)} records differ (first: {bad[:3]}); final state "
-                f"{'identical' if identical else 'different'}")
+            log(
+                f"chaos: {round_dir} DIVERGED: {len(bad)} records differ (first: {bad[:3]}); final state "
+                f"{'identical' if identical else 'different'}"
+            )
         return not bad and identical
 
     check_round(warm_dir)
@@ -234,20 +269,24 @@ def run(train_args: list[str], kills: int, workdir: str, seed: int = 0, sigterm_
                 report.sigterm += 1
                 records = read_records(round_dir)
                 last_logged = max((s for s, kind in records if kind == "train"), default=None)
-                if rc == config_lib.EXIT_PREEMPTED and _latest_checkpoint(round_dir) == last_logged:
+                if rc == errors.EXIT_PREEMPTED and _latest_checkpoint(round_dir) == last_logged:
                     report.sigterm_saved += 1
                 elif rc == -signal.SIGTERM:
                     report.sigterm_outside += 1
                 elif rc != 0:
-                    report.failures.append(f"SIGTERM attempt exited {rc} (checkpoint {_latest_checkpoint(round_dir)}, "
-                                           f"last logged step {last_logged}): {_tail(out)}")
+                    report.failures.append(
+                        f"SIGTERM attempt exited {rc} (checkpoint {_latest_checkpoint(round_dir)}, "
+                        f"last logged step {last_logged}): {_tail(out)}"
+                    )
             # What the killed attempt logged, including steps past its last checkpoint, must match the reference.
             n, bad = compare_records(read_records(round_dir), reference)
             report.records_compared += n
             report.records_mismatched += len(bad)
-            log(f"chaos: kill {report.kills}/{kills}: {sig.name} after {delay:.1f}s, exit {rc}, checkpoint "
+            log(
+                f"chaos: kill {report.kills}/{kills}: {sig.name} after {delay:.1f}s, exit {rc}, checkpoint "
                 f"{_latest_checkpoint(round_dir)}{' (mid-save)' if mid_save else ''}, records so far "
-                f"{'match' if not bad else f'DIFFER at {bad[:3]}'}")
+                f"{'match' if not bad else f'DIFFER at {bad[:3]}'}"
+            )
             if rc == 0:  # the signal landed after the last step: the round is complete
                 break
         check_round(round_dir)
@@ -273,20 +312,29 @@ def main(argv: list[str]) -> int:
         cache = flags.get("compile_cache", "true").lower() in ("1", "true", "yes")
         if kills < 0 or not 0.0 <= share <= 1.0:
             raise ValueError
-    except config_lib.ConfigError as e:
+    except errors.ConfigError as e:
         print(f"chaos: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
+        return errors.EXIT_USAGE
     except ValueError:
-        print("chaos: error: --kills must be an integer >= 0, --seed an integer and --sigterm_share a number in "
-              "[0, 1]", file=sys.stderr)
-        return config_lib.EXIT_USAGE
+        print(
+            "chaos: error: --kills must be an integer >= 0, --seed an integer and --sigterm_share a number in [0, 1]",
+            file=sys.stderr,
+        )
+        return errors.EXIT_USAGE
     spec = [a for a in config_args if a.startswith("--config=")]
     overrides = [a for a in config_args if a.startswith("--config.")]
     train_args = spec + list(DEFAULT_OVERRIDES) + overrides
     workdir = flags.get("workdir") or os.path.join("runs", "chaos")
     print(f"chaos: python -m maxscale.train {' '.join(train_args)} --workdir={workdir}/...", flush=True)
-    report = run(train_args, kills, workdir, seed=seed, sigterm_share=share, compile_cache=cache,
-                 log=lambda line: print(line, flush=True))
+    report = run(
+        train_args,
+        kills,
+        workdir,
+        seed=seed,
+        sigterm_share=share,
+        compile_cache=cache,
+        log=lambda line: print(line, flush=True),
+    )
     for failure in report.failures:
         print(f"chaos: failure: {failure}")
     print(report.line(), flush=True)

@@ -9,7 +9,7 @@ The split is by document (a stable hash of the document's name), so eval text ne
 of a single document falls back to holding out its tail. Training batches are a pure function of (seed, step):
 window indices are shuffled by grain (a fresh permutation each epoch), batched globally, and each process then
 loads only its own rows. So the global batch is the same for any number of processes, and the iterator state is
-one integer, saved in checkpoints as JSON (maxscale/checkpoint.py).
+one integer, saved in checkpoints as JSON (maxscale/train/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import zlib
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 
-from maxscale.config import ConfigError
+from maxscale import paths
+from maxscale.errors import ConfigError
 
 EOS = 0  # the byte tokenizer separates documents with NUL, which text files do not contain
 TOKEN_FILE_FORMAT = "maxscale-tokens-v1"
@@ -45,13 +47,14 @@ class ByteTokenizer:
 
 @dataclasses.dataclass
 class Corpus:
-    train: np.ndarray          # 1-D token ids (uint8/uint16/uint32, possibly a memmap)
+    train: np.ndarray  # 1-D token ids (uint8/uint16/uint32, possibly a memmap)
     eval: np.ndarray
     vocab_size: int
     description: str
 
 
 # -- sources -------------------------------------------------------------------------------------------------------
+
 
 def _stdlib_files() -> list[str]:
     root = sysconfig.get_paths()["stdlib"]
@@ -62,15 +65,32 @@ def _stdlib_files() -> list[str]:
     return files
 
 
-def _text_files(source: str) -> list[str]:
-    if os.path.isdir(source):
+def _remote_files(source: str) -> list[epath.Path]:
+    """Files under a URL: a directory (recursively), a glob (wildcards after the bucket), or one object."""
+    path = paths.as_path(source)
+    if glob.has_magic(source):
+        parts = source.split("/")
+        first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        return list(epath.Path("/".join(parts[:first])).glob("/".join(parts[first:])))
+    if path.is_dir():
+        return [root / name for root, _, names in path.walk() for name in names]
+    return [path]
+
+
+def _text_files(source: str) -> list:
+    if paths.is_url(source):
+        files = sorted((f for f in _remote_files(source) if f.is_file()), key=os.fspath)
+    elif os.path.isdir(source):
         files = [os.path.join(d, n) for d, _, names in os.walk(source) for n in names]
     else:
         files = glob.glob(source, recursive=True)
-    files = sorted(f for f in files if os.path.isfile(f))
+    if not paths.is_url(source):
+        files = sorted(f for f in files if os.path.isfile(f))
     if not files:
-        raise ConfigError(f"data.source={source!r}: no such file, directory or glob match; "
-                          f"pass a text file, a directory, a glob, a token-file header (.json) or 'stdlib'")
+        raise ConfigError(
+            f"data.source={source!r}: no such file, directory or glob match; "
+            f"pass a text file, a directory, a glob, a token-file header (.json) or 'stdlib'"
+        )
     return files
 
 
@@ -78,17 +98,17 @@ def _is_eval(name: str, fraction: float) -> bool:
     return zlib.crc32(name.encode()) / 2**32 < fraction
 
 
-def _read_documents(files: list[str], root: str, cfg_data) -> Corpus:
+def _read_documents(files: list, root: str, cfg_data) -> Corpus:
     tok = ByteTokenizer()
     parts = {"train": [], "eval": []}
     total = 0
     for f in files:
-        with open(f, "rb") as fh:
-            raw = fh.read()
+        raw = paths.as_path(f).read_bytes()
         if not raw:
             continue
         doc = np.frombuffer(raw.replace(b"\0", b""), dtype=np.uint8)
-        split = "eval" if _is_eval(os.path.relpath(f, root), cfg_data.eval_fraction) else "train"
+        name = os.fspath(f)[len(root) :].lstrip("/") if paths.is_url(f) else os.path.relpath(f, root)
+        split = "eval" if _is_eval(name, cfg_data.eval_fraction) else "train"
         parts[split] += [doc, np.array([tok.eos_id], np.uint8)]
         total += len(doc) + 1
         if cfg_data.max_bytes and total >= cfg_data.max_bytes:
@@ -107,26 +127,35 @@ def _read_documents(files: list[str], root: str, cfg_data) -> Corpus:
 
 def _read_token_file(header_path: str) -> Corpus:
     try:
-        with open(header_path) as fh:
-            header = json.load(fh)
+        header = json.loads(paths.read_text(header_path))
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"data.source={header_path!r}: not a readable token-file header ({e}); "
-                          f"make one with tools/prepare_data.py") from None
+        raise ConfigError(
+            f"data.source={header_path!r}: not a readable token-file header ({e}); make one with tools/prepare_data.py"
+        ) from None
     if header.get("format") != TOKEN_FILE_FORMAT:
-        raise ConfigError(f"data.source={header_path!r}: not a {TOKEN_FILE_FORMAT} header; "
-                          f"make one with tools/prepare_data.py")
-    base = os.path.dirname(header_path)
+        raise ConfigError(
+            f"data.source={header_path!r}: not a {TOKEN_FILE_FORMAT} header; make one with tools/prepare_data.py"
+        )
+    base = paths.as_path(header_path).parent
     arrays = {}
     for split in ("train", "eval"):
         entry = header[split]
-        path = os.path.join(base, entry["file"])
+        path = base / entry["file"]
         expected = entry["tokens"] * np.dtype(header["dtype"]).itemsize
-        if not os.path.isfile(path) or os.path.getsize(path) != expected:
-            raise ConfigError(f"data.source={header_path!r}: {path} is missing or not {expected} bytes; "
-                              f"re-run tools/prepare_data.py")
-        arrays[split] = np.memmap(path, dtype=header["dtype"], mode="r", shape=(entry["tokens"],))
-    return Corpus(arrays["train"], arrays["eval"], header["vocab_size"],
-                  f"token file {header_path} ({header['train']['tokens'] / 1e6:.1f}M train tokens)")
+        if not path.is_file() or path.stat().length != expected:
+            raise ConfigError(
+                f"data.source={header_path!r}: {path} is missing or not {expected} bytes; re-run tools/prepare_data.py"
+            )
+        if paths.is_url(path):  # no memmap over an object store: the split is read into memory once
+            arrays[split] = np.frombuffer(path.read_bytes(), dtype=header["dtype"])
+        else:
+            arrays[split] = np.memmap(path, dtype=header["dtype"], mode="r", shape=(entry["tokens"],))
+    return Corpus(
+        arrays["train"],
+        arrays["eval"],
+        header["vocab_size"],
+        f"token file {header_path} ({header['train']['tokens'] / 1e6:.1f}M train tokens)",
+    )
 
 
 def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
@@ -140,20 +169,28 @@ def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
         corpus = _read_token_file(d.source)
     else:
         files = _text_files(d.source)
-        root = d.source if os.path.isdir(d.source) else os.path.dirname(files[0])
+        if paths.is_url(d.source):
+            root = d.source if paths.as_path(d.source).is_dir() else os.fspath(files[0].parent)
+        else:
+            root = d.source if os.path.isdir(d.source) else os.path.dirname(files[0])
         corpus = _read_documents(files, root, d)
     if corpus.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                          f"({corpus.vocab_size}); set --config.model.vocab_size={corpus.vocab_size} or more")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({corpus.vocab_size}); set --config.model.vocab_size={corpus.vocab_size} or more"
+        )
     for split in ("train", "eval"):
         n = len(getattr(corpus, split))
         if n < d.seq_len + 1:
-            raise ConfigError(f"data.seq_len={d.seq_len} is longer than the {split} split ({n} tokens of "
-                              f"{d.source!r}); lower data.seq_len or use more data")
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} is longer than the {split} split ({n} tokens of "
+                f"{d.source!r}); lower data.seq_len or use more data"
+            )
     return corpus
 
 
 # -- batches -------------------------------------------------------------------------------------------------------
+
 
 class _Windows:
     """Random access to windows of seq_len + 1 tokens at stride seq_len."""
@@ -164,19 +201,22 @@ class _Windows:
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         T = self.seq_len
-        return np.stack([np.asarray(self.tokens[i * T:i * T + T + 1], dtype=np.int32) for i in indices])
+        return np.stack([np.asarray(self.tokens[i * T : i * T + T + 1], dtype=np.int32) for i in indices])
 
 
 def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
     if global_batch % process_count:
-        raise ConfigError(f"train.batch_size={global_batch} does not divide over {process_count} processes; "
-                          f"make it a multiple of {process_count}")
+        raise ConfigError(
+            f"train.batch_size={global_batch} does not divide over {process_count} processes; "
+            f"make it a multiple of {process_count}"
+        )
     per = global_batch // process_count
     return slice(process_index * per, (process_index + 1) * per)
 
 
-def train_dataset(corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
+def train_dataset(
+    corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
     """Infinite iterator of {'tokens': int32 [local_batch, seq_len + 1]}; batch t depends only on (seed, t)."""
     windows = _Windows(corpus.train, cfg.data.seq_len)
     rows = process_rows(cfg.train.batch_size, process_index, process_count)
@@ -186,8 +226,9 @@ def train_dataset(corpus: Corpus, cfg: ml_collections.ConfigDict, process_index:
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
-def eval_batches(corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0,
-                 process_count: int = 1) -> list[dict]:
+def eval_batches(
+    corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+) -> list[dict]:
     """The fixed held-out batches (the first windows of the eval split, cycled if short)."""
     windows = _Windows(corpus.eval, cfg.data.seq_len)
     rows = process_rows(cfg.train.batch_size, process_index, process_count)
@@ -206,8 +247,14 @@ def write_token_file(cfg: ml_collections.ConfigDict, out: str) -> dict:
     """
     corpus = load_corpus(cfg)
     dtype = np.uint8 if corpus.vocab_size <= 256 else np.uint16 if corpus.vocab_size <= 65536 else np.uint32
-    header = {"format": TOKEN_FILE_FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": corpus.vocab_size,
-              "tokenizer": "byte", "source": cfg.data.source, "description": corpus.description}
+    header = {
+        "format": TOKEN_FILE_FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": corpus.vocab_size,
+        "tokenizer": "byte",
+        "source": cfg.data.source,
+        "description": corpus.description,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for split in ("train", "eval"):
         tokens = np.asarray(getattr(corpus, split), dtype=dtype)

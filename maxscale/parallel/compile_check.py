@@ -31,22 +31,36 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maxscale import config as config_lib, sharding, train
-from maxscale.config import ConfigError
+from maxscale import config as config_lib
+from maxscale import errors
+from maxscale.errors import ConfigError
 from maxscale.model import transformer
+from maxscale.parallel import sharding
+from maxscale.train import step as step_lib
 
 GIB = 2**30
 DEFAULT_DEVICE_MEMORY_GB = 80.0
 # Memory per device in GiB (vendor figures), looked up by a case-insensitive substring of --device.
 DEVICE_MEMORY_GB = {
-    "TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v6 lite": 32, "TPU v6e": 32,
-    "A100-40GB": 40, "A100": 80, "H100": 80, "H200": 141, "B200": 180, "MI300X": 192,
+    "TPU v4": 32,
+    "TPU v5 lite": 16,
+    "TPU v5e": 16,
+    "TPU v5p": 95,
+    "TPU v6 lite": 32,
+    "TPU v6e": 32,
+    "A100-40GB": 40,
+    "A100": 80,
+    "H100": 80,
+    "H200": 141,
+    "B200": 180,
+    "MI300X": 192,
 }
 TIGHT_FRACTION = 0.9  # above this share of device memory, runtime buffers and fragmentation may not fit
 AXES = ("data", "fsdp", "tensor", "expert")
 
 
 # -- the target mesh ----------------------------------------------------------------------------------------------
+
 
 def parse_mesh(text: str) -> dict[str, int]:
     """`data=8,fsdp=8[,dcn_data=2]` or `8x8x1x1` (sizes in data x fsdp x tensor x expert order; missing ones
@@ -65,7 +79,9 @@ def parse_mesh(text: str) -> dict[str, int]:
         else:
             out.update(zip(AXES, (int(v) for v in text.lower().split("x"))))
     except ValueError:
-        raise ConfigError(f"--mesh={text}: expected e.g. data=8,fsdp=8 or 8x8 (data x fsdp x tensor x expert)") from None
+        raise ConfigError(
+            f"--mesh={text}: expected e.g. data=8,fsdp=8 or 8x8 (data x fsdp x tensor x expert)"
+        ) from None
     for name, v in out.items():
         if v < 1:
             raise ConfigError(f"--mesh: {name}={v} must be a positive size (the target mesh has no -1)")
@@ -75,8 +91,10 @@ def parse_mesh(text: str) -> dict[str, int]:
 def num_devices(cfg: ml_collections.ConfigDict) -> int:
     sizes = [cfg.mesh[a] for a in AXES]
     if -1 in sizes:
-        raise ConfigError("--mesh is required: the config's mesh has a -1 axis, which fills whatever devices are "
-                          "present; give the target shape, e.g. --mesh=data=8,fsdp=8")
+        raise ConfigError(
+            "--mesh is required: the config's mesh has a -1 axis, which fills whatever devices are "
+            "present; give the target shape, e.g. --mesh=data=8,fsdp=8"
+        )
     return math.prod(sizes)
 
 
@@ -90,12 +108,14 @@ def device_memory_gb(device: str = "", memory_gb: float = 0.0) -> tuple[float, s
         names = names or [n for n in DEVICE_MEMORY_GB if device.lower() in n.lower()]
         if names:
             return float(DEVICE_MEMORY_GB[names[0]]), names[0]
-        raise ConfigError(f"--device={device}: not in the table ({', '.join(DEVICE_MEMORY_GB)}); "
-                          f"pass --device_memory_gb instead")
+        raise ConfigError(
+            f"--device={device}: not in the table ({', '.join(DEVICE_MEMORY_GB)}); pass --device_memory_gb instead"
+        )
     return DEFAULT_DEVICE_MEMORY_GB, "default"
 
 
 # -- the check ----------------------------------------------------------------------------------------------------
+
 
 def _bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -121,10 +141,9 @@ def check(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMO
     """Compiles the train step of resolved `cfg` on its mesh in this process (it needs enough CPU devices)."""
     n = num_devices(cfg)
     mesh = sharding.make_mesh(cfg, jax.devices("cpu")[:n])
-    setup = train.Setup.build(cfg, mesh)
+    setup = step_lib.Setup.build(cfg, mesh)
     state = setup.abstract_state()
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                 sharding=setup.batch_sharding)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
     log: list[str] = []
     with _captured_stderr(log):
         t0 = time.perf_counter()
@@ -133,8 +152,7 @@ def check(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMO
         compiled = lowered.compile()
         t2 = time.perf_counter()
     mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes)
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     capacity = int(memory_gb * GIB)
     remats = [line for line in log if "Involuntary full rematerialization" in line]
     return {
@@ -158,8 +176,7 @@ def check(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMO
         },
         "device_memory_bytes": capacity,
         "fits": total <= capacity,
-        "verdict": ("does not fit" if total > capacity else "tight" if total > TIGHT_FRACTION * capacity
-                    else "fits"),
+        "verdict": ("does not fit" if total > capacity else "tight" if total > TIGHT_FRACTION * capacity else "fits"),
         # XLA replicating a tensor to reshard it: correct but slow, and a sign that a sharding rule is off
         "xla_full_rematerializations": len(remats),
         "xla_warnings": [line[:300] for line in remats[:5]],
@@ -179,12 +196,19 @@ def run(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMORY
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO, env.get("PYTHONPATH", "")]))
     request = json.dumps({"config": cfg.to_dict(), "memory_gb": memory_gb})
-    r = subprocess.run([sys.executable, "-m", "maxscale.compile_check", "--child"], input=request, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "maxscale.parallel.compile_check", "--child"],
+        input=request,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     try:
         answer = json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise RuntimeError(f"compile check subprocess failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+        raise RuntimeError(
+            f"compile check subprocess failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}"
+        ) from None
     if "config_error" in answer:
         raise ConfigError(answer["config_error"])
     if "error" in answer:
@@ -192,7 +216,7 @@ def run(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMORY
     return answer
 
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def use_cpu_devices(n: int) -> None:
@@ -207,6 +231,7 @@ def use_cpu_devices(n: int) -> None:
 
 # -- output -------------------------------------------------------------------------------------------------------
 
+
 def table(report: dict, memory_source: str = "") -> str:
     b = report["per_device_bytes"]
     mesh = " ".join(f"{a}={v}" for a, v in report["mesh"].items())
@@ -214,22 +239,33 @@ def table(report: dict, memory_source: str = "") -> str:
     if dcn:
         mesh += " (dcn " + " ".join(f"{a}={v}" for a, v in dcn.items()) + ")"
     cap = report["device_memory_bytes"]
-    rows = [("parameters", b["params"]), ("optimizer state", b["opt_state"]), ("batch", b["batch"]),
-            ("activations + temporaries", b["activations_and_temp"]), ("total (peak estimate)", b["total"])]
+    rows = [
+        ("parameters", b["params"]),
+        ("optimizer state", b["opt_state"]),
+        ("batch", b["batch"]),
+        ("activations + temporaries", b["activations_and_temp"]),
+        ("total (peak estimate)", b["total"]),
+    ]
     n = report["params"]
     count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-    lines = [f"compile check: {count} params, global batch "
-             f"{report['global_batch'][0]} x {report['global_batch'][1]} tokens, remat {report['remat']}",
-             f"mesh {mesh}: {report['devices']} simulated devices; lowered in {report['lower_seconds']} s, "
-             f"compiled in {report['compile_seconds']} s",
-             f"{'per device':<28}{'GiB':>10}{'bytes':>16}"]
+    lines = [
+        f"compile check: {count} params, global batch "
+        f"{report['global_batch'][0]} x {report['global_batch'][1]} tokens, remat {report['remat']}",
+        f"mesh {mesh}: {report['devices']} simulated devices; lowered in {report['lower_seconds']} s, "
+        f"compiled in {report['compile_seconds']} s",
+        f"{'per device':<28}{'GiB':>10}{'bytes':>16}",
+    ]
     lines += [f"  {name:<26}{v / GIB:>10.3f}{v:>16,d}" for name, v in rows]
     source = f", {memory_source}" if memory_source else ""
-    lines.append(f"{report['verdict']}: {b['total'] / GIB:.2f} of {cap / GIB:.0f} GiB per device "
-                 f"({100 * b['total'] / cap:.1f}%{source})")
+    lines.append(
+        f"{report['verdict']}: {b['total'] / GIB:.2f} of {cap / GIB:.0f} GiB per device "
+        f"({100 * b['total'] / cap:.1f}%{source})"
+    )
     if report["xla_full_rematerializations"]:
-        lines.append(f"warning: XLA replicated a tensor to reshard it {report['xla_full_rematerializations']} "
-                     f"time(s) (correct but slow; see xla_warnings in --json)")
+        lines.append(
+            f"warning: XLA replicated a tensor to reshard it {report['xla_full_rematerializations']} "
+            f"time(s) (correct but slow; see xla_warnings in --json)"
+        )
     return "\n".join(lines)
 
 
@@ -242,7 +278,9 @@ def _parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict]:
     try:
         flags["device_memory_gb"] = float(flags.get("device_memory_gb", 0))
     except ValueError:
-        raise ConfigError(f"--device_memory_gb={flags['device_memory_gb']}: expected a number of GiB, e.g. 80") from None
+        raise ConfigError(
+            f"--device_memory_gb={flags['device_memory_gb']}: expected a number of GiB, e.g. 80"
+        ) from None
     flags["json"] = flags.get("json", "false").lower() in ("1", "true", "yes")
     return config_lib.resolve(cfg), flags
 
@@ -258,10 +296,12 @@ def main(argv: list[str]) -> int:
         report = run(cfg, memory_gb)
     except ConfigError as e:
         print(f"compile_check: error: {e}", file=sys.stderr)
-        return config_lib.EXIT_USAGE
+        return errors.EXIT_USAGE
     except Exception as e:  # an XLA failure: one line, not a traceback
-        print(f"compile_check: compile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-              file=sys.stderr)
+        print(
+            f"compile_check: compile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(report, indent=2) if flags["json"] else table(report, source))
     return 0 if report["fits"] else 1

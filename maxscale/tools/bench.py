@@ -5,7 +5,6 @@ process. The hand-written step is the yardstick for framework overhead: it shoul
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 
@@ -14,8 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maxscale import metrics, sharding, train
 from maxscale.model import transformer
+from maxscale.parallel import sharding
+from maxscale.train import metrics
+from maxscale.train import step as step_lib
 
 
 def _time_steps(step, state, batch, steps: int) -> tuple[float, float, object]:
@@ -35,9 +36,10 @@ def _time_steps(step, state, batch, steps: int) -> tuple[float, float, object]:
 
 # -- the hand-written reference: the same model and AdamW, written directly in jax.numpy -------------------------
 
+
 def _reference_step(cfg: ml_collections.ConfigDict):
     m, o = cfg.model, cfg.optimizer
-    scale = m.head_dim ** -0.5
+    scale = m.head_dim**-0.5
 
     def rms(x, g):
         return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + m.norm_eps) * g
@@ -76,9 +78,10 @@ def _reference_step(cfg: ml_collections.ConfigDict):
         t = t + 1
         mu = jax.tree.map(lambda a, b: o.b1 * a + (1 - o.b1) * b, mu, g)
         nu = jax.tree.map(lambda a, b: o.b2 * a + (1 - o.b2) * b * b, nu, g)
-        c1, c2 = 1 - o.b1 ** t, 1 - o.b2 ** t
-        params = jax.tree.map(lambda p, a, b: p - o.lr * ((a / c1) / (jnp.sqrt(b / c2) + o.eps) + o.weight_decay * p),
-                              params, mu, nu)
+        c1, c2 = 1 - o.b1**t, 1 - o.b2**t
+        params = jax.tree.map(
+            lambda p, a, b: p - o.lr * ((a / c1) / (jnp.sqrt(b / c2) + o.eps) + o.weight_decay * p), params, mu, nu
+        )
         return (params, mu, nu, t), l
 
     return jax.jit(step, donate_argnums=0)
@@ -88,7 +91,7 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10) -> dict:
     if cfg.model.mlp != "swiglu" or cfg.model.norm != "rmsnorm" or cfg.model.num_kv_heads != cfg.model.num_heads:
         raise ValueError("the hand-written reference covers swiglu + rmsnorm + full multi-head attention only")
     mesh = sharding.make_mesh(cfg)
-    setup = train.Setup.build(cfg, mesh)
+    setup = step_lib.Setup.build(cfg, mesh)
     B, T = cfg.train.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
@@ -106,8 +109,15 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10) -> dict:
     flops_tok = transformer.flops_per_token(cfg)
     tok_s, ref_tok_s = B * T / step_s, B * T / ref_step_s
     return {
-        "config": {"width": cfg.model.width, "depth": cfg.model.depth, "heads": cfg.model.num_heads,
-                   "seq_len": T, "batch": B, "dtype": cfg.model.dtype, "devices": mesh.size},
+        "config": {
+            "width": cfg.model.width,
+            "depth": cfg.model.depth,
+            "heads": cfg.model.num_heads,
+            "seq_len": T,
+            "batch": B,
+            "dtype": cfg.model.dtype,
+            "devices": mesh.size,
+        },
         "params": transformer.count_params(cfg),
         "compile_s": round(compile_s, 3),
         "step_s": round(step_s, 5),
@@ -126,10 +136,9 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10) -> dict:
 
 def compile_seconds(cfg: ml_collections.ConfigDict) -> float:
     """Seconds to lower and compile the train step for `cfg` (no arrays allocated)."""
-    setup = train.Setup.build(cfg, sharding.make_mesh(cfg))
+    setup = step_lib.Setup.build(cfg, sharding.make_mesh(cfg))
     state = setup.abstract_state()
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                 sharding=setup.batch_sharding)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
     t = time.perf_counter()
     setup.train_step.lower(state, batch).compile()
     return time.perf_counter() - t

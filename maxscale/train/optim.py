@@ -31,10 +31,12 @@ def schedule(cfg: ml_collections.ConfigDict):
         return lambda t: warm(jnp.asarray(t, jnp.float32)) * jnp.ones([], jnp.float32)
 
     if s.name == "cosine":
+
         def cosine(t):
             t = jnp.asarray(t, jnp.float32)
             progress = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
             return warm(t) * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
         return cosine
 
     if s.name == "wsd":
@@ -45,6 +47,7 @@ def schedule(cfg: ml_collections.ConfigDict):
             t = jnp.asarray(t, jnp.float32)
             progress = jnp.clip((t - decay_start) / max(decay_steps, 1.0), 0.0, 1.0)
             return warm(t) * (1.0 - (1.0 - floor) * progress)
+
         return wsd
 
     if s.name == "power":
@@ -54,6 +57,7 @@ def schedule(cfg: ml_collections.ConfigDict):
             t = jnp.asarray(t, jnp.float32)
             tail = jnp.clip(1.0 - t / total, 0.0, 1.0) ** delta if delta else 1.0
             return warm(t) * (1.0 + t / t0) ** -chi * tail
+
         return power
 
     raise ValueError(f"schedule.name={s.name!r}")

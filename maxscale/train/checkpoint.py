@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import zlib
 from typing import Any, Callable
 
@@ -34,9 +33,10 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from maxscale import config as config_lib
-from maxscale.faults import RunStopped
+from maxscale import errors, paths
+from maxscale.errors import RunStopped
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "maxscale-checkpoint-manifest-v1"
@@ -47,23 +47,23 @@ _UNHASHED = ("_CHECKPOINT_METADATA",)
 
 class CheckpointError(RunStopped):
     """A checkpoint could not be written, or none could be read. One line: what failed and what is still intact."""
-    exit_code = config_lib.EXIT_CHECKPOINT
+
+    exit_code = errors.EXIT_CHECKPOINT
 
 
-def committed_steps(directory: str) -> list[int]:
+def committed_steps(directory: str | os.PathLike) -> list[int]:
     """Steps with a committed step directory, ascending (no orbax objects: safe before anything is written)."""
-    if not os.path.isdir(directory):
+    directory = paths.as_path(directory)
+    if not directory.is_dir():
         return []
-    return sorted(int(n) for n in os.listdir(directory)
-                  if _STEP_NAME.fullmatch(n) and os.path.isdir(os.path.join(directory, n)))
+    return sorted(int(d.name) for d in directory.iterdir() if _STEP_NAME.fullmatch(d.name) and d.is_dir())
 
 
-def read_saved_config(directory: str) -> tuple[int, dict] | None:
+def read_saved_config(directory: str | os.PathLike) -> tuple[int, dict] | None:
     """(step, config dict) of the newest committed checkpoint whose config item reads; None if there is none."""
     for step in reversed(committed_steps(directory)):
         try:
-            with open(os.path.join(directory, str(step), "config", "metadata")) as fh:
-                saved = json.load(fh)
+            saved = json.loads(paths.join(directory, str(step), "config", "metadata").read_text())
         except (OSError, ValueError):
             continue  # unreadable: the restore fallback deals with it
         if isinstance(saved, dict):
@@ -73,57 +73,64 @@ def read_saved_config(directory: str) -> tuple[int, dict] | None:
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
     text = " ".join(str(e).split())
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _crc32(path: str) -> int:
+def _crc32(path: epath.Path) -> int:
     crc = 0
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
         while chunk := fh.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return crc
 
 
-def write_manifest(step_dir: str) -> None:
+def write_manifest(step_dir: str | os.PathLike) -> None:
+    step_dir = paths.as_path(step_dir)
     files = {}
-    for root, _, names in os.walk(step_dir):
+    for root, _, names in step_dir.walk():
         for name in sorted(names):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
+            path = root / name
+            rel = os.fspath(path.relative_to(step_dir))
             if rel == MANIFEST or rel in _UNHASHED:
                 continue
-            files[rel] = [os.path.getsize(path), _crc32(path)]
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"format": MANIFEST_FORMAT, "files": files}, fh, sort_keys=True)
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+            files[rel] = [path.stat().length, _crc32(path)]
+    paths.write_text_atomic(
+        step_dir / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, sort_keys=True)
+    )
 
 
 def verify_manifest(step_dir: str) -> None:
     """Raises ValueError naming the first file whose size or CRC-32 differs. A step without a manifest (the run
     was killed between commit and hashing) passes: orbax's atomic commit already vouches that it is complete."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
+    step_dir = paths.as_path(step_dir)
+    path = step_dir / MANIFEST
+    if not path.exists():
         return
-    with open(path) as fh:
-        manifest = json.load(fh)
+    manifest = json.loads(path.read_text())
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{MANIFEST} is not a {MANIFEST_FORMAT} file")
     for rel, (size, crc) in sorted(manifest["files"].items()):
-        full = os.path.join(step_dir, rel)
-        if not os.path.isfile(full):
+        full = step_dir / rel
+        if not full.is_file():
             raise ValueError(f"{rel} is missing")
-        if os.path.getsize(full) != size:
-            raise ValueError(f"{rel} has {os.path.getsize(full)} bytes, expected {size}")
+        if full.stat().length != size:
+            raise ValueError(f"{rel} has {full.stat().length} bytes, expected {size}")
         if _crc32(full) != crc:
             raise ValueError(f"{rel} fails its CRC-32 check")
 
 
 class Checkpointer:
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, primary: bool = True, read_only: bool = False):
-        """`primary`: this process hashes, deletes and moves steps. `read_only`: restore only, touch nothing."""
-        self.directory = os.path.abspath(directory)
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        cfg: ml_collections.ConfigDict,
+        primary: bool = True,
+        read_only: bool = False,
+    ):
+        """`primary`: this process hashes, deletes and moves steps. `read_only`: restore only, touch nothing.
+        `directory` may be a URL (gs://...): it reaches orbax as one (maxscale/paths.py)."""
+        self.directory = paths.as_path(directory)
         self.keep = cfg.checkpoint.max_to_keep
         self.verify = cfg.checkpoint.verify
         self.primary = primary and not read_only
@@ -136,12 +143,11 @@ class Checkpointer:
             read_only=read_only,
             save_interval_steps=0 if read_only else 1,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
         if self.primary:
-            for name in os.listdir(self.directory):
-                if name.endswith(".deleting"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            for leftover in self.directory.iterdir():
+                if leftover.name.endswith(".deleting"):
+                    _remove_tree(leftover)
 
     def steps(self) -> list[int]:
         return committed_steps(self.directory)
@@ -161,11 +167,15 @@ class Checkpointer:
         First confirms the previous save (CheckpointError if it failed), so at most one save is unconfirmed."""
         self.finish()
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_iterator.get_state()),
-                config=ocp.args.JsonSave(cfg.to_dict()),
-            ), force=True)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_iterator.get_state()),
+                    config=ocp.args.JsonSave(cfg.to_dict()),
+                ),
+                force=True,
+            )
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
             raise self._save_failed(step, e) from None
         self._pending = step
@@ -184,34 +194,36 @@ class Checkpointer:
         step, self._pending = self._pending, None
         try:
             self.manager.wait_until_finished()
-            step_dir = os.path.join(self.directory, str(step))
-            if not os.path.isdir(step_dir):
+            step_dir = self.directory / str(step)
+            if not step_dir.is_dir():
                 raise OSError(f"{step_dir} was not committed")
             if self.primary:
                 write_manifest(step_dir)
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(step, e) from None
         if self.primary:
-            for old in self.steps()[:-self.keep]:
+            for old in self.steps()[: -self.keep]:
                 self._move_aside(old, ".deleting", delete=True)
         self.manager.reload()
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
         intact = [s for s in self.steps() if s != step]
         kept = f"the checkpoint at step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
-        return CheckpointError(f"saving the checkpoint at step {step} in {self.directory} failed ({_one_line(e)}); "
-                               f"{kept}; fix the cause (disk space, permissions) and rerun the same command to resume")
+        return CheckpointError(
+            f"saving the checkpoint at step {step} in {self.directory} failed ({_one_line(e)}); "
+            f"{kept}; fix the cause (disk space, permissions) and rerun the same command to resume"
+        )
 
     def _move_aside(self, step: int, suffix: str, delete: bool = False) -> str:
-        target = os.path.join(self.directory, f"{step}{suffix}")
+        target = self.directory / f"{step}{suffix}"
         n = 1
-        while os.path.exists(target):
+        while target.exists():
             n += 1
-            target = os.path.join(self.directory, f"{step}{suffix}{n}")
-        os.rename(os.path.join(self.directory, str(step)), target)
+            target = self.directory / f"{step}{suffix}{n}"
+        (self.directory / str(step)).rename(target)
         if delete:
-            shutil.rmtree(target, ignore_errors=True)
-        return target
+            _remove_tree(target)
+        return os.fspath(target)
 
     # -- restoring ---------------------------------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
@@ -219,7 +231,7 @@ class Checkpointer:
 
         Verifies the manifest first (when checkpoint.verify) and that the restored state is at `step`."""
         if self.verify:
-            verify_manifest(os.path.join(self.directory, str(step)))
+            verify_manifest(self.directory / str(step))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
@@ -231,8 +243,9 @@ class Checkpointer:
             data_iterator.set_state(restored["data"])
         return state
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any | None,
-                       report: Callable[[str], None]) -> tuple[int | None, Any]:
+    def restore_latest(
+        self, abstract_state: Any, data_iterator: Any | None, report: Callable[[str], None]
+    ) -> tuple[int | None, Any]:
         """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
 
         Each newer step that fails is reported in one line and moved aside as `<step>.corrupt`; if every step
@@ -247,15 +260,19 @@ class Checkpointer:
                 continue
             for bad, why in failed:
                 moved = self._move_aside(bad, ".corrupt") if self.primary else f"{bad}.corrupt"
-                report(f"checkpoint {bad} in {self.directory} is unusable ({why}); moved it to "
-                       f"{os.path.basename(moved)} and resuming from checkpoint {step}")
+                report(
+                    f"checkpoint {bad} in {self.directory} is unusable ({why}); moved it to "
+                    f"{os.path.basename(moved)} and resuming from checkpoint {step}"
+                )
             if failed:
                 self.manager.reload()
             return step, state
         if failed:
             details = "; ".join(f"step {s}: {why}" for s, why in failed)
-            raise CheckpointError(f"no checkpoint in {self.directory} restores ({details}); move the directory "
-                                  f"away to start the run over, or restore it from a backup")
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores ({details}); move the directory "
+                f"away to start the run over, or restore it from a backup"
+            )
         return None, None
 
     def restore_config(self, step: int) -> dict:
@@ -269,6 +286,13 @@ class Checkpointer:
             self.finish()
         finally:
             self.manager.close()
+
+
+def _remove_tree(path: epath.Path) -> None:
+    try:
+        path.rmtree()
+    except OSError:
+        pass  # a leftover that cannot go now is retried by the next Checkpointer
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -1,0 +1,61 @@
+"""Causal self-attention: its parameters, the projections, and THE attention-kernel entry point.
+
+Shapes: B batch, T sequence, D width, H query heads, G key/value heads (grouped-query attention), K head dim.
+`attend` is the one call of an attention kernel; implementations are chosen from `IMPLEMENTATIONS` by name
+(`model.attention_impl`), each a small function tested against the plain XLA one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import ml_collections
+
+from maxscale.model.layers import Matmul, mean_abs, norm, rope
+from maxscale.parameterization import ParamSpec
+
+
+def specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
+    """The attention parameters of one block, each with a leading `layers` axis."""
+    L = ("layers",)
+    out = {
+        "wq": ParamSpec("hidden", L + ("embed", "heads", "head_dim"), ("embed",)),
+        "wk": ParamSpec("hidden", L + ("embed", "kv_heads", "head_dim"), ("embed",)),
+        "wv": ParamSpec("hidden", L + ("embed", "kv_heads", "head_dim"), ("embed",)),
+        "wo": ParamSpec("hidden", L + ("heads", "head_dim", "embed"), ("heads", "head_dim")),
+    }
+    if cfg.model.qk_norm:
+        out["q_norm"] = ParamSpec("norm", L + ("head_dim",), ())
+        out["k_norm"] = ParamSpec("norm", L + ("head_dim",), ())
+    return out
+
+
+def _xla(q_BTHK, k_BTGK, v_BTGK, scale: float):
+    return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, scale=scale, is_causal=True)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla}
+
+
+def attend(q_BTHK, k_BTGK, v_BTGK, *, scale: float, impl: str = "xla"):
+    """Causal softmax(scale q.k) v with H query heads sharing G key/value heads; returns [B, T, H, K]."""
+    return IMPLEMENTATIONS[impl](q_BTHK, k_BTGK, v_BTGK, scale)
+
+
+def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmul, stats: dict | None = None):
+    """Attention branch output [B, T, D] (before the residual multiplier) for this layer's params `p`.
+    When `stats` is a dict, mean |.| of intermediate values are added to it (coordinate checks)."""
+    m = cfg.model
+    q_BTHK = mm("btd,dhk->bthk", h_BTD, p["wq"], role="hidden")
+    k_BTGK = mm("btd,dgk->btgk", h_BTD, p["wk"], role="hidden")
+    v_BTGK = mm("btd,dgk->btgk", h_BTD, p["wv"], role="hidden")
+    if m.qk_norm:
+        q_BTHK = norm(q_BTHK, p["q_norm"], None, "rmsnorm", m.norm_eps)
+        k_BTGK = norm(k_BTGK, p["k_norm"], None, "rmsnorm", m.norm_eps)
+    q_BTHK, k_BTGK = rope(q_BTHK, m.rope_theta), rope(k_BTGK, m.rope_theta)
+    att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=mults["attn_scale"])
+    out_BTD = mm("bthk,hkd->btd", att_BTHK, p["wo"], role="hidden")
+    if stats is not None:
+        stats["attn"] = mean_abs(out_BTD)
+    return out_BTD

@@ -1,0 +1,79 @@
+"""The parameterization table of a config: per parameter its role, init std and LR / WD / eps factors, plus the
+forward multipliers. `python -m maxscale.parameterization --config=FILE [--config.a.b=v ...] [--json]`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ml_collections
+
+from maxscale import config as config_lib
+from maxscale import errors
+from maxscale.errors import EXIT_USAGE, ConfigError
+from maxscale.model import transformer
+from maxscale.parameterization import Parameterization
+
+
+def describe(cfg: ml_collections.ConfigDict) -> dict:
+    """The table for a resolved config: one row per parameter, plus the forward multipliers. No arrays made."""
+    par = Parameterization(cfg)
+    rows = []
+    for path, spec, shape in transformer.param_specs(cfg):
+        std = par.init_std(spec, path)
+        init = "ones" if spec.role == "norm" else "normal" if std else "zeros"
+        rows.append(
+            {
+                "path": path,
+                "shape": list(shape),
+                "role": spec.role,
+                "axes": list(spec.axes),
+                "init": init,
+                "init_std": std,
+                **par.factors(spec),
+            }
+        )
+    return {
+        "parameterization": cfg.parameterization.name,
+        "source": par.rule.source,
+        "depth_alpha": par.alpha,
+        "attn_exponent": par.attn_exponent,
+        "m_width": par.m_width,
+        "m_depth": par.m_depth,
+        "multipliers": par.multipliers(),
+        "params": rows,
+    }
+
+
+def _format_table(table: dict) -> str:
+    lines = [
+        f"parameterization={table['parameterization']} ({table['source']}) depth_alpha={table['depth_alpha']} "
+        f"attn_exponent={table['attn_exponent']} m_width={table['m_width']:.6g} m_depth={table['m_depth']:.6g}",
+        "multipliers: " + "  ".join(f"{k}={v:.6g}" for k, v in table["multipliers"].items()),
+        f"{'path':<28} {'shape':<22} {'role':<10} {'init_std':>10} {'lr':>9} {'wd':>9} {'eps':>9}",
+    ]
+    for r in table["params"]:
+        init = f"{r['init_std']:.4g}" if r["init"] == "normal" else r["init"]
+        lines.append(
+            f"{r['path']:<28} {str(tuple(r['shape'])):<22} {r['role']:<10} {init:>10} "
+            f"{r['lr']:>9.4g} {r['wd']:>9.4g} {r['eps']:>9.4g}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    try:
+        cfg, _ = config_lib.parse_argv(argv, extra_flags=())
+        cfg = config_lib.resolve(cfg)
+    except errors.HelpRequested as e:
+        print(f"{__doc__.strip()}\n\n{e} [--json]")
+        return 0
+    except ConfigError as e:
+        print(f"maxscale.parameterization: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    table = describe(cfg)
+    print(json.dumps(table, indent=2) if as_json else _format_table(table))
+    return 0

@@ -1,0 +1,65 @@
+"""Paths that may be URLs: workdirs, checkpoint directories, data sources and sweep roots.
+
+Everything goes through `etils.epath` (what orbax itself uses), so `gs://bucket/run` reaches orbax, the metrics writer
+and TensorBoard as a URL and never becomes `<cwd>/gs:/bucket/run`. `file:///abs/path` is a local path. Local paths
+are made absolute once, here. Object stores cannot append or rename atomically; the helpers below say what they do
+instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+
+from etils import epath
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for a remote URL (`gs://`, `s3://`, ...); `file://` URLs and plain paths are local."""
+    text = os.fspath(path)
+    return bool(_SCHEME.match(text)) and not text.startswith("file://")
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """An epath.Path: remote URLs unchanged, `file://` URLs and plain paths as absolute local paths."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    if is_url(text):
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
+
+
+def join(path: str | os.PathLike, *parts: str) -> epath.Path:
+    return as_path(path).joinpath(*parts)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Readers see the old or the new text, never a part: local files by rename, objects by a whole-object write."""
+    path = as_path(path)
+    if is_url(path):
+        path.write_text(text)  # an object store replaces an object whole
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return as_path(path).read_text()
+
+
+def writable_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why a run cannot write under `path`, or None. Remote paths are not probed (no credentials needed to plan a
+    run); local ones must be, or lie under, a writable directory."""
+    if is_url(path):
+        return None
+    probe = os.fspath(as_path(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        return f"{probe} is not a writable directory"
+    return None

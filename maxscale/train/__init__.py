@@ -1,0 +1,4 @@
+"""Training: the pure step (step.py), the loop with IO, logging and checkpoints (loop.py), and their parts.
+
+`python -m maxscale.train --config=... --workdir=...` runs `loop.main`.
+"""

@@ -1,0 +1,37 @@
+"""Sampling text from a model with a sliding window of seq_len tokens (one compiled loop)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxscale.parallel import sharding
+from maxscale.train import data as data_lib
+from maxscale.train.step import Setup
+
+
+def generate(setup: Setup, params, prompt: str, num_tokens: int, seed: int = 0, temperature: float = 0.8) -> str:
+    """Samples `num_tokens` bytes after `prompt` with a window of seq_len tokens (one compiled loop)."""
+    tok = data_lib.ByteTokenizer()
+    T = setup.cfg.data.seq_len
+    ids = tok.encode(prompt)[-T:].astype(np.int32)
+    window = np.full((T,), tok.eos_id, np.int32)
+    window[T - len(ids) :] = ids
+    vocab = min(tok.vocab_size, setup.cfg.model.vocab_size)
+
+    @jax.jit
+    def run(params, window, key):
+        def body(carry, key):
+            window = carry
+            logits = setup.model.apply(params, window[None])[0, -1, :vocab]
+            nxt = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+            return jnp.concatenate([window[1:], nxt[None]]), nxt
+
+        _, out = jax.lax.scan(body, window, jax.random.split(key, num_tokens))
+        return out
+
+    with sharding.activation_mesh(setup.mesh):
+        out = run(params, jnp.asarray(window), jax.random.key(seed))
+    out = np.asarray(jax.device_get(out))
+    return prompt + tok.decode(out)

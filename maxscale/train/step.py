@@ -1,0 +1,175 @@
+"""The pure training step: loss, gradients, update; built once per (config, mesh) and shared by the trainer, the
+benchmark, the coordinate check and the compile check. No files, no logging: `loop.py` does IO around it.
+
+Params and optimizer state live on the mesh as one pytree; the jitted step has explicit in/out shardings and
+donates the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from maxscale.errors import ConfigError
+from maxscale.model import transformer
+from maxscale.parallel import sharding
+from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import optim
+
+
+def cross_entropy(logits_BTV, targets_BT) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built from a resolved config on a mesh; no files written."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: transformer.ModelDef
+    tx: optax.GradientTransformation
+    state_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+    @classmethod
+    def build(cls, cfg, mesh) -> "Setup":
+        if cfg.train.batch_size % sharding.data_parallel_size(mesh):
+            dp = sharding.data_parallel_size(mesh)
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
+                f"mesh.data x mesh.fsdp = {dp}; use a multiple of {dp}"
+            )
+        model = transformer.ModelDef(cfg)
+        shapes = {path: tuple(leaf.shape) for path, leaf in _flat(model.abstract_params)}
+        sharding.check_divisible(model.specs, shapes, mesh)
+        spec_tree = model.spec_tree()
+        tx = optim.make_optimizer(cfg, spec_tree)
+        param_sh = sharding.param_shardings(spec_tree, mesh, model.abstract_params)
+        opt_shapes = jax.eval_shape(tx.init, model.abstract_params)
+        rep = sharding.replicated(mesh)
+        opt_sh = _mirror_param_shardings(opt_shapes, param_sh, model.abstract_params, rep)
+        state_sh = {
+            "params": param_sh,
+            "opt_state": opt_sh,
+            "step": rep,
+            "rng": rep,
+            "nonfinite_steps": rep,
+            "last_nonfinite_step": rep,
+        }
+        return cls(cfg, mesh, model, tx, state_sh, sharding.batch_sharding(mesh))
+
+    # -- jitted functions ------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def init_state(self):
+        def init():
+            params = self.model.init(self.cfg.train.seed)
+            return {
+                "params": params,
+                "opt_state": self.tx.init(params),
+                "step": jnp.zeros([], jnp.int32),
+                "rng": jax.random.key_data(jax.random.key(self.cfg.train.seed)),
+                "nonfinite_steps": jnp.zeros([], jnp.int32),
+                "last_nonfinite_step": jnp.zeros([], jnp.int32),
+            }
+
+        return jax.jit(init, out_shardings=self.state_shardings)
+
+    def abstract_state(self):
+        shapes = jax.eval_shape(self.init_state)
+        return ckpt_lib.abstract_with_shardings(shapes, self.state_shardings)
+
+    def loss_fn(self, params, tokens_BT1):
+        with sharding.activation_mesh(self.mesh):
+            logits = self.model.apply(params, tokens_BT1[:, :-1])
+        return cross_entropy(logits, tokens_BT1[:, 1:])
+
+    @functools.cached_property
+    def train_step(self):
+        sched = optim.schedule(self.cfg)
+        peak_lr = self.cfg.optimizer.lr
+        nan_at = self.cfg.train.debug_nan_at_step
+
+        def step(state, tokens_BT1):
+            loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], tokens_BT1)
+            done = state["step"] + 1
+            if nan_at:  # fault injection for tests: only this config compiles it in
+                poison = jnp.where(done == nan_at, jnp.nan, 0.0)
+                loss = loss + poison
+                grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+            grad_norm = optax.global_norm(grads)
+            # A non-finite step keeps the old params and optimizer state (select on device, no host sync); it is
+            # counted, and train.nan_policy decides on the host whether the run stops (faults.NonFiniteWatch).
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new = {
+                "params": keep(params, state["params"]),
+                "opt_state": keep(opt_state, state["opt_state"]),
+                "step": done,
+                "rng": state["rng"],
+                "nonfinite_steps": state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32),
+                "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], done),
+            }
+            metrics = {
+                "train/loss": loss,
+                "grad_norm": grad_norm,
+                "lr": peak_lr * sched(state["step"]),
+                "nonfinite_steps": new["nonfinite_steps"],
+                "last_nonfinite_step": new["last_nonfinite_step"],
+            }
+            return new, metrics
+
+        rep = sharding.replicated(self.mesh)
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, rep),
+            donate_argnums=0,
+        )
+
+    @functools.cached_property
+    def eval_step(self):
+        return jax.jit(
+            self.loss_fn,
+            in_shardings=(self.state_shardings["params"], self.batch_sharding),
+            out_shardings=sharding.replicated(self.mesh),
+        )
+
+    def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
+        shape = (self.cfg.train.batch_size, self.cfg.data.seq_len + 1)
+        return jax.make_array_from_process_local_data(self.batch_sharding, local_tokens, shape)
+
+
+def _mirror_param_shardings(opt_shapes, param_sh, abstract_params, default):
+    """Optimizer-state leaves that mirror a parameter (Adam moments) take its sharding; the rest are replicated."""
+    by_path = {
+        tuple(path.split("/")): (param_sh_leaf, tuple(abstract_leaf.shape))
+        for (path, param_sh_leaf), (_, abstract_leaf) in zip(_flat(param_sh), _flat(abstract_params))
+    }
+
+    def pick(key_path, leaf):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+        for n in range(len(keys), 0, -1):
+            hit = by_path.get(keys[-n:])
+            if hit is not None and hit[1] == tuple(leaf.shape):
+                return hit[0]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v

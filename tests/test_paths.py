@@ -1,0 +1,105 @@
+"""Paths may be URLs: gs:// workdirs reach orbax, metrics and TensorBoard unchanged; file:// URLs are local paths."""
+
+import json
+import os
+
+import fsspec
+import pytest
+from conftest import one_device_mesh, tiny_config
+from fsspec.implementations.memory import MemoryFileSystem
+
+from maxscale import paths
+from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import faults, loop
+from maxscale.train import metrics as metrics_lib
+
+
+class FakeGCS(MemoryFileSystem):
+    """An in-memory object store behind `gs://` for epath's fsspec backend (no network here)."""
+
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    FakeGCS.store.clear()
+    for name in ("gs", "gcs"):
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    yield FakeGCS.store
+    FakeGCS.store.clear()
+
+
+class Recorder:
+    """Stands in for a constructor: records its first argument, then refuses to go on (orbax's arrays would go
+    through tensorstore's own GCS driver, which needs a network)."""
+
+    def __init__(self):
+        self.args = []
+
+    def __call__(self, directory, *args, **kwargs):
+        self.args.append(os.fspath(directory))
+        raise RuntimeError("recorded")
+
+
+def test_as_path_keeps_urls_and_resolves_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(paths.as_path("gs://bucket/run")) == "gs://bucket/run"
+    assert os.fspath(paths.join("gs://bucket/run", "checkpoints")) == "gs://bucket/run/checkpoints"
+    assert os.fspath(paths.as_path("runs/x")) == str(tmp_path / "runs" / "x")
+    assert os.fspath(paths.as_path("file:///tmp/a%20b")) == "/tmp/a b"
+    assert paths.is_url("s3://b/k") and not paths.is_url("file:///tmp/x") and not paths.is_url("runs/x")
+    assert paths.writable_dir_problem("gs://bucket/run") is None  # remote: not probed
+    assert "not a writable directory" in paths.writable_dir_problem("/proc/self/run")
+
+
+def test_metrics_writer_writes_a_gs_workdir_through_the_object_store(fake_gcs, monkeypatch):
+    tensorboard = []
+    monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda d: tensorboard.append(d) or _NullTB())
+    writer = metrics_lib.MetricWriter("gs://bucket/run", remote_flush_s=0.0)
+    writer.write(1, {"train/loss": 2.5})
+    writer.write(2, {"train/loss": 2.0})
+    writer.close()
+    assert tensorboard == ["gs://bucket/run/tensorboard"]
+    assert set(fake_gcs) == {"gs://bucket/run/metrics.jsonl"}
+    assert [r["step"] for r in metrics_lib.read_metrics("gs://bucket/run")] == [1, 2]
+    assert [r["step"] for r in faults.rewind_metrics("gs://bucket/run", 1)] == [1]  # resume rewinds it too
+    assert [r["step"] for r in metrics_lib.read_metrics("gs://bucket/run")] == [1]
+    assert not os.path.exists("gs:")
+
+
+def test_gs_workdir_reaches_orbax_unchanged(fake_gcs, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(**{"train.steps": 2})
+    loop.check_workdir("gs://bucket/run", cfg)  # nothing there yet: accepted without a local probe
+    orbax = Recorder()
+    monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", orbax)
+    monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda d: _NullTB())
+    trainer = loop.Trainer(cfg, "gs://bucket/run", mesh=one_device_mesh(cfg))
+    with pytest.raises(RuntimeError, match="recorded"):
+        trainer.run()
+    assert orbax.args == ["gs://bucket/run/checkpoints"]
+    assert json.loads(fake_gcs["gs://bucket/run/config.json"].getvalue()) == json.loads(cfg.to_json())
+    assert os.listdir(tmp_path) == []  # nothing local: no `gs:` directory under the working directory
+
+
+def test_a_run_with_a_file_url_workdir_writes_the_local_directory(tmp_path, tiny_corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(**{"train.steps": 4, "train.log_every": 2, "checkpoint.every": 2, "train.sample_tokens": 0})
+    url = f"file://{tmp_path}/run"
+    loop.check_workdir(url, cfg)
+    result = loop.Trainer(cfg, url, mesh=one_device_mesh(cfg), corpus=tiny_corpus).run()
+    assert result["step"] == 4
+    assert ckpt_lib.committed_steps(tmp_path / "run" / "checkpoints") == [2, 4]
+    assert [r["step"] for r in metrics_lib.read_metrics(tmp_path / "run") if "train/loss" in r] == [1, 2, 4]
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    loop.check_workdir(url, cfg)  # the same run again: accepted (it would resume)
+
+
+class _NullTB:
+    def add_scalar(self, *a):
+        pass
+
+    def close(self):
+        pass
