@@ -1,0 +1,215 @@
+"""MoE dispatch: how routed token-expert pairs reach the experts and come back (used by maxscale/model/moe.py).
+
+Shapes: T tokens (batch x sequence, flattened), D width, E routed experts, K active experts per token, M expert
+hidden size, P = T*K token-expert pairs (token-major: pair t*K + j is token t's j-th choice), C capacity slots per
+expert and group, G token groups (each with its own capacity), X = E*C buffer slots of one group.
+
+Every path has the signature `(p, h_TD, weights_TK, experts_TK, moe, mm) -> (y_TD, dropped_fraction)` where
+`weights_TK` are the combine weights (already /K or renormalised by the router) and y_TD = sum_j weights_Tj *
+expert_{experts_Tj}(h_T). All weight matmuls go through `mm` (maxscale.model.layers.Matmul); moving rows to and
+from the experts uses gathers/scatters (O(P*D) work, linear in T), not one-hot dispatch einsums, which cost
+O(T*E*C*D) = O(cf*K*T^2*D) and would send 0/1 masks through the quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from maxscale.errors import ConfigError
+from maxscale.model.moe_config import MoEConfig
+
+if TYPE_CHECKING:
+    from maxscale.model.layers import Matmul
+
+# Expert nonlinearity, matching maxscale/model/mlp.py. `gate` is a thunk so GELU experts never compute one.
+ACTIVATIONS: dict[str, Callable] = {
+    "swiglu": lambda up, gate: jax.nn.silu(gate()) * up,
+    "gelu": lambda up, gate: jax.nn.gelu(up),
+}
+
+
+def ffn(mm_in: Callable, mm_out: Callable, x, w_up, w_gate, w_down, mlp: str):
+    """One (batched) FFN: mm_out(act(mm_in(x, w_up), mm_in(x, w_gate)), w_down); the path chooses the layout."""
+    up = mm_in(x, w_up)
+    return mm_out(ACTIVATIONS[mlp](up, lambda: mm_in(x, w_gate)), w_down)
+
+
+def _experts(p: dict, x, mm_in: Callable, mm_out: Callable, moe: MoEConfig):
+    return ffn(mm_in, mm_out, x, p["w_up_e"], p.get("w_gate_e"), p["w_down_e"], moe.mlp)
+
+
+def _combine(y_PD, weights_TK):
+    """sum_j weights_Tj * y_(T*K+j) in float32: [T, D]."""
+    T, K = weights_TK.shape
+    return (weights_TK[..., None] * y_PD.reshape(T, K, -1).astype(jnp.float32)).sum(1)
+
+
+def sort_by_expert(experts_P, num_experts: int):
+    """Stable sort of the pairs by expert: (order_P, group_sizes_E). Stable, so within an expert the pairs stay in
+    token order (earlier tokens first: the capacity path's priority)."""
+    order_P = jnp.argsort(experts_P, stable=True)
+    return order_P, jnp.bincount(experts_P, length=num_experts).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropless: sort pairs by expert, grouped matmuls (mm.ragged), unsort.
+
+
+def dropless(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul):
+    """Every pair is computed (nothing dropped). Rows are sorted by expert so each expert's rows are contiguous."""
+    T, K = experts_TK.shape
+    order_P, sizes_E = sort_by_expert(experts_TK.reshape(-1), moe.num_experts)
+    x_PD = jnp.take(h_TD, order_P // K, axis=0)  # sorted rows: pair order_P[i] is token order_P[i] // K
+    y_PD = _experts(
+        p,
+        x_PD,
+        lambda x, w: mm.ragged(x, w, sizes_E, role="expert_in"),
+        lambda x, w: mm.ragged(x, w, sizes_E, role="expert_out"),
+        moe,
+    )
+    inverse_P = jnp.zeros_like(order_P).at[order_P].set(jnp.arange(T * K, dtype=order_P.dtype))
+    return _combine(jnp.take(y_PD, inverse_P, axis=0), weights_TK), jnp.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense: every expert on every token; the test reference (E/K times the FLOPs).
+
+
+def dense(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul):
+    """All E experts on all T tokens, combined with the routing weights (zero for experts not chosen)."""
+    y_TED = _experts(
+        p,
+        h_TD,
+        lambda x, w: mm("td,edf->tef", x, w, role="expert_in"),
+        lambda x, w: mm("tef,efd->ted", x, w, role="expert_out"),
+        moe,
+    )
+    combine_TE = (jax.nn.one_hot(experts_TK, moe.num_experts, dtype=jnp.float32) * weights_TK[..., None]).sum(1)
+    return (combine_TE[..., None] * y_TED.astype(jnp.float32)).sum(1), jnp.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# capacity: a fixed [E, C] buffer per token group; position priority; overflow dropped.
+
+
+def capacity_of(moe: MoEConfig, tokens: int) -> int:
+    """Slots per expert for a group of `tokens` tokens: ceil(capacity_factor * K * tokens / E), at least 1."""
+    return max(1, math.ceil(moe.capacity_factor * moe.num_active * tokens / moe.num_experts))
+
+
+def capacity_slots(experts_SK, num_experts: int, capacity: int):
+    """For one group of S tokens: (slot_P, token_X). slot_P in [0, E*C] is the buffer slot of each pair (E*C =
+    dropped); token_X in [0, S] is the token in each slot (S = empty). A pair's position in its expert's queue is its
+    rank among that expert's pairs in token order, so earlier tokens win: the drop decision of token t depends only
+    on tokens <= t of its group, which keeps a group that is one sequence causal."""
+    S, K = experts_SK.shape
+    e_P = experts_SK.reshape(-1)
+    order_P, sizes_E = sort_by_expert(e_P, num_experts)
+    start_E = jnp.cumsum(sizes_E) - sizes_E
+    rank_sorted_P = jnp.arange(S * K, dtype=jnp.int32) - start_E[e_P[order_P]]
+    pos_P = jnp.zeros(S * K, jnp.int32).at[order_P].set(rank_sorted_P)
+    X = num_experts * capacity
+    slot_P = jnp.where(pos_P < capacity, e_P * capacity + pos_P, X)
+    token_X = jnp.full(X, S, jnp.int32).at[slot_P].set(jnp.arange(S * K, dtype=jnp.int32) // K, mode="drop")
+    return slot_P, token_X
+
+
+def _to_buffers(h_GSD, experts_GSK, num_experts: int, capacity: int):
+    """Groups -> expert buffers: (x_GXD with zero rows in empty slots, slot_GP)."""
+    slot_GP, token_GX = jax.vmap(lambda e: capacity_slots(e, num_experts, capacity))(experts_GSK)
+    x_GXD = jax.vmap(lambda h, t: jnp.take(h, t, axis=0, mode="fill", fill_value=0))(h_GSD, token_GX)
+    return x_GXD, slot_GP
+
+
+def _from_buffers(y_GXD, slot_GP, weights_GSK):
+    """Expert buffers -> combined output per group [G, S, D]; dropped pairs (slot E*C) read zero."""
+    y_GPD = jax.vmap(lambda y, s: jnp.take(y, s, axis=0, mode="fill", fill_value=0))(y_GXD, slot_GP)
+    return jax.vmap(_combine)(y_GPD, weights_GSK)
+
+
+def _expert_compute(p: dict, x_ECD, moe: MoEConfig, mm: Matmul):
+    """Batched expert FFN over [E, C, D] buffers (E may be the local experts of an EP shard)."""
+    return _experts(
+        p,
+        x_ECD,
+        lambda x, w: mm("ecd,edf->ecf", x, w, role="expert_in"),
+        lambda x, w: mm("ecf,efd->ecd", x, w, role="expert_out"),
+        moe,
+    )
+
+
+def _dropped_fraction(slot_GP, num_slots: int):
+    return (slot_GP >= num_slots).mean(dtype=jnp.float32)  # exactly 0.0 when nothing drops
+
+
+def capacity(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul, num_groups: int = 1):
+    """Capacity-limited dispatch on one device. Tokens are split into `num_groups` contiguous groups, each with its
+    own C = capacity_of(moe, T / G) slots per expert (G = 1: the whole batch competes; G = number of EP ranks: what
+    `capacity_dispatch_ep` computes). Returns (y_TD, dropped_fraction of the T*K pairs)."""
+    T, D = h_TD.shape
+    E, G = moe.num_experts, num_groups
+    if T % G:
+        raise ConfigError(f"capacity dispatch: {T} tokens do not split into {G} equal groups")
+    S = T // G
+    C = capacity_of(moe, S)
+    x_GXD, slot_GP = _to_buffers(h_TD.reshape(G, S, D), experts_TK.reshape(G, S, -1), E, C)
+    x_ECD = x_GXD.reshape(G, E, C, D).transpose(1, 0, 2, 3).reshape(E, G * C, D)
+    y_ECD = _expert_compute(p, x_ECD, moe, mm)
+    y_GXD = y_ECD.reshape(E, G, C, D).transpose(1, 0, 2, 3).reshape(G, E * C, D)
+    y_GSD = _from_buffers(y_GXD, slot_GP, weights_TK.reshape(G, S, -1))
+    return y_GSD.reshape(T, D), _dropped_fraction(slot_GP, E * C)
+
+
+def capacity_dispatch_ep(
+    p: dict,
+    h_TD,
+    weights_TK,
+    experts_TK,
+    moe: MoEConfig,
+    mm: Matmul,
+    *,
+    mesh,
+    axis: str = "expert",
+    token_axes: tuple[str, ...] = ("expert",),
+):
+    """Expert-parallel capacity dispatch with `jax.shard_map` and two `jax.lax.all_to_all`s over mesh axis `axis`.
+
+    Tokens [T] are sharded over `token_axes` (which must contain `axis`; each shard is one capacity group, so this
+    equals `capacity(..., num_groups=prod of token_axes sizes)`), the expert weights over `axis` on their experts
+    dim (E / ep local experts per rank). Each rank fills its [E, C, D] buffers from its own tokens, the all_to_all
+    sends each expert's slice to the rank that owns it, the rank runs its local experts on [E/ep, ep*C, D], and the
+    reverse all_to_all brings the results home. Mesh axes not named are replicated inside (redundant compute).
+    Returns (y_TD, dropped_fraction)."""
+    E, ep = moe.num_experts, mesh.shape[axis]
+    groups = math.prod(mesh.shape[a] for a in token_axes)
+    S = h_TD.shape[0] // groups
+    C = capacity_of(moe, S)
+    El = E // ep
+    if axis not in token_axes or E % ep or h_TD.shape[0] % groups:
+        raise ConfigError(
+            f"expert parallelism: need {axis!r} in token_axes={token_axes}, num_experts={E} divisible by "
+            f"mesh.{axis}={ep} and {h_TD.shape[0]} tokens divisible by the {groups} token shards"
+        )
+    tok, wts = P(token_axes), P(axis)
+    p_e = {name: w for name, w in p.items() if name.endswith("_e")}  # only the routed experts enter the shard_map
+
+    def local(p, h_SD, w_SK, e_SK):
+        D = h_SD.shape[-1]
+        x_1XD, slot_1P = _to_buffers(h_SD[None], e_SK[None], E, C)
+        # [E, C, D] = [ep(owner), El, C, D] -> after all_to_all [ep(source rank), El, C, D]
+        x_RECD = jax.lax.all_to_all(x_1XD.reshape(ep, El, C, D), axis, 0, 0, tiled=True)
+        x_ECD = x_RECD.transpose(1, 0, 2, 3).reshape(El, ep * C, D)
+        y_ECD = _expert_compute(p, x_ECD, moe, mm)
+        y_RECD = y_ECD.reshape(El, ep, C, D).transpose(1, 0, 2, 3)
+        y_XD = jax.lax.all_to_all(y_RECD, axis, 0, 0, tiled=True).reshape(1, E * C, D)
+        y_SD = _from_buffers(y_XD, slot_1P, w_SK[None])[0]
+        dropped = jax.lax.pmean(_dropped_fraction(slot_1P, E * C), token_axes)
+        return y_SD, dropped
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=({n: wts for n in p_e}, tok, tok, tok), out_specs=(tok, P()))
+    return run(p_e, h_TD, weights_TK, experts_TK)
