@@ -27,6 +27,8 @@ from maxscale.errors import (  # noqa: F401 - re-exported: config.ConfigError et
     ConfigError,
     HelpRequested,
 )
+from maxscale.model import moe_config
+from maxscale.quant import config as quant_config
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -50,6 +52,24 @@ def defaults() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="float32",
         remat=False,  # rematerialise each block in the backward pass (saves activation memory)
+        # Mixture of experts (maxscale/model/moe.py, docs/moe.md); num_experts=0 is a dense model.
+        moe=dict(
+            num_experts=0,  # E routed experts per MoE block
+            num_active=2,  # k experts per token
+            expert_ffn_size=0,  # M, hidden size of each expert; 0 = ffn_size // num_active (same active FLOPs)
+            num_shared=0,  # shared experts run on every token
+            shared_ffn_size=0,  # 0 = expert_ffn_size
+            first_dense=0,  # the first n blocks keep a dense MLP; the rest are MoE
+            score="sigmoid",  # sigmoid (the paper) | softmax
+            combine="mean_k",  # mean_k: (1/k) sum of gate x expert (the paper) | renorm: gates sum to 1 (Mixtral)
+            balance="bias",  # bias: routing bias updated from the load, outside the optimizer | aux | none
+            bias_rule="linear",  # linear: b -= rate (Load - k/E) (the paper) | sign: DeepSeek-V3
+            bias_rate=1e-3,
+            aux_loss_weight=0.01,  # with balance=aux: weight of the load-balancing loss (1 at balance)
+            z_loss_weight=0.0,  # router z-loss weight
+            dispatch="dropless",  # dropless (ragged_dot; GPU/TPU) | capacity (fast on CPU) | dense (reference)
+            capacity_factor=1.25,  # capacity: slots per expert = ceil(cf k tokens / E); later tokens drop first
+        ),
     )
 
     # Rules live in maxscale/parameterization.py; these are their inputs. Base shapes of 0 = the model's own.
@@ -72,6 +92,29 @@ def defaults() -> ml_collections.ConfigDict:
         scale_eps=True,  # muP-family eps scaling (CompleteP Table 1); off = the same eps everywhere
         eps_depth_scope="blocks",  # eps x m_L^-alpha on: blocks (CompleteP Table 1) | all (nanoGPT-mup completep)
         width_grows="head_dim",  # scale_shapes(): head_dim (fixed heads) | heads (fixed head dim)
+        base_num_experts=0,  # MoE base shapes (0 = the model's own); k/E must match the base's (check_kappa)
+        base_num_active=0,
+        base_expert_ffn_size=0,
+        router_init_gamma=1.0,  # router init std x (D/D0)^-gamma under muP-family rules (the paper: gamma = 1)
+        expert_down_init="mean_field",  # mean_field: sigma (D/D0)^1/2 (M/M0)^-1 (the paper) | fan_in (muP control)
+        check_kappa=True,  # refuse k/E different from the base's: hyperparameters do not transfer across k/E
+    )
+
+    # Quantized training (maxscale/quant): formats none | int<b> (b = 2..16) | e<x>m<y> (1+x+y = 3..16 bits).
+    c.quant = dict(
+        weights="none",  # P_w: matmul weights (fake quantization, straight-through gradient)
+        activations="none",  # P_a: matmul inputs
+        kv="none",  # P_kv: attention keys and values
+        weights_granularity="per_channel",  # per_tensor | per_channel | per_token | per_block
+        activations_granularity="per_tensor",
+        kv_granularity="per_token",
+        block_size=32,  # per_block: values sharing one scale along the contracted axis
+        whole_attention=False,  # also quantize queries and attention probabilities at the kv format (the paper)
+        embeddings=False,  # quantize the embedding lookup's table too (hidden matrices always are)
+        readout=False,
+        router=False,
+        asymmetric=False,  # integer formats: min/max with a zero point instead of symmetric absmax
+        stochastic=False,  # stochastic rounding (integer formats)
     )
 
     c.optimizer = dict(
@@ -266,41 +309,17 @@ _CHOICES = {
     "schedule.name": ("constant", "cosine", "wsd", "power"),
     "train.nan_policy": ("stop", "skip"),
 }
-_POSITIVE = (
-    "model.width",
-    "model.depth",
-    "model.num_heads",
-    "model.vocab_size",
-    "data.seq_len",
-    "train.batch_size",
-    "train.steps",
-    "train.eval_every",
-    "train.log_every",
-    "checkpoint.every",
-    "checkpoint.max_to_keep",
-    "optimizer.lr",
-    "optimizer.eps",
-    "parameterization.init_std",
-)
-_NON_NEGATIVE = (
-    "model.num_kv_heads",
-    "model.head_dim",
-    "model.ffn_size",
-    "optimizer.weight_decay",
-    "optimizer.grad_clip",
-    "schedule.warmup_steps",
-    "train.eval_steps",
-    "train.sample_tokens",
-    "data.max_bytes",
-    "parameterization.base_width",
-    "parameterization.base_depth",
-    "parameterization.base_num_heads",
-    "parameterization.base_head_dim",
-    "parameterization.base_ffn_size",
-    "parameterization.embed_init_std",
-    "train.preempt_grace_s",
-    "train.debug_nan_at_step",
-)
+_POSITIVE = """
+    model.width model.depth model.num_heads model.vocab_size data.seq_len train.batch_size train.steps
+    train.eval_every train.log_every checkpoint.every checkpoint.max_to_keep optimizer.lr optimizer.eps
+    parameterization.init_std
+""".split()
+_NON_NEGATIVE = """
+    model.num_kv_heads model.head_dim model.ffn_size optimizer.weight_decay optimizer.grad_clip
+    schedule.warmup_steps train.eval_steps train.sample_tokens data.max_bytes parameterization.base_width
+    parameterization.base_depth parameterization.base_num_heads parameterization.base_head_dim
+    parameterization.base_ffn_size parameterization.embed_init_std train.preempt_grace_s train.debug_nan_at_step
+""".split()
 
 
 def _get(cfg, field):
@@ -382,6 +401,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
 
     parameterization.resolve(cfg)
+    moe_config.resolve(cfg)
+    quant_config.resolve(cfg)
     return cfg
 
 

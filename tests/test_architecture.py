@@ -113,7 +113,7 @@ def test_model_matmuls_only_in_the_entry_point():
     offenders = []
     model_dir = os.path.join(PACKAGE, "model")
     for n in sorted(os.listdir(model_dir)):
-        if not n.endswith(".py") or n == "layers.py":
+        if not n.endswith(".py") or n in ("layers.py", "kernels.py"):  # kernels: activation x activation only
             continue
         tree = ast.parse(open(os.path.join(model_dir, n)).read())
         for node in ast.walk(tree):
@@ -125,6 +125,8 @@ def test_model_matmuls_only_in_the_entry_point():
 
 
 class CountingQuantizer:
+    quantizes_kv = whole_attention = False
+
     def __init__(self):
         self.calls = []
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import ml_collections
 
+from maxscale.model import kernels
 from maxscale.model.layers import Matmul, mean_abs, norm, rope
 from maxscale.parameterization import ParamSpec
 
@@ -31,16 +31,13 @@ def specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
     return out
 
 
-def _xla(q_BTHK, k_BTGK, v_BTGK, scale: float):
-    return jax.nn.dot_product_attention(q_BTHK, k_BTGK, v_BTGK, scale=scale, is_causal=True)
+IMPLEMENTATIONS: dict[str, Callable] = {"xla": kernels.xla_attention, "explicit": kernels.explicit_attention}
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla}
-
-
-def attend(q_BTHK, k_BTGK, v_BTGK, *, scale: float, impl: str = "xla"):
-    """Causal softmax(scale q.k) v with H query heads sharing G key/value heads; returns [B, T, H, K]."""
-    return IMPLEMENTATIONS[impl](q_BTHK, k_BTGK, v_BTGK, scale)
+def attend(q_BTHK, k_BTGK, v_BTGK, *, scale: float, impl: str = "xla", probs_hook: Callable | None = None):
+    """Causal softmax(scale q.k) v with H query heads sharing G key/value heads; returns [B, T, H, K].
+    `probs_hook` transforms the attention probabilities (only kernels that form them explicitly take one)."""
+    return IMPLEMENTATIONS[impl](q_BTHK, k_BTGK, v_BTGK, scale, probs_hook)
 
 
 def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmul, stats: dict | None = None):
@@ -54,7 +51,13 @@ def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmu
         q_BTHK = norm(q_BTHK, p["q_norm"], None, "rmsnorm", m.norm_eps)
         k_BTGK = norm(k_BTGK, p["k_norm"], None, "rmsnorm", m.norm_eps)
     q_BTHK, k_BTGK = rope(q_BTHK, m.rope_theta), rope(k_BTGK, m.rope_theta)
-    att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=mults["attn_scale"])
+    impl, probs_hook = "xla", None
+    quant = mm.quantizer
+    if quant is not None and quant.quantizes_kv:  # P_kv: keys and values as the attention kernel reads them
+        k_BTGK, v_BTGK = quant.kv(k_BTGK), quant.kv(v_BTGK)
+        if quant.whole_attention:  # the paper's "whole attention": queries and probabilities too
+            q_BTHK, impl, probs_hook = quant.kv(q_BTHK), "explicit", quant.probs
+    att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=mults["attn_scale"], impl=impl, probs_hook=probs_hook)
     out_BTD = mm("bthk,hkd->btd", att_BTHK, p["wo"], role="hidden")
     if stats is not None:
         stats["attn"] = mean_abs(out_BTD)

@@ -32,12 +32,22 @@ def make_param(rngs: nnx.Rngs, par: Parameterization, name: str, spec: ParamSpec
 
 
 class Quantizer(Protocol):
-    """What `Matmul` asks of a quantizer (maxscale/quant): fake-quantize a matmul's operands, knowing the role of the
-    weight and the einsum equation (so it can find the contracted axes for per-channel or per-block scales)."""
+    """What the model asks of a quantizer (maxscale/quant/qat.py): fake-quantize a matmul's operands, knowing the
+    role of the weight and the einsum equation (so it can find the contracted axes for per-channel or per-block
+    scales); attention keys/values (and, for the whole attention, queries and probabilities); the embedding table."""
+
+    quantizes_kv: bool  # kv() and probs() are used only when this is true
+    whole_attention: bool
 
     def weights(self, w: jax.Array, eq: str, role: str) -> jax.Array: ...
 
     def activations(self, x: jax.Array, eq: str, role: str) -> jax.Array: ...
+
+    def kv(self, x_BTGK: jax.Array) -> jax.Array: ...
+
+    def probs(self, p: jax.Array) -> jax.Array: ...
+
+    def table(self, table_VD: jax.Array) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from maxscale.model import attention, mlp
 from maxscale.model.layers import DTYPES, Matmul, make_param, mean_abs, norm
 from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization, ParamSpec, spec_of
+from maxscale.quant import qat
 
 
 def block_specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
@@ -38,8 +39,8 @@ def block_specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
 
 
 def matmul_for(cfg: ml_collections.ConfigDict) -> Matmul:
-    """The matmul entry point configured for this run (compute dtype; quantization plugs in here)."""
-    return Matmul(dtype=DTYPES[cfg.model.dtype])
+    """The matmul entry point configured for this run: compute dtype and, with `quant.*` set, fake quantization."""
+    return Matmul(dtype=DTYPES[cfg.model.dtype], quantizer=qat.make_quantizer(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,6 +122,9 @@ class Transformer(nnx.Module):
         # Gather from a whole table (FSDP all-gathers it, as it does every weight): a lookup into a table sharded
         # on `embed` yields rows sharded the wrong way, and XLA then replicates them in the backward pass.
         table_VD = sharding.constrain(embed_VD.astype(dt), (None, None))
+        quantizer = qat.make_quantizer(self.cfg)
+        if quantizer is not None:
+            table_VD = quantizer.table(table_VD)
         x_BTD = (table_VD[tokens_BT] * mults["input"]).astype(dt)
         x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
         if capture:
