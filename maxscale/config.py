@@ -64,7 +64,7 @@ def defaults() -> ml_collections.ConfigDict:
             combine="mean_k",  # mean_k: (1/k) sum of gate x expert (the paper) | renorm: gates sum to 1 (Mixtral)
             balance="bias",  # bias: routing bias updated from the load, outside the optimizer | aux | none
             bias_rule="linear",  # linear: b -= rate (Load - k/E) (the paper) | sign: DeepSeek-V3
-            bias_rate=1e-3,
+            bias_rate=0.01,  # linear: the paper's eta_b (b moves by rate x (Load - k/E) per step)
             aux_loss_weight=0.01,  # with balance=aux: weight of the load-balancing loss (1 at balance)
             z_loss_weight=0.0,  # router z-loss weight
             dispatch="dropless",  # dropless (ragged_dot; GPU/TPU) | capacity (fast on CPU) | dense (reference)

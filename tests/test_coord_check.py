@@ -106,3 +106,17 @@ def test_outputs_and_cli_errors(width_verdict, tmp_path):
         out = subprocess.run(tool + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 2, (bad, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("coord_check: error:"), out.stderr
+
+
+def test_coordinate_check_over_experts_records_routing_and_passes_at_fixed_k_over_e(corpus):
+    """E grows with k/E fixed: router logits, combine weights, routed-expert outputs and the residual stream stay
+    the same size (E enters no rule). Also runs the k-fixed control axis."""
+    base = small_base(model__moe__num_experts=4, model__moe__num_active=2, model__moe__expert_ffn_size=32)
+    result = cc.run(base, "experts", [4, 8, 16], [cc.Variant("mup")], seeds=1, steps=3, corpus=corpus, log=print)
+    assert [cc.size_config(base, "experts", n, cc.Variant("mup")).model.moe.num_active for n in (4, 8, 16)] == [2, 4, 8]
+    curves = result["series"]["mup"]
+    assert {"router_logits/mean", "gates/mean", "experts/mean", "resid/last"} <= set(curves)
+    v = cc.verdict(result)["series"]["mup"]
+    assert v["pass"], v["max_slope_by_curve"]
+    control = cc.size_config(base, "experts_fixed_k", 16, cc.Variant("mup")).model.moe
+    assert (control.num_experts, control.num_active, control.capacity_factor) == (16, 2, 8.0)

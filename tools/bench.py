@@ -2,6 +2,7 @@
 
     python tools/bench.py --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \
         --config.data.seq_len=256 --config.train.batch_size=16 [--steps=10] [--compile_depths=4,64]
+    python tools/bench.py --config=configs/moe.py --compare_dense=true   (MoE vs the dense model of equal active size)
 """
 
 import json
@@ -16,7 +17,7 @@ from maxscale import errors
 
 def main(argv) -> int:
     try:
-        cfg, flags = config_lib.parse_argv(argv, extra_flags=("steps", "compile_depths"))
+        cfg, flags = config_lib.parse_argv(argv, extra_flags=("steps", "compile_depths", "compare_dense"))
         cfg = config_lib.resolve(cfg)
         steps = int(flags.get("steps", 10))
     except (errors.ConfigError, ValueError) as e:
@@ -24,7 +25,7 @@ def main(argv) -> int:
         return errors.EXIT_USAGE
     from maxscale.tools import bench
 
-    result = bench.run(cfg, steps=steps)
+    result = bench.run(cfg, steps=steps, compare_dense=flags.get("compare_dense", "false").lower() == "true")
     if flags.get("compile_depths"):
         result["compile_s_by_depth"] = {}
         for depth in (int(d) for d in flags["compile_depths"].split(",")):

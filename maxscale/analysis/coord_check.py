@@ -36,11 +36,16 @@ from maxscale.model import transformer
 from maxscale.train import optim
 from maxscale.train import step as step_lib
 
-AXES = ("width", "depth")
+AXES = ("width", "depth", "experts", "experts_fixed_k", "expert_ffn")
+DEFAULT_SIZES = {"width": "64,128,256,512,1024", "depth": "2,4,8,16,32", "experts": "4,8,16,32"}
+DEFAULT_SIZES.update(experts_fixed_k=DEFAULT_SIZES["experts"], expert_ffn="32,64,128,256")
 DEFAULT_THRESHOLD = 0.3  # |d log mean|x| / d log size|: SP sits near 1 or above after a large-LR step, muP near 0
 DEFAULT_JUDGE_FROM = 2  # first judged step (see the module docstring)
 # axis -> (judged curves or None for all, "abs": |slope| <= threshold | "growth": slope <= threshold)
 JUDGED = {"width": (None, "abs"), "depth": (("resid/last", "resid/mean"), "growth")}
+# experts: E grows with k/E fixed (the paper's scaling); experts_fixed_k: the control, k fixed (must drift);
+# expert_ffn: the expert hidden size M grows. All curves judged as for width.
+JUDGED.update({axis: (None, "abs") for axis in ("experts", "experts_fixed_k", "expert_ffn")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +76,10 @@ class Variant:
 def size_config(base: ml_collections.ConfigDict, axis: str, size: int, variant: Variant) -> ml_collections.ConfigDict:
     """The resolved config of `base` scaled to `size` along `axis`, under `variant`, for a coordinate check:
     constant LR, no warmup, weight decay or clipping (clipping would hide a blow-up)."""
-    overrides = parameterization.scale_shapes(base, **{axis: size})
+    if axis in ("width", "depth"):
+        overrides = parameterization.scale_shapes(base, **{axis: size})
+    else:
+        overrides = {**parameterization.scale_shapes(base), **moe_overrides(base, axis, size)}
     overrides.update(
         {
             "parameterization.name": variant.name,
@@ -88,6 +96,34 @@ def size_config(base: ml_collections.ConfigDict, axis: str, size: int, variant: 
     return config_lib.resolve(cfg)
 
 
+def moe_overrides(base: ml_collections.ConfigDict, axis: str, size: int) -> dict:
+    """Overrides that grow an MoE model's experts or expert size from `base` (whose MoE sizes are the base
+    shapes). The capacity factor is E/k, so no token is dropped at any size: drops would move the curves."""
+    e = base.model.moe
+    if not e.num_experts:
+        raise ConfigError(f"--axis={axis} needs an MoE model: set --config.model.moe.num_experts (e.g. 4)")
+    out = {
+        "parameterization.base_num_experts": e.num_experts,
+        "parameterization.base_num_active": e.num_active,
+        "parameterization.base_expert_ffn_size": e.expert_ffn_size,
+        "model.moe.dispatch": "capacity",
+    }
+    E, k = e.num_experts, e.num_active
+    if axis == "experts":
+        if size * k % E:
+            raise ConfigError(f"experts={size}: k = {size} x {k}/{E} is not whole; choose multiples of {E // k}")
+        E, k = size, size * k // E
+    elif axis == "experts_fixed_k":
+        E = size
+        out["parameterization.check_kappa"] = False
+    else:
+        out["model.moe.expert_ffn_size"] = size
+    if not 1 <= k <= E:
+        raise ConfigError(f"{axis}={size}: needs 1 <= k={k} <= E={E}")
+    out.update({"model.moe.num_experts": E, "model.moe.num_active": k, "model.moe.capacity_factor": float(E) / k})
+    return out
+
+
 def fixed_batch(corpus, batch: int, seq_len: int) -> np.ndarray:
     """The first `batch` windows of seq_len + 1 tokens of the training split: int32 [B, T + 1]."""
     need = batch * seq_len + 1
@@ -96,8 +132,13 @@ def fixed_batch(corpus, batch: int, seq_len: int) -> np.ndarray:
     return np.stack([np.asarray(corpus.train[i * seq_len : i * seq_len + seq_len + 1], np.int32) for i in range(batch)])
 
 
+MOE_CURVES = {"moe_router_logits": "router_logits", "moe_gates": "gates", "moe_experts": "experts"}
+
+
 def _flatten_stats(stats: dict) -> dict[str, float]:
     layers = {k: np.asarray(v) for k, v in stats["layers"].items()}
+    # MoE blocks: router logits, combine weights and routed-expert outputs, one value per MoE layer
+    layers.update({name: np.asarray(stats["moe"][k]) for k, name in MOE_CURVES.items() if k in stats.get("moe", {})})
     out = {"embed": float(stats["embed"]), "logits": float(stats["logits"])}
     for k, v in layers.items():
         out.update({f"{k}/{i}": float(x) for i, x in enumerate(v)})
@@ -177,7 +218,7 @@ def run(
     from maxscale.train import data as data_lib
 
     if axis not in AXES:
-        raise ConfigError(f"axis={axis!r}: choose width or depth")
+        raise ConfigError(f"axis={axis!r}: choose one of {', '.join(AXES)}")
     if len(sizes) < 2:
         raise ConfigError("a coordinate check needs at least two sizes")
     corpus = corpus if corpus is not None else data_lib.load_corpus(base)
@@ -343,10 +384,9 @@ def main(argv: list[str]) -> int:
         base = config_lib.resolve(cfg)
         axis = flags.get("axis", "width")
         if axis not in AXES:
-            raise ConfigError(f"--axis={axis}: choose width or depth")
+            raise ConfigError(f"--axis={axis}: choose one of {', '.join(AXES)}")
         try:
-            default_sizes = "64,128,256,512,1024" if axis == "width" else "2,4,8,16,32"
-            sizes = [int(x) for x in flags.get("sizes", default_sizes).split(",")]
+            sizes = [int(x) for x in flags.get("sizes", DEFAULT_SIZES[axis]).split(",")]
             seeds, steps = int(flags.get("seeds", 3)), int(flags.get("steps", 5))
             threshold = float(flags.get("threshold", DEFAULT_THRESHOLD))
             judge_from = int(flags.get("judge_from", DEFAULT_JUDGE_FROM))

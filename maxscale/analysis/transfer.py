@@ -43,6 +43,8 @@ SCALE_FIELDS = (
     "model.num_heads",
     "model.head_dim",
     "model.ffn_size",
+    "model.moe.num_experts",
+    "model.moe.expert_ffn_size",
     "train.steps",
     "train.batch_size",
 )

@@ -19,9 +19,13 @@ from maxscale.parameterization import Parameterization, ParamSpec
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def make_param(rngs: nnx.Rngs, par: Parameterization, name: str, spec: ParamSpec, dtype) -> nnx.Param:
-    """A parameter of `spec`'s shape, initialised by the parameterization; the spec is kept as metadata."""
-    shape = tuple(par.sizes[a] for a in spec.axes)
+def make_param(
+    rngs: nnx.Rngs, par: Parameterization, name: str, spec: ParamSpec, dtype, layers: int | None = None
+) -> nnx.Param:
+    """A parameter of `spec`'s shape, initialised by the parameterization; the spec is kept as metadata.
+    `layers`: the size of the `layers` axis for this stack (default: the model's depth)."""
+    sizes = par.sizes if layers is None else {**par.sizes, "layers": layers}
+    shape = tuple(sizes[a] for a in spec.axes)
     if spec.role == "norm":
         value = jnp.ones(shape, dtype)  # gains start at one
     else:

@@ -110,6 +110,7 @@ def routing_stats(logits_TE, experts_TK, num_experts: int) -> dict:
         "aux_loss": E * (load_E * prob_E).sum(),
         "z_loss": (lse_T * lse_T).mean(),
         "router_entropy": -(jnp.exp(logp_TE) * logp_TE).sum(-1).mean(),
+        "router_logits": jnp.abs(logits_TE).mean(),  # coordinate checks: mean |router logit|
     }
 
 
@@ -139,6 +140,9 @@ def apply(
     h_TD = h_BTD.reshape(B * T, D)
     weights_TK, experts_TK, route_stats = route(h_TD, p["router"], bias_E, moe, mm)
     y_TD, dropped = (dispatch or DISPATCH[moe.dispatch])(p, h_TD, weights_TK, experts_TK, moe, mm)
+    if stats is not None:  # coordinate checks: the combine weights and the routed experts' output
+        stats["moe_gates"] = weights_TK.sum(-1).mean()  # per token: mean score (mean_k) or 1 (renorm); Theta(1)
+        stats["moe_experts"] = mean_abs(y_TD)
     if moe.num_shared:
         y_TD = y_TD + shared_experts(p, h_TD, moe, mm).astype(jnp.float32)
     out_BTD = y_TD.reshape(B, T, D).astype(h_BTD.dtype)

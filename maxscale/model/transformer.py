@@ -1,14 +1,16 @@
 """Decoder-only transformer in Flax NNX, with stacked block parameters scanned over depth.
 
 Shapes in names: B batch, T sequence, D width, H query heads, G key/value heads, K head dim, F ffn size, V vocab,
-L layers. Every parameter is an `nnx.Param` whose metadata (`role`, `axes`, `fan_in`) is the single input of the
-parameterization (init std, LR/WD/eps factors) and of the sharding rules; forward multipliers come from the same
-`Parameterization` object. Block parameters carry a leading `layers` axis and the blocks run under `jax.lax.scan`,
-so compile time does not grow with depth.
+L layers, E experts. Every parameter is an `nnx.Param` whose metadata (`role`, `axes`, `fan_in`) is the single input
+of the parameterization (init std, LR/WD/eps factors) and of the sharding rules; forward multipliers come from the
+same `Parameterization` object. Block parameters carry a leading `layers` axis and the blocks run under
+`jax.lax.scan`, so compile time does not grow with depth. A mixture-of-experts model has two stacks: `blocks` (the
+first `model.moe.first_dense` blocks, dense) and `moe_blocks` (the rest), each scanned.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import jax
@@ -17,20 +19,33 @@ import ml_collections
 from flax import nnx
 
 from maxscale.model import attention, mlp
+from maxscale.model import moe as moe_lib
 from maxscale.model.layers import DTYPES, Matmul, make_param, mean_abs, norm
+from maxscale.model.moe_config import MoEConfig
 from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization, ParamSpec, spec_of
 from maxscale.quant import qat
 
 
-def block_specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
-    """The parameters of one block, each with a leading `layers` axis (stacked over depth)."""
+def is_moe(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.model.moe.num_experts > 0
+
+
+def stack_depths(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """Blocks per stack: {"blocks": dense blocks, "moe_blocks": MoE blocks}, zero-sized stacks left out."""
+    n_moe = cfg.model.depth - cfg.model.moe.first_dense if is_moe(cfg) else 0
+    return {k: v for k, v in (("blocks", cfg.model.depth - n_moe), ("moe_blocks", n_moe)) if v}
+
+
+def block_specs(cfg: ml_collections.ConfigDict, moe: bool = False) -> dict[str, ParamSpec]:
+    """The parameters of one block, each with a leading `layers` axis (stacked over depth); with `moe` the
+    feed-forward branch is a mixture of experts instead of the dense MLP."""
     L = ("layers",)
     specs = {
         "attn_norm": ParamSpec("norm", L + ("embed",), ()),
         **attention.specs(cfg),
         "mlp_norm": ParamSpec("norm", L + ("embed",), ()),
-        **mlp.specs(cfg),
+        **(moe_lib.specs(MoEConfig.from_config(cfg)) if moe else mlp.specs(cfg)),
     }
     if cfg.model.norm == "layernorm":
         specs["attn_norm_bias"] = ParamSpec("bias", L + ("embed",), ())
@@ -43,56 +58,79 @@ def matmul_for(cfg: ml_collections.ConfigDict) -> Matmul:
     return Matmul(dtype=DTYPES[cfg.model.dtype], quantizer=qat.make_quantizer(cfg))
 
 
+def _moe_dispatch(moe: MoEConfig):
+    """The capacity path runs expert-parallel (all_to_all in shard_map) when the active mesh has an expert axis;
+    the other paths, and meshes without one, use the layer's own table (XLA partitions them)."""
+    mesh = sharding.active_mesh()
+    if moe.dispatch != "capacity" or mesh is None or mesh.shape["expert"] == 1:
+        return None
+    token_axes = tuple(a for a in sharding.batch_axes() if mesh.shape[a] > 1)
+    return functools.partial(moe_lib.capacity_dispatch_ep, mesh=mesh, token_axes=token_axes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pure block math (arrays in, arrays out): what the scan runs.
 
 
-def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: bool = False):
-    """One pre-norm block: x + r * Attn(N(x)); then + r * MLP(N(.)). `p` holds this layer's arrays.
+def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: bool = False, bias_E=None):
+    """One pre-norm block: x + r * Attn(N(x)); then + r * FF(N(.)), FF the dense MLP or, when `p` holds a router,
+    the mixture of experts (routing bias `bias_E`). `p` holds this layer's arrays.
 
-    With `capture`, returns (x, stats): mean |.| of the attention and MLP outputs (before the residual multiplier)
-    and of the residual stream after the block, for the coordinate check."""
+    Returns x, or (x, stats) with `capture` or for an MoE block. Stats: with `capture`, mean |.| of the attention
+    and feed-forward outputs (before the residual multiplier) and of the residual stream after the block, for the
+    coordinate check; for MoE blocks also the routing statistics (moe.apply)."""
     m = cfg.model
     mm = matmul_for(cfg)
     res = mults["residual"]
-    stats = {} if capture else None
+    is_moe_block = "router" in p
+    stats = {} if capture or is_moe_block else None
 
     h_BTD = norm(x_BTD, p["attn_norm"], p.get("attn_norm_bias"), m.norm, m.norm_eps)
     x_BTD = x_BTD + res * attention.apply(p, h_BTD, cfg, mults, mm, stats)
     x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
 
     h_BTD = norm(x_BTD, p["mlp_norm"], p.get("mlp_norm_bias"), m.norm, m.norm_eps)
-    x_BTD = x_BTD + res * mlp.apply(p, h_BTD, cfg, mm, stats)
-    x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
+    if is_moe_block:
+        moe = MoEConfig.from_config(cfg)
+        ff_BTD = moe_lib.apply(p, h_BTD, moe, mm, bias_E, stats, dispatch=_moe_dispatch(moe))
+        if capture:  # the feed-forward output under the dense MLP's name, so both stacks share one series
+            stats["mlp"] = stats.pop("moe")
+    else:
+        ff_BTD = mlp.apply(p, h_BTD, cfg, mm, stats)
+    x_BTD = sharding.constrain(x_BTD + res * ff_BTD, ("batch", None, None))
     if capture:
-        return x_BTD, {**stats, "resid": mean_abs(x_BTD)}
-    return x_BTD
+        stats["resid"] = mean_abs(x_BTD)
+    return x_BTD if stats is None else (x_BTD, stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class Blocks(nnx.Module):
-    """All blocks, parameters stacked on a leading `layers` axis."""
+    """A stack of blocks, parameters stacked on a leading `layers` axis of `depth`."""
 
-    def __init__(self, cfg, par: Parameterization, rngs: nnx.Rngs):
+    def __init__(self, cfg, par: Parameterization, rngs: nnx.Rngs, depth: int, moe: bool = False):
         dtype = DTYPES[cfg.model.param_dtype]
-        for name, spec in block_specs(cfg).items():
-            setattr(self, name, make_param(rngs, par, name, spec, dtype))
-        self._names = tuple(block_specs(cfg))
+        specs = block_specs(cfg, moe)
+        for name, spec in specs.items():
+            setattr(self, name, make_param(rngs, par, name, spec, dtype, layers=depth))
+        self._names, self._moe = tuple(specs), moe
 
-    def __call__(self, x_BTD, cfg, mults, capture: bool = False):
-        """Returns x, or (x, {stat: [L]}) with `capture` (per-layer stats as scan outputs)."""
+    def __call__(self, x_BTD, cfg, mults, capture: bool = False, bias_LE=None):
+        """Returns x, or (x, {stat: [L, ...]}) with `capture` or for an MoE stack (per-layer stats as scan outputs;
+        `bias_LE` is the MoE stack's routing bias, one row per layer)."""
         stacked = {name: getattr(self, name)[...] for name in self._names}
-        body = (
-            (lambda x, p: block(p, x, cfg, mults, capture=True))
-            if capture
-            else (lambda x, p: (block(p, x, cfg, mults), None))
-        )
+        if self._moe:
+            body = lambda x, pb: block(pb[0], x, cfg, mults, capture, bias_E=pb[1])
+            xs = (stacked, bias_LE)
+        elif capture:
+            body, xs = (lambda x, p: block(p, x, cfg, mults, capture=True)), stacked
+        else:
+            body, xs = (lambda x, p: (block(p, x, cfg, mults), None)), stacked
         if cfg.model.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD, stats = jax.lax.scan(body, x_BTD, stacked)
-        return (x_BTD, stats) if capture else x_BTD
+        x_BTD, stats = jax.lax.scan(body, x_BTD, xs)
+        return (x_BTD, stats) if capture or self._moe else x_BTD
 
 
 class Transformer(nnx.Module):
@@ -101,7 +139,11 @@ class Transformer(nnx.Module):
         self.par = Parameterization(cfg)
         dtype = DTYPES[cfg.model.param_dtype]
         self.embed = make_param(rngs, self.par, "embed", ParamSpec("embedding", ("vocab", "embed"), ()), dtype)
-        self.blocks = Blocks(cfg, self.par, rngs)
+        depths = stack_depths(cfg)
+        if "blocks" in depths:
+            self.blocks = Blocks(cfg, self.par, rngs, depths["blocks"])
+        if "moe_blocks" in depths:
+            self.moe_blocks = Blocks(cfg, self.par, rngs, depths["moe_blocks"], moe=True)
         self.final_norm = make_param(rngs, self.par, "final_norm", ParamSpec("norm", ("embed",), ()), dtype)
         if cfg.model.norm == "layernorm":
             self.final_norm_bias = make_param(
@@ -112,9 +154,10 @@ class Transformer(nnx.Module):
                 rngs, self.par, "unembed", ParamSpec("readout", ("embed", "vocab"), ("embed",)), dtype
             )
 
-    def __call__(self, tokens_BT, capture: bool = False):
-        """Returns float32 logits [B, T, V]; with `capture`, (logits, stats) where stats holds mean |x| of the
-        embedding output, the logits, and per layer ([L]) the attention and MLP outputs and the residual stream."""
+    def __call__(self, tokens_BT, capture: bool = False, moe_bias=None):
+        """Returns (float32 logits [B, T, V], aux). aux["moe"]: per MoE layer ([L_moe, ...]) routing stats, for an
+        MoE model; with `capture`, aux also holds mean |x| of the embedding output, the logits, and per layer ([L])
+        the attention and feed-forward outputs and the residual stream. `moe_bias`: [L_moe, E] routing bias."""
         m = self.cfg.model
         dt = DTYPES[m.dtype]
         mults = self.par.multipliers()
@@ -127,19 +170,27 @@ class Transformer(nnx.Module):
             table_VD = quantizer.table(table_VD)
         x_BTD = (table_VD[tokens_BT] * mults["input"]).astype(dt)
         x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
-        if capture:
-            stats = {"embed": mean_abs(x_BTD)}
-            x_BTD, stats["layers"] = self.blocks(x_BTD, self.cfg, mults, capture=True)
-        else:
-            x_BTD = self.blocks(x_BTD, self.cfg, mults)
+        aux, layer_stats = ({"embed": mean_abs(x_BTD)} if capture else {}), []
+        if hasattr(self, "blocks"):
+            out = self.blocks(x_BTD, self.cfg, mults, capture=capture)
+            x_BTD, dense_stats = out if capture else (out, None)
+            layer_stats.append(dense_stats)
+        if hasattr(self, "moe_blocks"):
+            if moe_bias is None:
+                moe_bias = jnp.zeros((stack_depths(self.cfg)["moe_blocks"], m.moe.num_experts), jnp.float32)
+            x_BTD, moe_stats = self.moe_blocks(x_BTD, self.cfg, mults, capture=capture, bias_LE=moe_bias)
+            aux["moe"] = {k: v for k, v in moe_stats.items() if k.startswith("moe_")}
+            layer_stats.append({k: v for k, v in moe_stats.items() if not k.startswith("moe")})
+        if capture:  # one [L] series per statistic over both stacks, in depth order
+            aux["layers"] = {k: jnp.concatenate([s[k] for s in layer_stats]) for k in layer_stats[0]}
         bias = self.final_norm_bias[...] if m.norm == "layernorm" else None
         x_BTD = norm(x_BTD, self.final_norm[...], bias, m.norm, m.norm_eps)
         readout_DV = embed_VD.T if m.tie_embeddings else self.unembed[...]
         logits = matmul_for(self.cfg)("btd,dv->btv", x_BTD, readout_DV, role="readout", out_dtype=jnp.float32)
         logits = logits * mults["output"]
         if capture:
-            return logits, {**stats, "logits": mean_abs(logits)}
-        return logits
+            aux["logits"] = mean_abs(logits)
+        return logits, aux
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,10 +212,15 @@ class ModelDef:
         """Initial params (call under jit with out_shardings to create them sharded)."""
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(seed))))
 
-    def apply(self, params: dict, tokens_BT, capture: bool = False):
+    def apply(self, params: dict, tokens_BT, capture: bool = False, moe_bias=None):
         """Logits [B, T, V]; with `capture`, (logits, stats) as in `Transformer.__call__` (coordinate checks)."""
+        logits, aux = self.apply_aux(params, tokens_BT, capture=capture, moe_bias=moe_bias)
+        return (logits, aux) if capture else logits
+
+    def apply_aux(self, params: dict, tokens_BT, capture: bool = False, moe_bias=None):
+        """(logits [B, T, V], aux) as in `Transformer.__call__`: the MoE routing stats the train step needs."""
         state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
-        return nnx.merge(self.graphdef, state)(tokens_BT, capture=capture)
+        return nnx.merge(self.graphdef, state)(tokens_BT, capture=capture, moe_bias=moe_bias)
 
     def spec_tree(self) -> dict:
         """A tree shaped like params whose leaves are ParamSpecs."""
@@ -194,7 +250,8 @@ def param_specs(cfg: ml_collections.ConfigDict) -> list[tuple[str, ParamSpec, tu
 
 
 def count_params(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    total = embedding = 0
+    """Parameter counts: total, non_embedding, and active (per token: k of E routed experts, all else)."""
+    total = embedding = routed = 0
     for _, spec, shape in param_specs(cfg):
         n = 1
         for s in shape:
@@ -202,13 +259,27 @@ def count_params(cfg: ml_collections.ConfigDict) -> dict[str, int]:
         total += n
         if spec.role == "embedding":
             embedding += n
-    return {"total": total, "non_embedding": total - embedding}
+        if spec.role in ("expert_in", "expert_out"):
+            routed += n
+    e = cfg.model.moe
+    active = total - routed + (routed * e.num_active // e.num_experts if e.num_experts else 0)
+    return {"total": total, "non_embedding": total - embedding, "active": active}
 
 
 def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
-    """Training FLOPs per token: 6 x matmul params (readout included) + 12 L T H K for attention (PaLM, App. B)."""
-    m = cfg.model
+    """Training FLOPs per token: 6 x active matmul params (readout included) + 12 L T H K for attention (PaLM,
+    App. B). Dispatch and capacity padding are not counted: MFU is against the model's useful work."""
+    m, e = cfg.model, cfg.model.moe
     n_mlp = 3 if m.mlp == "swiglu" else 2
-    per_layer = m.width * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + n_mlp * m.width * m.ffn_size
-    matmul_params = m.depth * per_layer + m.width * m.vocab_size
+    attn = m.width * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    depths = stack_depths(cfg)
+    # MoE blocks: the router, k of E experts and the shared experts act on each token (active parameters only)
+    moe_ff = m.width * e.num_experts + n_mlp * m.width * (
+        e.num_active * e.expert_ffn_size + e.num_shared * e.shared_ffn_size
+    )
+    matmul_params = (
+        depths.get("blocks", 0) * (attn + n_mlp * m.width * m.ffn_size)
+        + depths.get("moe_blocks", 0) * (attn + moe_ff)
+        + m.width * m.vocab_size
+    )
     return 6.0 * matmul_params + 12.0 * m.depth * cfg.data.seq_len * m.num_heads * m.head_dim

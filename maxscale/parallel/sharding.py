@@ -25,7 +25,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert-parallel ranks hold their own tokens outside the MoE layers
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -34,6 +34,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "layers": None,
     "experts": "expert",
+    "expert_mlp": "tensor",
+    "shared_mlp": "tensor",
 }
 
 
@@ -130,7 +132,8 @@ def check_divisible(specs: dict, shapes: dict, mesh: Mesh) -> None:
         "heads": "model.num_heads",
         "kv_heads": "model.num_kv_heads",
         "mlp": "model.ffn_size",
-        "experts": "model.num_experts",
+        "experts": "model.moe.num_experts",
+        "expert_mlp": "model.moe.expert_ffn_size",
     }
     for path, spec in specs.items():
         for name, size in zip(spec.axes, shapes[path]):
@@ -164,9 +167,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
         rows = {idx[0].start or 0 for idx in out.addressable_devices_indices_map((dp, 1)).values()}
         if dp % len(processes) or len(rows) != dp // len(processes):
             raise ConfigError(
-                f"mesh: the batch axes mesh.data x mesh.fsdp = {dp} must split evenly over the "
+                f"mesh: the batch axes mesh.data x mesh.fsdp x mesh.expert = {dp} must split evenly over the "
                 f"{len(processes)} processes (this one holds {len(rows)} of {dp} row blocks); make "
-                f"data x fsdp a multiple of the process count and keep tensor/expert within a host"
+                f"data x fsdp x expert a multiple of the process count and keep tensor within a host"
             )
     return out
 
@@ -175,12 +178,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def batch_axes() -> tuple[str, ...]:
+    """The mesh axes the batch is split over."""
+    rule = RULES["batch"]
+    return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways the batch is split: the product of the batch axes (data x fsdp x expert)."""
+    return math.prod(mesh.shape[a] for a in batch_axes())
 
 
 # -- activation constraints: active only while a trainer traces under `activation_mesh` ---------------------------
 _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("maxscale_mesh", default=None)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh a trainer is tracing under (None outside `activation_mesh`)."""
+    return _ACTIVE_MESH.get()
 
 
 @contextlib.contextmanager

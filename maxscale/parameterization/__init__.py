@@ -23,7 +23,8 @@ import ml_collections
 
 from maxscale.errors import ConfigError
 
-ROLES = ("embedding", "hidden", "readout", "norm", "bias")
+ROLES = ("embedding", "hidden", "readout", "norm", "bias", "router", "expert_in", "expert_out")
+MATRIX_ROLES = ("hidden", "router", "expert_in", "expert_out")  # inside the blocks, scaled like hidden matrices
 EPS_DEPTH_SCOPES = ("blocks", "all")  # where eps gets m_L^-alpha: CompleteP Table 1 | nanoGPT-mup completep branch
 WIDTH_GROWS = ("head_dim", "heads")  # which attention dimension scale_shapes() grows with width
 
@@ -86,6 +87,15 @@ def resolve(cfg: ml_collections.ConfigDict) -> None:
             )
 
 
+def _moe_sizes(moe, expert_ffn_size: int, num_experts: int | None = None) -> dict[str, int]:
+    """Sizes of the MoE axes; the shared experts' hidden size follows the expert size (same ratio as the model's)."""
+    shared = moe.num_shared * moe.shared_ffn_size
+    if expert_ffn_size != moe.expert_ffn_size:  # a base size: the same ratio to the expert size as the model's
+        shared = shared * expert_ffn_size / max(moe.expert_ffn_size, 1)
+    experts = moe.num_experts if num_experts is None else num_experts
+    return {"experts": experts, "expert_mlp": expert_ffn_size, "shared_mlp": shared}
+
+
 class Parameterization:
     """The lookup. Built from a resolved config; pure Python floats, no arrays."""
 
@@ -104,6 +114,7 @@ class Parameterization:
             "kv_heads": m.num_kv_heads,
             "head_dim": m.head_dim,
             "layers": m.depth,
+            **_moe_sizes(m.moe, m.moe.expert_ffn_size),
         }
         self.base_sizes = {
             "vocab": m.vocab_size,
@@ -113,6 +124,7 @@ class Parameterization:
             "kv_heads": p.base_num_heads * kv_ratio,
             "head_dim": p.base_head_dim,
             "layers": p.base_depth,
+            **_moe_sizes(m.moe, p.base_expert_ffn_size, p.base_num_experts),
         }
         self.m_width = m.width / p.base_width  # m_N
         self.m_depth = m.depth / p.base_depth  # m_L
@@ -171,12 +183,22 @@ class Parameterization:
             return 0.0 if p.zero_init_readout else p.init_std
         if name.endswith("wq") and p.zero_init_query:
             return 0.0
-        if self.rule.width:
-            return p.init_std / math.sqrt(self.fan_in_ratio(spec))
-        return p.init_std
+        if not self.rule.width:
+            return p.init_std
+        if spec.role == "router":  # sigma (D/D0)^-gamma; the paper's gamma = 1 (docs/parameterizations.md, MoE)
+            return p.init_std * self._ratio("embed") ** -p.router_init_gamma
+        if spec.role == "expert_out" and p.expert_down_init == "mean_field":
+            # sigma (D/D0)^1/2 (M/M0)^-1: an expert's output is Theta(alpha^-1/2) at init, its update Theta(1)
+            return p.init_std * self._ratio("embed") ** 0.5 / self._ratio("expert_mlp")
+        return p.init_std / math.sqrt(self.fan_in_ratio(spec))
+
+    def _ratio(self, axis: str) -> float:
+        return self.sizes[axis] / self.base_sizes[axis]
 
     def lr_factor(self, spec: ParamSpec) -> float:
-        if spec.role == "hidden" and self.rule.width:
+        """Matrices in the blocks (hidden, router, experts): x (fan-in ratio)^-1 under muP-family rules, i.e.
+        D0/D for fan-in over the width and M0/M for an expert's down projection (the paper's Table 1)."""
+        if spec.role in MATRIX_ROLES and self.rule.width:
             return self._depth_lr(spec) / self.fan_in_ratio(spec)
         return self._depth_lr(spec)
 
@@ -185,7 +207,7 @@ class Parameterization:
         fan-in ratio so that lr * wd stays width-independent; independent decay is left alone (pitfall 3)."""
         if spec.role in ("norm", "bias"):
             return 0.0
-        if spec.role == "hidden" and self.rule.width and self.cfg.optimizer.weight_decay_mode == "coupled":
+        if spec.role in MATRIX_ROLES and self.rule.width and self.cfg.optimizer.weight_decay_mode == "coupled":
             return self.fan_in_ratio(spec)
         return 1.0
 
@@ -197,7 +219,13 @@ class Parameterization:
             return 1.0
         in_scope = self._in_blocks(spec) or p.eps_depth_scope == "all"
         depth = self.m_depth**-self.alpha if in_scope else 1.0
-        return depth / self.m_width if self.rule.width else depth
+        if not self.rule.width:
+            return depth
+        if spec.role == "expert_in":  # the paper's Table 2: eps (M/M0)^-1 (L/L0)^-1
+            return depth / self._ratio("expert_mlp")
+        if spec.role == "expert_out":  # eps (D/D0) (M/M0)^-2 (L/L0)^-1
+            return depth * self.m_width / self._ratio("expert_mlp") ** 2
+        return depth / self.m_width
 
     def factors(self, spec: ParamSpec) -> dict[str, float]:
         return {"lr": self.lr_factor(spec), "wd": self.wd_factor(spec), "eps": self.eps_factor(spec)}

@@ -166,7 +166,11 @@ class Trainer:
         def flush(entry):
             nonlocal last_time, last_step, result
             step, dev_metrics = entry
-            values = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+            values = jax.device_get(dev_metrics)
+            load_LE = values.pop("moe/load", None)
+            if load_LE is not None:  # per-layer, per-expert load: an array, written beside metrics.jsonl
+                writer.write_array(step, "moe_load", load_LE)
+            values = {k: float(v) for k, v in values.items()}
             last_nonfinite = int(values.pop("last_nonfinite_step"))
             now = time.perf_counter()
             if last_time is None:  # the first logged step includes compilation: no rate yet
@@ -211,9 +215,9 @@ class Trainer:
                         if pending is not None:
                             flush(pending)
                             pending = None
-                        eval_loss = float(
-                            np.mean(jax.device_get([setup.eval_step(state["params"], b) for b in eval_data]))
-                        )
+                        bias = state.get("moe_bias")
+                        losses = [setup.eval_step(state["params"], b, bias) for b in eval_data]
+                        eval_loss = float(np.mean(jax.device_get(losses)))
                         writer.write(done, {"eval/loss": eval_loss})
                         progress.message(f"step {done}: eval/loss {eval_loss:.4f}")
                         result["eval/loss"] = eval_loss
@@ -244,7 +248,12 @@ class Trainer:
                 and preempt.signal_name is None
             ):  # a signal after the last step skips the sample: all is saved
                 text = sample.generate(
-                    setup, state["params"], cfg.train.sample_prompt, cfg.train.sample_tokens, cfg.train.seed
+                    setup,
+                    state["params"],
+                    cfg.train.sample_prompt,
+                    cfg.train.sample_tokens,
+                    cfg.train.seed,
+                    moe_bias=state.get("moe_bias"),
                 )
                 progress.message("sample:\n" + text + "\n")
         elapsed = time.perf_counter() - t0

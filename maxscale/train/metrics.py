@@ -90,6 +90,15 @@ class MetricWriter:
             if k != "step":
                 self._tb.add_scalar(k, v, step)
 
+    def write_array(self, step: int, name: str, values) -> None:
+        """Appends {"step": step, name: nested list} to `<name>.jsonl` (per-layer, per-expert loads, ...). Local
+        workdirs only: on an object store the arrays are not kept (metrics.jsonl has their summaries)."""
+        if not self.enabled or self._remote:
+            return
+        with open(os.fspath(self.path.parent / f"{name}.jsonl"), "a") as fh:
+            rows = [[round(float(v), 6) for v in row] for row in values]
+            fh.write(json.dumps({"step": int(step), name: rows}) + "\n")
+
     def _flush_remote(self) -> None:
         self.path.write_text("".join(self._lines))
         self._flushed_at = time.monotonic()

@@ -11,8 +11,11 @@ from maxscale.train import data as data_lib
 from maxscale.train.step import Setup
 
 
-def generate(setup: Setup, params, prompt: str, num_tokens: int, seed: int = 0, temperature: float = 0.8) -> str:
-    """Samples `num_tokens` bytes after `prompt` with a window of seq_len tokens (one compiled loop)."""
+def generate(
+    setup: Setup, params, prompt: str, num_tokens: int, seed: int = 0, temperature: float = 0.8, moe_bias=None
+) -> str:
+    """Samples `num_tokens` bytes after `prompt` with a window of seq_len tokens (one compiled loop). `moe_bias`:
+    the run's MoE routing bias (state["moe_bias"]); None for dense models."""
     tok = data_lib.ByteTokenizer()
     T = setup.cfg.data.seq_len
     ids = tok.encode(prompt)[-T:].astype(np.int32)
@@ -21,10 +24,10 @@ def generate(setup: Setup, params, prompt: str, num_tokens: int, seed: int = 0, 
     vocab = min(tok.vocab_size, setup.cfg.model.vocab_size)
 
     @jax.jit
-    def run(params, window, key):
+    def run(params, window, key, moe_bias):
         def body(carry, key):
             window = carry
-            logits = setup.model.apply(params, window[None])[0, -1, :vocab]
+            logits = setup.model.apply(params, window[None], moe_bias=moe_bias)[0, -1, :vocab]
             nxt = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
             return jnp.concatenate([window[1:], nxt[None]]), nxt
 
@@ -32,6 +35,6 @@ def generate(setup: Setup, params, prompt: str, num_tokens: int, seed: int = 0, 
         return out
 
     with sharding.activation_mesh(setup.mesh):
-        out = run(params, jnp.asarray(window), jax.random.key(seed))
+        out = run(params, jnp.asarray(window), jax.random.key(seed), moe_bias)
     out = np.asarray(jax.device_get(out))
     return prompt + tok.decode(out)

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from maxscale.errors import ConfigError
+from maxscale.model import moe as moe_lib
 from maxscale.model import transformer
 from maxscale.parallel import sharding
 from maxscale.train import checkpoint as ckpt_lib
@@ -45,7 +46,7 @@ class Setup:
             dp = sharding.data_parallel_size(mesh)
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
-                f"mesh.data x mesh.fsdp = {dp}; use a multiple of {dp}"
+                f"mesh.data x mesh.fsdp x mesh.expert = {dp}; use a multiple of {dp}"
             )
         model = transformer.ModelDef(cfg)
         shapes = {path: tuple(leaf.shape) for path, leaf in _flat(model.abstract_params)}
@@ -64,6 +65,8 @@ class Setup:
             "nonfinite_steps": rep,
             "last_nonfinite_step": rep,
         }
+        if transformer.is_moe(cfg):
+            state_sh["moe_bias"] = rep  # [L_moe, E] routing bias: state, not a parameter (no gradient, no optimizer)
         return cls(cfg, mesh, model, tx, state_sh, sharding.batch_sharding(mesh))
 
     # -- jitted functions ------------------------------------------------------------------------------------------
@@ -78,18 +81,40 @@ class Setup:
                 "rng": jax.random.key_data(jax.random.key(self.cfg.train.seed)),
                 "nonfinite_steps": jnp.zeros([], jnp.int32),
                 "last_nonfinite_step": jnp.zeros([], jnp.int32),
+                **({"moe_bias": jnp.zeros(self.moe_bias_shape, jnp.float32)} if self.moe_bias_shape else {}),
             }
 
         return jax.jit(init, out_shardings=self.state_shardings)
+
+    @property
+    def moe_bias_shape(self) -> tuple[int, int] | None:
+        """[MoE blocks, experts] of the routing bias; None for a dense model."""
+        if not transformer.is_moe(self.cfg):
+            return None
+        return transformer.stack_depths(self.cfg)["moe_blocks"], self.cfg.model.moe.num_experts
 
     def abstract_state(self):
         shapes = jax.eval_shape(self.init_state)
         return ckpt_lib.abstract_with_shardings(shapes, self.state_shardings)
 
-    def loss_fn(self, params, tokens_BT1):
+    def loss_fn(self, params, tokens_BT1, moe_bias=None):
+        """Mean next-token cross-entropy (nats per token)."""
+        return self.loss_and_aux(params, tokens_BT1, moe_bias)[1]["ce"]
+
+    def loss_and_aux(self, params, tokens_BT1, moe_bias=None):
+        """(loss to differentiate, aux): the cross-entropy plus, for MoE, the weighted balance and z losses;
+        aux["ce"] is the cross-entropy alone and aux["moe"] the per-layer routing stats."""
         with sharding.activation_mesh(self.mesh):
-            logits = self.model.apply(params, tokens_BT1[:, :-1])
-        return cross_entropy(logits, tokens_BT1[:, 1:])
+            logits, aux = self.model.apply_aux(params, tokens_BT1[:, :-1], moe_bias=moe_bias)
+        ce = cross_entropy(logits, tokens_BT1[:, 1:])
+        loss = ce
+        if "moe" in aux:
+            e = self.cfg.model.moe
+            if e.balance == "aux":
+                loss = loss + e.aux_loss_weight * aux["moe"]["moe_aux_loss"].mean()
+            if e.z_loss_weight:
+                loss = loss + e.z_loss_weight * aux["moe"]["moe_z_loss"].mean()
+        return loss, {**aux, "ce": ce}
 
     @functools.cached_property
     def train_step(self):
@@ -98,7 +123,10 @@ class Setup:
         nan_at = self.cfg.train.debug_nan_at_step
 
         def step(state, tokens_BT1):
-            loss, grads = jax.value_and_grad(self.loss_fn)(state["params"], tokens_BT1)
+            (_, aux), grads = jax.value_and_grad(self.loss_and_aux, has_aux=True)(
+                state["params"], tokens_BT1, state.get("moe_bias")
+            )
+            loss = aux["ce"]
             done = state["step"] + 1
             if nan_at:  # fault injection for tests: only this config compiles it in
                 poison = jnp.where(done == nan_at, jnp.nan, 0.0)
@@ -119,7 +147,12 @@ class Setup:
                 "nonfinite_steps": state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32),
                 "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], done),
             }
+            moe_metrics = {}
+            if "moe" in aux:
+                new["moe_bias"] = keep(self._updated_bias(state["moe_bias"], aux["moe"]), state["moe_bias"])
+                moe_metrics = moe_step_metrics(aux["moe"])
             metrics = {
+                **moe_metrics,
                 "train/loss": loss,
                 "grad_norm": grad_norm,
                 "lr": peak_lr * sched(state["step"]),
@@ -136,17 +169,50 @@ class Setup:
             donate_argnums=0,
         )
 
+    def _updated_bias(self, bias_LE, moe_stats):
+        e = self.cfg.model.moe
+        if e.balance != "bias":
+            return bias_LE
+        update = functools.partial(moe_lib.update_bias, rate=e.bias_rate, rule=e.bias_rule, num_active=e.num_active)
+        return jax.vmap(update)(bias_LE, moe_stats["moe_load"])  # the load of the global batch, per layer
+
+    def eval_step(self, params, tokens_BT1, moe_bias=None):
+        """Cross-entropy of a batch (a replicated scalar). `moe_bias`: the run's routing bias (state["moe_bias"])."""
+        if moe_bias is None:
+            return self._eval(params, tokens_BT1)
+        return self._eval_with_bias(params, tokens_BT1, moe_bias)
+
     @functools.cached_property
-    def eval_step(self):
+    def _eval(self):
         return jax.jit(
             self.loss_fn,
             in_shardings=(self.state_shardings["params"], self.batch_sharding),
             out_shardings=sharding.replicated(self.mesh),
         )
 
+    @functools.cached_property
+    def _eval_with_bias(self):
+        rep = sharding.replicated(self.mesh)
+        return jax.jit(
+            self.loss_fn, in_shardings=(self.state_shardings["params"], self.batch_sharding, rep), out_shardings=rep
+        )
+
     def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
         shape = (self.cfg.train.batch_size, self.cfg.data.seq_len + 1)
         return jax.make_array_from_process_local_data(self.batch_sharding, local_tokens, shape)
+
+
+def moe_step_metrics(moe_stats: dict) -> dict:
+    """Logged routing metrics from per-layer stats [L_moe, ...]: means over layers, the worst layer's max/mean
+    load, and the per-layer, per-expert load [L_moe, E] under `moe/load` (written to moe_load.jsonl)."""
+    return {
+        "moe/aux_loss": moe_stats["moe_aux_loss"].mean(),
+        "moe/z_loss": moe_stats["moe_z_loss"].mean(),
+        "moe/load_max": moe_stats["moe_max_load"].max(),
+        "moe/dropped_fraction": moe_stats["moe_dropped_fraction"].mean(),
+        "moe/router_entropy": moe_stats["moe_router_entropy"].mean(),
+        "moe/load": moe_stats["moe_load"],
+    }
 
 
 def _mirror_param_shardings(opt_shapes, param_sh, abstract_params, default):
