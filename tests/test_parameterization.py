@@ -265,3 +265,29 @@ def test_cli_prints_the_table():
     assert row["lr"] == 0.5 and row["eps"] == 0.25 and row["shape"] == [2, 64, 4, 16]
     bad = _cli("--config=configs/tiny.py", "--config.parameterization.nme=mup")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "did you mean" in bad.stderr
+
+
+def test_base_width_alone_describes_one_base_model_for_every_width():
+    """The documented usage (--config.parameterization.base_width=64 --config.model.width=W): the other base sizes
+    follow base_width / width as the model's own do, so runs at different widths share one base (no half-muP)."""
+    bases = []
+    for width in (128, 256):
+        cfg, _ = config_lib.parse_argv(
+            [
+                f"--config={REPO / 'configs' / 'tiny.py'}",
+                "--config.parameterization.name=mup",
+                "--config.parameterization.base_width=64",
+                f"--config.model.width={width}",
+                f"--config.model.ffn_size={2 * width}",
+            ],
+            extra_flags=(),
+        )
+        p = config_lib.resolve(cfg).parameterization
+        bases.append({k: p[k] for k in ("base_width", "base_num_heads", "base_head_dim", "base_ffn_size")})
+    assert bases[0] == bases[1] == {"base_width": 64, "base_num_heads": 4, "base_head_dim": 16, "base_ffn_size": 128}
+    with pytest.raises(ConfigError, match="not a whole number; set parameterization.base_head_dim explicitly"):
+        cfg, _ = config_lib.parse_argv(
+            [f"--config={REPO / 'configs' / 'tiny.py'}", "--config.parameterization.base_width=50"],
+            extra_flags=(),
+        )
+        config_lib.resolve(cfg)

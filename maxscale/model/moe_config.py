@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from maxscale import parameterization
 from maxscale.errors import ConfigError
 
 # Names of the implementations in moe.py's tables (moe.py asserts that they agree).
@@ -92,7 +93,7 @@ def resolve(cfg) -> None:
         if p[base] == 0:
             p[base] = e[own]
     if p.base_expert_ffn_size == 0:
-        p.base_expert_ffn_size = e.expert_ffn_size
+        p.base_expert_ffn_size = parameterization.follow_width(cfg, "base_expert_ffn_size", e.expert_ffn_size)
     if p.check_kappa and e.num_active * p.base_num_experts != p.base_num_active * e.num_experts:
         raise ConfigError(
             f"model.moe: k/E = {e.num_active}/{e.num_experts} differs from the base's "

@@ -58,20 +58,45 @@ RULES: dict[str, Rule] = {
 }
 
 
+def follow_width(cfg: ml_collections.ConfigDict, field: str, own: int, scales: bool = True) -> int:
+    """The base size for `field` when it is left at 0: the model's own size `own`, times base_width / width when
+    the dimension grows with width (`scales`), so a run's base is one model however few base sizes were set.
+    ConfigError (one line) if that is not a whole number."""
+    p, m = cfg.parameterization, cfg.model
+    if not scales or p.base_width == m.width:
+        return own
+    size = own * p.base_width / m.width
+    if size != int(size) or size < 1:
+        raise ConfigError(
+            f"parameterization.base_width={p.base_width} with model.width={m.width}: the base's {field[5:]} would be "
+            f"{own} x {p.base_width}/{m.width} = {size:g}, not a whole number; set parameterization.{field} explicitly"
+        )
+    return int(size)
+
+
 def resolve(cfg: ml_collections.ConfigDict) -> None:
-    """Fills base shapes of 0 with the model's own sizes and checks the name (in place)."""
+    """Fills base shapes of 0 and checks the name (in place). The base is one model: left at 0, the base depth is
+    the model's own, and every width dimension follows base_width / width as the model's own sizes do
+    (`width_grows` says whether heads or the head dim grow), so `--config.parameterization.base_width=64` alone
+    describes the width-64 model, never a half-scaled one."""
     p, m = cfg.parameterization, cfg.model
     if p.name not in RULES:
         raise ConfigError(f"parameterization.name={p.name!r} is not supported; choose one of {', '.join(RULES)}")
-    for base, own in (
-        ("base_width", m.width),
-        ("base_depth", m.depth),
-        ("base_num_heads", m.num_heads),
-        ("base_head_dim", m.head_dim),
-        ("base_ffn_size", m.ffn_size),
+    if p.width_grows not in WIDTH_GROWS:
+        raise ConfigError(
+            f"parameterization.width_grows={p.width_grows!r} is not supported; choose one of {', '.join(WIDTH_GROWS)}"
+        )
+    if p.base_width == 0:
+        p.base_width = m.width
+    if p.base_depth == 0:
+        p.base_depth = m.depth
+    for base, own, scales in (
+        ("base_num_heads", m.num_heads, p.width_grows == "heads"),
+        ("base_head_dim", m.head_dim, p.width_grows == "head_dim"),
+        ("base_ffn_size", m.ffn_size, True),
     ):
         if p[base] == 0:
-            p[base] = own
+            p[base] = follow_width(cfg, base, own, scales)
     if p.depth_alpha != -1.0 and not 0.0 <= p.depth_alpha <= 2.0:
         raise ConfigError(f"parameterization.depth_alpha={p.depth_alpha} must lie in [0, 2] (or -1 for the default)")
     if p.attn_exponent != -1.0 and not 0.0 <= p.attn_exponent <= 2.0:
@@ -80,7 +105,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> None:
         )
     if p.embed_init_std == 0.0:
         p.embed_init_std = p.init_std
-    for field, choices in (("eps_depth_scope", EPS_DEPTH_SCOPES), ("width_grows", WIDTH_GROWS)):
+    for field, choices in (("eps_depth_scope", EPS_DEPTH_SCOPES),):
         if p[field] not in choices:
             raise ConfigError(
                 f"parameterization.{field}={p[field]!r} is not supported; choose one of {', '.join(choices)}"

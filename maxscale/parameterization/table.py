@@ -42,8 +42,17 @@ def describe(cfg: ml_collections.ConfigDict) -> dict:
         "m_width": par.m_width,
         "m_depth": par.m_depth,
         "multipliers": par.multipliers(),
+        "axis_multipliers": axis_multipliers(cfg, par),
         "params": rows,
     }
+
+
+def axis_multipliers(cfg: ml_collections.ConfigDict, par: Parameterization) -> dict[str, float]:
+    """size / base size per logical axis that can scale: what grows in this run relative to its base."""
+    axes = ["embed", "mlp", "heads", "head_dim", "layers"]
+    if cfg.model.moe.num_experts:
+        axes += ["experts", "expert_mlp"]
+    return {a: par.sizes[a] / par.base_sizes[a] for a in axes}
 
 
 def _format_table(table: dict) -> str:
@@ -51,6 +60,7 @@ def _format_table(table: dict) -> str:
         f"parameterization={table['parameterization']} ({table['source']}) depth_alpha={table['depth_alpha']} "
         f"attn_exponent={table['attn_exponent']} m_width={table['m_width']:.6g} m_depth={table['m_depth']:.6g}",
         "multipliers: " + "  ".join(f"{k}={v:.6g}" for k, v in table["multipliers"].items()),
+        "size / base: " + "  ".join(f"{k}={v:.6g}" for k, v in table["axis_multipliers"].items()),
         f"{'path':<28} {'shape':<22} {'role':<10} {'init_std':>10} {'lr':>9} {'wd':>9} {'eps':>9}",
     ]
     for r in table["params"]:
