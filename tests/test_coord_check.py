@@ -2,6 +2,7 @@
 CompleteP and depth-muP keep the residual stream bounded while alpha = 0 lets it grow."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ sys.path.insert(0, str(REPO))
 from maxscale import config as config_lib  # noqa: E402
 from maxscale.analysis import coord_check as cc  # noqa: E402
 from maxscale.model import transformer  # noqa: E402
+from maxscale.parameterization import Parameterization  # noqa: E402
 from maxscale.train import data as data_lib  # noqa: E402
 
 
@@ -43,7 +45,8 @@ def test_capture_returns_the_same_logits_and_per_layer_stats():
     plain = model.apply(params, tokens)
     logits, stats = model.apply(params, tokens, capture=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), rtol=1e-6)
-    assert set(stats["layers"]) == {"attn", "mlp", "resid"} and stats["layers"]["resid"].shape == (3,)
+    assert set(stats["layers"]) == {"attn", "attn_logits", "attn_mix", "mlp", "resid", "probe", "qk_probe"}
+    assert stats["layers"]["resid"].shape == (3,) and stats["layers"]["probe"].shape == (3, 8, 32)
     assert float(stats["logits"]) == pytest.approx(float(np.abs(np.asarray(plain)).mean()), rel=1e-5)
     assert float(stats["embed"]) == pytest.approx(float(np.abs(np.asarray(params["embed"])[tokens]).mean()), rel=1e-5)
 
@@ -79,6 +82,30 @@ def test_completep_and_depth_mup_keep_the_residual_stream_bounded_alpha_zero_doe
     assert not s["completep(alpha=0)"]["pass"] and s["completep(alpha=0)"]["max_slope"] > 0.5
     last = lambda label: np.asarray(result["series"][label]["resid/last"]).mean(1)[:, -1]  # noqa: E731
     assert last("completep(alpha=0)")[-1] > 2 * last("completep")[-1]  # depth 16 after 4 steps
+    # the per-layer update size tells CompleteP (each block moves the stream by ~1/L) from depth-muP (~L^-1/2..-1)
+    update_slope = {label: s[label]["slopes_by_step"]["update/mean"][-1] for label in s}
+    assert update_slope["completep"] < -0.85 and update_slope["depth_mup"] > update_slope["completep"] + 0.1
+    assert update_slope["completep(alpha=0)"] > 0
+
+
+@pytest.mark.slow
+def test_fan_in_readout_init_fails_the_width_check(corpus, monkeypatch):
+    """The check uses the model's own initializer, so a wrong readout rule (init shrinking with fan-in on top of
+    muP's 1/m_N multiplier) shows up: the backward signal into the blocks shrinks with width."""
+    original = Parameterization.init_std
+
+    def fan_in_readout(self, spec, name=""):
+        if spec.role == "readout":
+            return self.cfg.parameterization.init_std / math.sqrt(self.m_width)
+        return original(self, spec, name)
+
+    monkeypatch.setattr(Parameterization, "init_std", fan_in_readout)
+    base = small_base(parameterization__base_depth=1)
+    result = cc.run(
+        base, "width", [32, 64, 128, 256], [cc.Variant("mup")], seeds=2, steps=4, corpus=corpus, log=lambda s: None
+    )
+    v = cc.verdict(result)["series"]["mup"]
+    assert not v["pass"], v["max_slope_by_curve"]
 
 
 def test_outputs_and_cli_errors(width_verdict, tmp_path):
@@ -112,7 +139,7 @@ def test_coordinate_check_over_experts_records_routing_and_passes_at_fixed_k_ove
     """E grows with k/E fixed: router logits, combine weights, routed-expert outputs and the residual stream stay
     the same size (E enters no rule). Also runs the k-fixed control axis."""
     base = small_base(model__moe__num_experts=4, model__moe__num_active=2, model__moe__expert_ffn_size=32)
-    result = cc.run(base, "experts", [4, 8, 16], [cc.Variant("mup")], seeds=1, steps=3, corpus=corpus, log=print)
+    result = cc.run(base, "experts", [4, 8, 16], [cc.Variant("mup")], seeds=2, steps=4, corpus=corpus, log=print)
     assert [cc.size_config(base, "experts", n, cc.Variant("mup")).model.moe.num_active for n in (4, 8, 16)] == [2, 4, 8]
     curves = result["series"]["mup"]
     assert {"router_logits/mean", "gates/mean", "experts/mean", "resid/last"} <= set(curves)

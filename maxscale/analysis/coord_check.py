@@ -1,24 +1,30 @@
 """Coordinate check: do activations stay the same size as the model grows? (docs/parameterizations.md, section 6)
 
-For each parameterization, each size (width: every width dimension scaled together by `scale_shapes`; or depth)
-and each seed: train a few steps at a large constant LR on one fixed batch and record, before every update and
-after the last, the mean |x| of the embedding output, of each block's attention and MLP outputs (before the
-residual multiplier), of the residual stream after each block, and of the logits.
+For each parameterization, each size (width: every width dimension scaled together by `scale_shapes`; depth; or, for
+MoE models, experts and expert size) and each seed: train a few steps at a large constant LR on one fixed batch with
+the model's own initializer and forward pass, and record, before every update and after the last, the mean |x| of
+the embedding output, of each block's attention and MLP outputs (before the residual multiplier), of the attention
+logits (mean |scale q.k| over causal pairs) and mixed values (softmax(.) v), of the residual stream after each
+block, and of the logits; and two update sizes measured against the init: each block's residual increment
+(`update/<layer>`, `update/total` summed over layers) and the learned part of the attention logits,
+scale (q_t - q_0).(k_t - k_0) (`attn_update`).
 
 The verdict is the log-log slope of each curve against the size (mean over seeds) at every step from `judge_from`
 (default 2) on. Step 0 is the initialisation, where muP's logits shrink like width^-1/2 by design (a readout of
 fixed init std times 1/m_N), and at step 1 that init term still competes with the first update; from step 2 the
 updates dominate (zero_init_readout removes the effect altogether). A parameterization passes when the largest
 |slope| of the judged curves is at most `threshold` (default 0.3: muP's curves sit near 0, SP's near 1 or above,
-since an Adam update moves W x by O(fan_in) under SP). For width every curve is judged, both ways. For depth the
-claim is that the residual stream stays bounded, so only its growth is judged (slope <= threshold): depth-muP's
-residual stream and block outputs shrink with depth (its in-block updates vanish, docs/parameterizations.md
-section 6), which is bounded but not flat.
+since an Adam update moves W x by O(fan_in) under SP). For width every curve is judged both ways, except the
+attention-logit curves, judged for growth only (over a few steps they hold cross terms with the random init that
+shrink like d_head^-1/2 under the 1/d rule). For depth the residual stream and the total update are judged both
+ways (neither growth nor collapse); the slope of the per-layer update size is reported: about -1 under CompleteP
+(each block moves the stream by ~1/L), shallower under depth-muP, positive with alpha = 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,7 +48,11 @@ DEFAULT_SIZES.update(experts_fixed_k=DEFAULT_SIZES["experts"], expert_ffn="32,64
 DEFAULT_THRESHOLD = 0.3  # |d log mean|x| / d log size|: SP sits near 1 or above after a large-LR step, muP near 0
 DEFAULT_JUDGE_FROM = 2  # first judged step (see the module docstring)
 # axis -> (judged curves or None for all, "abs": |slope| <= threshold | "growth": slope <= threshold)
-JUDGED = {"width": (None, "abs"), "depth": (("resid/last", "resid/mean"), "growth")}
+# Attention logits (and their learned part) are judged for growth only: over a few steps they are dominated by
+# cross terms with the random init, which shrink like d_head^-1/2 under the 1/d rule by design, as muP's logits do.
+GROWTH_ONLY = ("attn_logits", "attn_update")
+# depth: the residual stream and the total update (summed over layers) must neither grow nor collapse with depth
+JUDGED = {"width": (None, "abs"), "depth": (("resid/last", "resid/mean", "update/total"), "abs")}
 # experts: E grows with k/E fixed (the paper's scaling); experts_fixed_k: the control, k fixed (must drift);
 # expert_ffn: the expert hidden size M grows. All curves judged as for width.
 JUDGED.update({axis: (None, "abs") for axis in ("experts", "experts_fixed_k", "expert_ffn")})
@@ -50,25 +60,32 @@ JUDGED.update({axis: (None, "abs") for axis in ("experts", "experts_fixed_k", "e
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One parameterization to check: a name from the table and an optional depth exponent override."""
+    """One parameterization to check: a name from the table, an optional depth exponent override, and optional
+    `parameterization.*` overrides (to check that a wrong rule fails, e.g. mup with SP's attention scaling)."""
 
     name: str
     depth_alpha: float = -1.0
+    fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
-        return self.name if self.depth_alpha == -1.0 else f"{self.name}(alpha={self.depth_alpha:g})"
+        label = self.name if self.depth_alpha == -1.0 else f"{self.name}(alpha={self.depth_alpha:g})"
+        return label + "".join(f"+{k}={v}" for k, v in self.fields)
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
-        """'mup', 'completep', or 'completep:0' (name:depth_alpha)."""
-        name, _, alpha = text.partition(":")
+        """'mup', 'completep:0' (name:depth_alpha), 'mup+attn_exponent=0.5' (+parameterization.field=value)."""
+        head, *extra = text.split("+")
+        name, _, alpha = head.partition(":")
         if name not in parameterization.RULES:
             raise ConfigError(
                 f"parameterization {name!r} is not in the table; choose from {', '.join(parameterization.RULES)}"
             )
+        fields = tuple(tuple(e.split("=", 1)) for e in extra)
+        if any(len(f) != 2 for f in fields):
+            raise ConfigError(f"{text!r}: write overrides as +field=value, e.g. mup+attn_exponent=0.5")
         try:
-            return cls(name, float(alpha) if alpha else -1.0)
+            return cls(name, float(alpha) if alpha else -1.0, fields)
         except ValueError:
             raise ConfigError(f"{text!r}: the depth exponent after ':' must be a number, e.g. completep:0") from None
 
@@ -84,6 +101,7 @@ def size_config(base: ml_collections.ConfigDict, axis: str, size: int, variant: 
         {
             "parameterization.name": variant.name,
             "parameterization.depth_alpha": variant.depth_alpha,
+            **{f"parameterization.{k}": v for k, v in variant.fields},
             "schedule.name": "constant",
             "schedule.warmup_steps": 0,
             "optimizer.weight_decay": 0.0,
@@ -147,26 +165,36 @@ def _flatten_stats(stats: dict) -> dict[str, float]:
     return out
 
 
+def _updates(delta_LND: np.ndarray) -> dict[str, float]:
+    """Per-layer update size: mean |change since init| of each block's residual increment at the probe positions;
+    `update/total` sums the layers (how far training has moved the residual stream)."""
+    per_layer = np.abs(delta_LND).mean(axis=(1, 2))
+    out = {f"update/{i}": float(u) for i, u in enumerate(per_layer)}
+    out.update({"update/mean": float(per_layer.mean()), "update/total": float(per_layer.sum())})
+    return out
+
+
+def _logit_updates(delta_qk_L2TK: np.ndarray, scale: float) -> dict[str, float]:
+    """Per-layer mean |scale (q_t - q_0).(k_t - k_0)| over causal pairs (first sequence, first head): the learned
+    part of the attention logits, which the attention rule must keep width-independent (TP-V: with 1/d it is
+    Theta(1), with 1/sqrt(d) it grows like sqrt(d)). The cross terms with the init vanish as width grows."""
+    dq, dk = delta_qk_L2TK[:, 0], delta_qk_L2TK[:, 1]
+    learned_LTS = scale * np.einsum("ltk,lsk->lts", dq, dk)
+    T = learned_LTS.shape[-1]
+    per_layer = np.abs(np.tril(learned_LTS)).sum(axis=(1, 2)) / (T * (T + 1) / 2)
+    out = {f"attn_update/{i}": float(u) for i, u in enumerate(per_layer)}
+    out.update({"attn_update/mean": float(per_layer.mean()), "attn_update/last": float(per_layer[-1])})
+    return out
+
+
 def init_params(model: transformer.ModelDef, seed: int) -> dict:
-    """Params with the model's init distributions (normal with the table's std, norm gains one, zero where the std
-    is zero), drawn with numpy: compiling the model's own init program per size would cost more than the check."""
-    par = parameterization.Parameterization(model.cfg)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, spec, abstract):
-        if spec.role == "norm":
-            return np.ones(abstract.shape, abstract.dtype)
-        std = par.init_std(spec, path)
-        return (std * rng.standard_normal(abstract.shape, np.float32)).astype(abstract.dtype)
-
-    flat = {path: draw(path, spec, _at(model.abstract_params, path)) for path, spec in sorted(model.specs.items())}
-    return jax.tree.map(jnp.asarray, transformer._unflatten(flat))
+    """The model's own initial params (its initializer, jitted once per model; the seed is traced)."""
+    return _jitted_init(model)(jnp.int32(seed))
 
 
-def _at(tree: dict, path: str):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: transformer.ModelDef):
+    return jax.jit(model.init)
 
 
 def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: int, steps: int) -> list[list[dict]]:
@@ -196,10 +224,20 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
     out = []
     for i in range(seeds):
         stats = jax.device_get(run_seed(init_params(model, cfg.train.seed + i)))  # leaves [step, ...]
+        probes = np.asarray(stats["layers"].pop("probe"))  # [step, L, tokens, D]
+        qk = np.asarray(stats["layers"].pop("qk_probe"))  # [step, L, 2 (q, k), T, head_dim]
+        scale = parameterization.Parameterization(cfg).attn_scale
         records = []
         for t in range(steps + 1):
             at = jax.tree.map(lambda x, t=t: x[t], stats)
-            records.append({**_flatten_stats(at), "loss": float(at["loss"])})
+            records.append(
+                {
+                    **_flatten_stats(at),
+                    **_updates(probes[t] - probes[0]),
+                    **_logit_updates(qk[t] - qk[0], scale),
+                    "loss": float(at["loss"]),
+                }
+            )
         out.append(records)
     return out
 
@@ -279,7 +317,8 @@ def verdict(result: dict, threshold: float = DEFAULT_THRESHOLD, judge_from: int 
             per_step = [slope(sizes, arr[:, :, t].mean(1)) for t in range(arr.shape[2])]
             slopes[key] = [round(s, 4) for s in per_step]
             judged = per_step[judge_from:]
-            score = (lambda s: abs(s)) if mode == "abs" else (lambda s: s)
+            growth_only = mode == "growth" or key.split("/")[0] in GROWTH_ONLY
+            score = (lambda s: s) if growth_only else (lambda s: abs(s))
             worst[key] = float("inf") if any(math.isnan(s) for s in judged) else max(score(s) for s in judged)
         keys = [k for k in worst if judged_keys is None or k in judged_keys]
         if axis == "depth":  # per-layer curves do not line up across depths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
 import ml_collections
 
 from maxscale.model import kernels
@@ -61,4 +62,9 @@ def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmu
     out_BTD = mm("bthk,hkd->btd", att_BTHK, p["wo"], role="hidden")
     if stats is not None:
         stats["attn"] = mean_abs(out_BTD)
+        stats["attn_logits"] = kernels.logit_abs_mean(q_BTHK, k_BTGK, mults["attn_scale"])
+        # the first sequence's first query head and its key head: coordinate checks form the learned part of the
+        # logits, scale (q_t - q_0).(k_t - k_0), across training steps
+        stats["qk_probe"] = jnp.stack([q_BTHK[0, :, 0], k_BTGK[0, :, 0]]).astype(jnp.float32)
+        stats["attn_mix"] = mean_abs(att_BTHK)  # softmax(.) v, before the output projection
     return out_BTD

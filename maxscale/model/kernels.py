@@ -34,3 +34,13 @@ def explicit_attention(q_BTHK, k_BSGK, v_BSGK, scale: float, probs_hook: Callabl
         probs_BGRTS = probs_hook(probs_BGRTS)
     out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK)
     return out_BTGRK.reshape(B, T, H, K)
+
+
+def logit_abs_mean(q_BTHK, k_BSGK, scale: float):
+    """Mean |scale q.k| over the causal (query, key) pairs: the size of the pre-softmax attention logits."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    logits_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32) * scale
+    causal_TS = jnp.tril(jnp.ones((T, k_BSGK.shape[1]), jnp.float32))
+    return (jnp.abs(logits_BGRTS) * causal_TS).sum() / (causal_TS.sum() * B * H)

@@ -26,6 +26,8 @@ from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization, ParamSpec, spec_of
 from maxscale.quant import qat
 
+PROBE_TOKENS = 8  # positions of the first sequence whose residual increments `capture` returns
+
 
 def is_moe(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.model.moe.num_experts > 0
@@ -82,6 +84,7 @@ def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: 
     m = cfg.model
     mm = matmul_for(cfg)
     res = mults["residual"]
+    x_in_BTD = x_BTD
     is_moe_block = "router" in p
     stats = {} if capture or is_moe_block else None
 
@@ -100,6 +103,8 @@ def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: 
     x_BTD = sharding.constrain(x_BTD + res * ff_BTD, ("batch", None, None))
     if capture:
         stats["resid"] = mean_abs(x_BTD)
+        # this block's residual increment at a few fixed positions: coordinate checks difference it across steps
+        stats["probe"] = (x_BTD - x_in_BTD)[0, :PROBE_TOKENS].astype(jnp.float32)
     return x_BTD if stats is None else (x_BTD, stats)
 
 
@@ -210,7 +215,8 @@ class ModelDef:
 
     def init(self, seed: int) -> dict:
         """Initial params (call under jit with out_shardings to create them sharded)."""
-        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(seed))))
+        # a key, not the int: the same numbers as nnx.Rngs(seed), and `seed` may be traced (one compile, many seeds)
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(jax.random.key(seed)))))
 
     def apply(self, params: dict, tokens_BT, capture: bool = False, moe_bias=None):
         """Logits [B, T, V]; with `capture`, (logits, stats) as in `Transformer.__call__` (coordinate checks)."""
