@@ -22,7 +22,13 @@ def main(argv=None) -> int:
     ap.add_argument("--num_processes", type=int, default=2)
     ap.add_argument("--devices_per_process", type=int, default=1, help="fake CPU devices per process")
     ap.add_argument("--port", type=int, default=0, help="coordinator port; 0 picks a free one")
-    ap.add_argument("--grace_s", type=float, default=5.0, help="SIGTERM-to-SIGKILL grace period, seconds")
+    ap.add_argument(
+        "--grace_s",
+        type=float,
+        default=60.0,
+        help="after forwarding SIGTERM/SIGINT (or stopping the others when one fails): seconds before SIGKILL; "
+        "enough for the trainer to finish its step and save (it then exits 75)",
+    )
     args = ap.parse_args(flags)
     return launch_local.run(command, args.num_processes, args.devices_per_process, args.port, args.grace_s)
 

@@ -9,6 +9,7 @@ as the uninterrupted run (`train.steps` sets the horizon of a decaying schedule)
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,38 @@ def test_mesh_that_replicates_the_batch_across_processes_is_refused(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "must split evenly over the 2 processes" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_the_launcher_exits_75_and_the_rerun_continues_the_same_run(tmp_path, one_process_6_steps):
+    """A scheduler preempts a 2-process job by signalling the launcher: the children save, the job exits 75 (the
+    code to requeue on), no process is left, and the same command resumes: every step equals the uninterrupted run."""
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "launch/local.py",
+        "--num_processes=2",
+        "--devices_per_process=2",
+        "--",
+        sys.executable,
+        "-m",
+        "maxscale.train",
+        *COMMON,
+        f"--workdir={workdir}",
+        "--config.train.steps=6",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if "[p0] step 2/6" in line or "[p0] step  2/6" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, out
+    ps = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "a child outlived the launcher"
+    stopped = max(losses(workdir))
+    assert 2 <= stopped < 6, out
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = losses(workdir)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in got], [one_process_6_steps[s] for s in got], rtol=1e-5)

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import IO, Mapping, Sequence
 
+from maxscale.errors import EXIT_PREEMPTED
+
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -67,6 +69,16 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def signalled_exit_code(child_codes: Sequence[int], signum: int) -> int:
+    """The job's exit code after the launcher forwarded `signum`: EXIT_PREEMPTED (75) when every child stopped
+    cleanly after saving (the trainer's code for 'run the same command again', which schedulers requeue on); a
+    child's own failure code if one failed otherwise; else 128 + signum (killed after the grace period)."""
+    if child_codes and all(c == EXIT_PREEMPTED for c in child_codes):
+        return EXIT_PREEMPTED
+    failed = [c for c in child_codes if c not in (0, EXIT_PREEMPTED) and c > 0]
+    return failed[0] if failed else 128 + signum
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Sends `sig` to the child's process group (it leads its own session), so
     grandchildren started by e.g. a shell wrapper are reached too."""
@@ -103,8 +115,9 @@ def run(
 ) -> int:
     """Starts `num_processes` copies of `command` and waits; returns the exit code.
 
-    0 if all succeed; else the first failing child's code (128+N for signal N),
-    or 128+N if the launcher itself got SIGINT/SIGTERM (forwarded to children).
+    0 if all succeed; else the first failing child's code (128+N for signal N). If the launcher itself gets
+    SIGINT/SIGTERM it forwards it to every child and waits `grace_s` for them: 75 when they all saved and stopped
+    (a preemption: rerun to resume), else 128+N (see `signalled_exit_code`).
     """
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError("num_processes and devices_per_process must be >= 1")
@@ -143,9 +156,9 @@ def run(
         while True:
             exited += [p for p in procs if p not in exited and p.poll() is not None]
             failed = [p for p in exited if p.returncode != 0]
-            if received:  # already forwarded to the children by `forward`
+            if received:  # already forwarded to the children by `forward`: give them the grace period to save
                 _stop_all(procs, grace_s, sig=None)
-                code = 128 + received[0]
+                code = signalled_exit_code([p.returncode for p in procs], received[0])
                 break
             if failed:
                 code = _exit_code(failed[0].returncode)
