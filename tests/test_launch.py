@@ -76,7 +76,8 @@ def test_slurm_dry_run_per_gpu_array():
         'export MAXSCALE_LOCAL_DEVICE_IDS="$SLURM_LOCALID"',
         'export MAXSCALE_PROCESS_ID="$SLURM_PROCID"',
         'export MAXSCALE_NUM_PROCESSES="$SLURM_NTASKS"',
-        "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 bash -c maxscale_task",
+        "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 bash -c maxscale_task || code=$?",
+        "#SBATCH --requeue",
     ):
         assert expected in [l.strip() for l in lines], expected
     assert "exec python -m maxscale.train --config.seed=\"${SLURM_ARRAY_TASK_ID}\" 'a b'" in r.stdout
@@ -151,6 +152,28 @@ def test_slurm_script_runs_under_fake_srun(tmp_path):
     assert r.returncode == 0, r.stderr
     port = 61440 + 7
     assert r.stdout.splitlines() == [f"{i} 4 node-a:{port} {i % 2} ['--seed=2', \"it's\"]" for i in range(4)]
+
+
+@pytest.mark.parametrize("child_code,requeued", [(75, True), (1, False), (0, False)])
+def test_slurm_script_requeues_on_75_only(tmp_path, child_code, requeued):
+    """Stand-in srun/scontrol: the job exits with its task's code and calls `scontrol requeue` only on 75."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {log}\n[ "$1" = show ] && echo node-a\nexit 0\n')
+    srun = '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nSLURM_PROCID=0 SLURM_NTASKS=1 "$@"\n'
+    (bin_dir / "srun").write_text(srun)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    script = launch_common.sbatch_script(
+        [sys.executable, "-c", f"raise SystemExit({child_code})"], nodes=1, gpus_per_node=1
+    )
+    assert "#SBATCH --requeue" in script
+    (tmp_path / "job.sh").write_text(script)
+    env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-a", SLURM_JOB_ID="42")
+    r = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == child_code, r.stderr
+    assert ("requeue 42" in log.read_text()) == requeued
 
 
 # --- Cloud TPU VM --------------------------------------------------------------
