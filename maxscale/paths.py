@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import urllib.parse
 
 from etils import epath
@@ -60,6 +61,10 @@ def writable_dir_problem(path: str | os.PathLike) -> str | None:
     probe = os.fspath(as_path(path))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        return f"{probe} is not a writable directory"
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a directory"
+    try:  # permission bits do not stop root, and /proc or a read-only mount refuse anyway: really try
+        os.rmdir(tempfile.mkdtemp(prefix=".maxscale-probe-", dir=probe))
+    except OSError as e:
+        return f"cannot create directories under {probe} ({e.strerror or type(e).__name__})"
     return None

@@ -119,12 +119,15 @@ CASES = {
     ),
     "workdir-is-a-file": (
         lambda d, a: (_write(f"{d}/file", "x"), ["--workdir=FILE"])[1],
-        "is not a writable directory; choose another --workdir",
+        "is a file, not a directory; choose another --workdir",
     ),
     "workdir-below-a-file": (
         lambda d, a: (_write(f"{d}/file", "x"), [f"--workdir={d}/file/run"])[1],
-        "is not a writable directory",
+        "is a file, not a directory",
     ),
+    # root ignores permission bits: these are refused by the kernel, which only a real attempt finds out
+    "workdir-under-proc": (lambda d, a: ["--workdir=/proc/maxscale-run"], "cannot create directories under /proc"),
+    "workdir-under-sys": (lambda d, a: ["--workdir=/sys/maxscale-run"], "cannot create directories under /sys"),
     "workdir-flag-missing": (lambda d, a: ["--workdir="], "--workdir is required"),
     "workdir-run-of-another-width": (
         lambda d, a: [f"--workdir={_run_dir(d, **{'model.width': 32})}"],
