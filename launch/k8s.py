@@ -19,7 +19,7 @@ from maxscale.launch import common as launch_common  # noqa: E402
 
 def main(argv=None) -> int:
     flags, command = launch_common.split_command(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = launch_common.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="Job and Service name (DNS label)")
     ap.add_argument("--image", required=True)
     ap.add_argument("--num_processes", type=int, required=True, help="pods; one JAX process each")

@@ -18,7 +18,7 @@ from maxscale.launch import local as launch_local  # noqa: E402
 
 def main(argv=None) -> int:
     flags, command = launch_common.split_command(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = launch_common.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num_processes", type=int, default=2)
     ap.add_argument("--devices_per_process", type=int, default=1, help="fake CPU devices per process")
     ap.add_argument("--port", type=int, default=0, help="coordinator port; 0 picks a free one")

@@ -19,7 +19,7 @@ from maxscale.launch import common as launch_common  # noqa: E402
 
 def main(argv=None) -> int:
     flags, command = launch_common.split_command(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = launch_common.OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus_per_node", type=int, default=8)
     ap.add_argument(

@@ -20,6 +20,9 @@ def main(argv) -> int:
         cfg, flags = config_lib.parse_argv(argv, extra_flags=("steps", "compile_depths", "compare_dense"))
         cfg = config_lib.resolve(cfg)
         steps = int(flags.get("steps", 10))
+    except errors.HelpRequested as e:
+        print(f"{__doc__.strip()}\n\n{e}")
+        return 0
     except (errors.ConfigError, ValueError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE

@@ -11,11 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maxscale import config as config_lib  # noqa: E402
 from maxscale import errors
+from maxscale.launch import common as launch_common  # noqa: E402
 from maxscale.train import data  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = launch_common.OneLineArgumentParser(
+        prog="prepare_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", required=True, help="stdlib, a text file, a directory or a glob")
     parser.add_argument("--out", required=True, help="output prefix: writes OUT.json, OUT.train.bin, OUT.eval.bin")
     parser.add_argument("--eval_fraction", type=float, default=0.02)

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -442,9 +443,10 @@ def main(argv: list[str]) -> int:
             raise ConfigError("--out is required, e.g. --out=runs/coord_check/width")
         for size in sizes:  # every size must scale cleanly before any compute starts
             size_config(base, axis, size, variants[0])
+    except errors.HelpRequested as e:
+        print(f"{main.__doc__.strip()}\n\n{e}")
+        return 0
     except ConfigError as e:
-        import sys
-
         print(f"coord_check: error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE
     result = run(base, axis, sizes, variants, seeds=seeds, steps=steps)

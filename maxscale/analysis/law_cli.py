@@ -4,6 +4,7 @@
   python tools/fit_law.py --csv=runs.csv --law=precision --n=N --d=D --loss=loss --pw=P_w [--pa=P_a] [--pkv=P_kv]
   python tools/fit_law.py --csv=runs.csv --law=ptq --n=N --d=D --ppost=P_post --delta=delta
   python tools/fit_law.py --csv=runs.csv --law=isoflop --n=N --d=D --loss=loss --c=C
+  python tools/fit_law.py --runs=runs/<sweep> --law=chinchilla|precision|ptq|isoflop
   common: [--boot=100] [--seed=0] [--json] [--help]
 
 Laws (maxscale/analysis/scaling_laws.py, precision_laws.py): chinchilla L = E + A N^-alpha + B D^-beta (--tie fits
@@ -15,6 +16,14 @@ Columns hold numbers; precision cells may also be inf, hp or empty (high precisi
 --untie, --json and --help take no value. Column flags default to N, D, loss, P_post, delta, C. Constants come
 with percentile bootstrap CIs (--boot resamples); the held-out R^2 of log L leaves one --group value out at a time
 (default: the --n column). --json prints one JSON object instead of the table. Errors: one line, exit code 2.
+
+--runs=DIR reads a sweep directory (runs/<sweep>/<id>/, tools/sweep.py) instead of a CSV, as columns N (non-embedding
+parameters of the run's resolved config), D (train.steps x batch_size x seq_len tokens), loss (final eval loss of
+result.json, else the last eval/loss of metrics.jsonl), P_w, P_a, P_kv (bits of quant.weights / activations / kv;
+none = inf, high precision), C = 6 N D, and for --law=ptq one row per ptq.json entry of a high-precision run
+(P_post = bits, delta; GPTQ integer per-channel entries, or RTN if a run has no GPTQ entry; delta <= 0 is left out,
+the fit is in log). --law=chinchilla and isoflop use the high-precision runs only; --law=precision fits every kind
+that varies unless --pw/--pa/--pkv name columns. Diverged and unfinished runs are skipped and counted (stderr).
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 
 from maxscale.errors import EXIT_USAGE, ConfigError, HelpRequested
@@ -137,17 +148,14 @@ def group_labels(path: str, header: list[str], rows: list[dict[str, str]], name:
 
 
 def _check_flags(flags: dict) -> str:
-    if "runs" in flags:  # placeholder: reading a sweep directory (runs/<sweep>/<run-id>/) is not implemented yet
-        raise ConfigError(
-            "--runs=DIR (reading a sweep directory) is not implemented yet; export the runs to a CSV "
-            "and pass --csv=FILE"
-        )
-    if "csv" not in flags:
-        raise ConfigError("--csv=FILE is required: a CSV with a header row and one row per run")
+    if "csv" in flags and "runs" in flags:
+        raise ConfigError("--csv=FILE and --runs=DIR are two sources of runs; pass one of them")
+    if "csv" not in flags and "runs" not in flags:
+        raise ConfigError("--csv=FILE is required: a CSV with a header row and one row per run (or --runs=DIR)")
     law = flags.get("law")
     if law not in LAWS:
         raise ConfigError(f"--law={law or ''} is not a law; use --law={'|'.join(LAWS)}")
-    allowed = set(LAW_COLUMNS[law]) | {"csv", "law", "boot", "seed", "json", "group"}
+    allowed = set(LAW_COLUMNS[law]) | {"csv", "runs", "law", "boot", "seed", "json", "group"}
     allowed |= {"tie"} if law == "chinchilla" else set()
     allowed |= (set(PRECISION_FLAGS) | {"untie"}) if law == "precision" else set()
     if law == "isoflop":
@@ -155,7 +163,7 @@ def _check_flags(flags: dict) -> str:
     extra = sorted(f for f in flags if f not in allowed)
     if extra:
         raise ConfigError(f"--{extra[0]} is not used by --law={law}; drop it (see --help)")
-    if law == "precision" and not any(f in flags for f in PRECISION_FLAGS):
+    if law == "precision" and "csv" in flags and not any(f in flags for f in PRECISION_FLAGS):
         raise ConfigError("--law=precision needs at least one precision column: --pw=COL, --pa=COL or --pkv=COL")
     for name in ("boot", "seed"):
         if name in flags and not str(flags[name]).isdigit():
@@ -169,11 +177,19 @@ def _json_number(x: float) -> float | None:
 
 def run(flags: dict) -> dict:
     """Fit what the flags ask for; returns the JSON-ready report (constants, ci, r2_heldout, derived)."""
+    law = _check_flags(flags)
+    if "csv" in flags:
+        return _fit(flags, law, flags["csv"], *read_csv(flags["csv"]))
+    header, rows, skipped = sweep_table(flags["runs"], law)
+    if law == "precision" and not any(f in flags for f in PRECISION_FLAGS):
+        flags = {**flags, **varying_precisions(rows)}
+    return {**_fit(flags, law, flags["runs"], header, rows), "skipped": skipped}
+
+
+def _fit(flags: dict, law: str, path: str, header: list[str], rows: list[dict[str, str]]) -> dict:
+    """The fit of `run` on a table of rows (from a CSV or a sweep directory)."""
     from maxscale.analysis import precision_laws, scaling_laws  # numpy/scipy only
 
-    law = _check_flags(flags)
-    path = flags["csv"]
-    header, rows = read_csv(path)
     cols = {f: column(path, header, rows, f, flags.get(f, DEFAULT_COLUMNS[f])) for f in LAW_COLUMNS[law]}
     n_boot, seed = int(flags.get("boot", 100)), int(flags.get("seed", 0))
     if law == "isoflop":
@@ -239,6 +255,125 @@ def run(flags: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --runs=DIR: a sweep directory as a table
+
+SWEEP_COLUMNS = ("id", "N", "D", "loss", "P_w", "P_a", "P_kv", "C", "P_post", "delta", "method")
+QUANT_FIELDS = {"P_w": "weights", "P_a": "activations", "P_kv": "kv"}
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _last_eval_loss(run_dir: str) -> float | None:
+    loss = None
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+            for line in fh:
+                try:
+                    loss = json.loads(line).get("eval/loss", loss)
+                except ValueError:
+                    continue
+    except OSError:
+        return None
+    return loss
+
+
+def format_bits(fmt: str) -> float:
+    """Bits of a quant format string: int<b> -> b, e<x>m<y> -> 1 + x + y, none -> inf (high precision)."""
+    from maxscale.quant.formats import parse_format
+
+    parsed = parse_format(fmt)
+    return math.inf if parsed is None else float(parsed.bits)
+
+
+def read_sweep(sweep_dir: str) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(runs, ptq points, skipped counts) of a sweep directory. A run: {id, N, D, loss, P_w, P_a, P_kv, C, config};
+    a PTQ point: {id, N, D, P_post, delta, method, ...the ptq.json entry}; skipped: {"diverged": n, "unfinished": n}."""
+    from maxscale.model import transformer  # jax: only this path needs it
+
+    if not os.path.isdir(sweep_dir):
+        raise ConfigError(f"--runs={sweep_dir} is not a directory; pass a sweep directory such as runs/precision")
+    runs, points, skipped, sizes = [], [], {"diverged": 0, "unfinished": 0}, {}
+    for rid in sorted(os.listdir(sweep_dir)):
+        d = os.path.join(sweep_dir, rid)
+        plan = _read_json(os.path.join(d, "sweep_run.json")) or {}
+        cfg = plan.get("config") or _read_json(os.path.join(d, "config.json"))
+        if not os.path.isdir(d) or not isinstance(cfg, dict):
+            continue
+        result = _read_json(os.path.join(d, "result.json"))
+        if result is None:
+            skipped["unfinished"] += 1
+            continue
+        loss = result.get("eval_loss")
+        loss = loss if isinstance(loss, (int, float)) else _last_eval_loss(d)
+        if result.get("status") == "diverged" or loss is None or not 0 < loss < math.inf:
+            skipped["diverged"] += 1
+            continue
+        model_key = json.dumps(cfg["model"], sort_keys=True)
+        if model_key not in sizes:  # one abstract model per size, not per run
+            sizes[model_key] = transformer.count_params(ml_collections.ConfigDict(cfg))["non_embedding"]
+        n, t = sizes[model_key], cfg["train"]
+        row = {"id": rid, "N": float(n), "D": float(t["steps"] * t["batch_size"] * cfg["data"]["seq_len"])}
+        row.update(loss=float(loss), C=6.0 * row["N"] * row["D"], config=cfg)
+        row.update({col: format_bits(cfg["quant"][field]) for col, field in QUANT_FIELDS.items()})
+        runs.append(row)
+        if all(math.isinf(row[c]) for c in QUANT_FIELDS):
+            points += _ptq_points(d, row)
+    if not runs:
+        raise ConfigError(f"--runs={sweep_dir}: no finished runs (skipped {_skipped_text(skipped)}); run the sweep")
+    return runs, points, skipped
+
+
+def _ptq_points(run_dir: str, row: dict) -> list[dict]:
+    """The run's integer per-channel ptq.json entries of one method (GPTQ when present, else RTN)."""
+    entries = [
+        e
+        for e in _read_json(os.path.join(run_dir, "ptq.json")) or []
+        if e.get("format") == "int" and e.get("granularity") == "per_channel" and not e.get("embeddings")
+    ]
+    methods = {e.get("method") for e in entries}
+    method = "gptq" if "gptq" in methods else "rtn"
+    return [
+        {**e, "id": row["id"], "N": row["N"], "D": row["D"], "P_post": float(e["bits"])}
+        for e in entries
+        if e.get("method") == method
+    ]
+
+
+def _skipped_text(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in skipped.items())
+
+
+def sweep_table(sweep_dir: str, law: str) -> tuple[list[str], list[dict[str, str]], dict[str, int]]:
+    """(header, rows as text, skipped) for `law` from a sweep directory; prints the skipped counts to stderr."""
+    runs, points, skipped = read_sweep(sweep_dir)
+    if law == "ptq":
+        rows = [p for p in points if p["delta"] > 0]
+        skipped = {**skipped, "PTQ points with delta <= 0": len(points) - len(rows)}
+        if not rows:
+            raise ConfigError(f"--runs={sweep_dir}: no ptq.json points with delta > 0; run tools/ptq.py on its runs")
+    elif law in ("chinchilla", "isoflop"):
+        rows = [r for r in runs if all(math.isinf(r[c]) for c in QUANT_FIELDS)]
+        skipped = {**skipped, "quantized (not high-precision)": len(runs) - len(rows)}
+    else:
+        rows = runs
+    print(f"fit_law: {len(rows)} rows from {sweep_dir}; skipped {_skipped_text(skipped)}", file=sys.stderr)
+    text = [{c: str(r.get(c, "")) for c in SWEEP_COLUMNS} for r in rows]
+    return list(SWEEP_COLUMNS), text, skipped
+
+
+def varying_precisions(rows: list[dict[str, str]]) -> dict[str, str]:
+    """{--pw/--pa/--pkv flag: column} for the kinds some row quantizes (at least P_w, so the law has a kind)."""
+    out = {f: f"P_{k}" for f, k in PRECISION_FLAGS.items() if any(r[f"P_{k}"] != "inf" for r in rows)}
+    return out or {"pw": "P_w"}
+
+
 def table(report: dict) -> str:
     """The report as a small text table."""
     lines = [f"law {report['law']}: {report['n_points']} runs"]
@@ -255,7 +390,7 @@ def table(report: dict) -> str:
             )
         return "\n".join(lines) + "\n"
     lines.append("  name         value         95% CI")
-    skip = {"law", "n_points", "ci", "r2", "r2_heldout", "huber_loss", "tied", "a", "b", "G", "P_star"}
+    skip = {"law", "n_points", "ci", "r2", "r2_heldout", "huber_loss", "tied", "a", "b", "G", "P_star", "skipped"}
     for name, value in report.items():
         if name in skip:
             continue
@@ -277,6 +412,8 @@ def table(report: dict) -> str:
         lines.append(
             f"  C = {p['C']:.0e} FLOPs (C = 6/16 N D P): P* = {p['P']:.2f} bits, N* = {p['N']:.3g}, D* = {p['D']:.3g}"
         )
+    if report.get("skipped"):
+        lines.append(f"  skipped: {_skipped_text(report['skipped'])}")
     return "\n".join(lines) + "\n"
 
 

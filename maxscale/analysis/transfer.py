@@ -342,6 +342,9 @@ def main(argv: list[str]) -> int:
     import sys
 
     pos, flags = [], {}
+    if any(a in ("-h", "--help") for a in argv):
+        print(main.__doc__)
+        return 0
     try:
         for a in argv:
             if a.startswith("--"):

@@ -4,6 +4,7 @@ manifest (the launch/*.py files only parse flags and print or submit)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -12,6 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error style: a bad flag is one line on stderr (`prog: error: ...`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -294,6 +294,9 @@ def main(argv: list[str]) -> int:
         memory_gb, source = device_memory_gb(flags.get("device", ""), flags["device_memory_gb"])
         use_cpu_devices(num_devices(cfg))
         report = run(cfg, memory_gb)
+    except errors.HelpRequested as e:
+        print(f"{__doc__.strip()}\n\n{e}")
+        return 0
     except ConfigError as e:
         print(f"compile_check: error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE

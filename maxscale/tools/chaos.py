@@ -312,6 +312,9 @@ def main(argv: list[str]) -> int:
         cache = flags.get("compile_cache", "true").lower() in ("1", "true", "yes")
         if kills < 0 or not 0.0 <= share <= 1.0:
             raise ValueError
+    except errors.HelpRequested as e:
+        print(f"{main.__doc__.strip()}\n\n{e}")
+        return 0
     except errors.ConfigError as e:
         print(f"chaos: error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE
