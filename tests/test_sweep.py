@@ -163,3 +163,16 @@ def test_local_runs_skip_finished_resume_interrupted_and_mark_diverged(tmp_path)
     # the analysis reads them back, the stopped run marked diverged rather than dropped
     status = {r["id"]: r["status"] for r in transfer.load_runs(os.path.join(root, "demo"))}
     assert [status[r["id"]] for r in runs] == ["done", "done", "diverged"]
+
+    # a default changes after the sweep ran: the run ids stay the same (defaults are not hashed), the recorded
+    # config does not, so the affected point reruns (one line) and the old run is kept aside
+    result_path = os.path.join(runs[1]["dir"], "result.json")
+    result = json.load(open(result_path))
+    assert result["config"] == json.loads(config_lib.to_json(runs[1]["config"])) and result["version"]
+    result["config"]["optimizer"]["b2"] = 0.999  # as if computed under another default
+    open(result_path, "w").write(json.dumps(result))
+    logged = []
+    outcome = sweep.run_local(runs, mesh=mesh, log=logged.append)
+    assert any(f"{runs[1]['id']} reruns" in line and "optimizer.b2 0.999 -> 0.95" in line for line in logged), logged
+    assert logged[1].endswith("3 runs, 2 finished, 1 to run, 1 at a time") and outcome[runs[1]["id"]] == "done"
+    assert os.path.exists(runs[1]["dir"] + ".stale") and sweep.stale_result(runs[1]) is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
@@ -161,6 +162,47 @@ def status(run_dir: str) -> str:
     return "new"
 
 
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Fields whose values differ between two config dicts ("field old -> new"), NOT_HASHED fields left out."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        field = f"{prefix}{k}"
+        if any(field == f or field.startswith(f + ".") for f in NOT_HASHED):
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, field + ".")
+        elif json.dumps(a) != json.dumps(b):
+            out.append(f"{field} {a!r} -> {b!r}")
+    return out
+
+
+def stale_result(run: dict) -> str | None:
+    """Why the finished result of `run` cannot stand for its point, or None: it must carry the full resolved config
+    it was computed with (run ids leave out fields at their defaults, so a changed default keeps the id)."""
+    try:
+        result = json.loads(paths.read_text(paths.join(run["dir"], RESULT_FILE)))
+    except (OSError, ValueError):
+        return "is unreadable"
+    saved = result.get("config") if isinstance(result, dict) else None
+    if not isinstance(saved, dict):
+        return "does not record the config it was computed with (written before results carried it)"
+    diff = config_diff(saved, json.loads(config_lib.to_json(run["config"])))
+    return f"was computed with another config ({'; '.join(diff[:3])})" if diff else None
+
+
+def _move_aside(run_dir: str) -> str:
+    """Renames the run aside (`<dir>.stale[N]`) and starts its directory afresh from the plan (sweep_run.json)."""
+    n, target = 1, paths.as_path(run_dir + ".stale")
+    while target.exists():
+        n += 1
+        target = paths.as_path(f"{run_dir}.stale{n}")
+    paths.as_path(run_dir).rename(target)
+    paths.as_path(run_dir).mkdir(parents=True)
+    paths.write_text_atomic(paths.join(run_dir, RUN_FILE), (target / RUN_FILE).read_text())
+    return os.fspath(target)
+
+
 def write_plan(sweep: dict, runs: list[dict], root: str) -> str:
     """Writes <root>/<name>/sweep.json (the index) and each run's sweep_run.json; returns the sweep directory."""
     sweep_dir = paths.join(root, sweep["name"])
@@ -210,6 +252,8 @@ def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None
         "eval_loss": eval_loss,
         "steps": cfg.train.steps,
         "wall_s": round(time.perf_counter() - t0, 2),
+        "version": _version(),
+        "config": json.loads(config_lib.to_json(cfg)),  # what this result is of: checked before reuse
     }
     if "stopped" in out:
         result["stopped"] = out["stopped"]
@@ -224,6 +268,11 @@ def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None
 def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, log=print, mesh=None) -> dict:
     """Runs every unfinished run. jobs=1: one after another in this process (one JAX start-up, corpus read once);
     jobs>1: that many `python tools/sweep.py --run_dir=...` subprocesses at a time. Returns {id: status}."""
+    for r in runs:  # a result of another config (a default changed since) is rerun, never reused
+        problem = stale_result(r) if status(r["dir"]) == "done" else None
+        if problem:
+            moved = _move_aside(r["dir"])
+            log(f"sweep: {r['id']} reruns: its result.json {problem}; the old run is kept in {moved}")
     todo = [r for r in runs if status(r["dir"]) != "done"]
     outcome = {r["id"]: "done" for r in runs if status(r["dir"]) == "done"}
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
@@ -294,6 +343,13 @@ def _read_result(run_dir: str) -> dict:
         return json.loads(paths.read_text(paths.join(run_dir, RESULT_FILE)))
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("maxscale")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _short(overrides: dict) -> str:
