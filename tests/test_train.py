@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 from conftest import one_device_mesh, tiny_config
@@ -76,3 +77,29 @@ def test_incompatible_workdir_is_refused(tmp_path, tiny_corpus, capsys):
     )
     assert code == 2 and "different config" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+RESUME_FIELDS = {
+    "train.steps": 20,
+    "train.log_every": 1,
+    "checkpoint.every": 10,
+    "train.eval_steps": 0,
+    "train.sample_tokens": 0,
+}
+
+
+def test_tensorboard_scalars_have_each_step_once_after_a_resume(tmp_path, tiny_corpus):
+    """A killed run logged steps past its last checkpoint; the resumed run logs them again. metrics.jsonl is rewound;
+    TensorBoard's append-only event files get a purge at the resume step, so a reader sees each step once."""
+    cfg = tiny_config(**RESUME_FIELDS)
+    workdir = tmp_path / "run"
+    trainer = loop.Trainer(cfg, str(workdir), mesh=one_device_mesh(cfg), corpus=tiny_corpus)
+    trainer.cfg.train.steps = 15  # stops (and saves) at 15 ...
+    trainer.run()
+    shutil.rmtree(workdir / "checkpoints" / "15")  # ... as if killed before that save committed
+    cfg = tiny_config(**RESUME_FIELDS)
+    loop.Trainer(cfg, str(workdir), mesh=one_device_mesh(cfg), corpus=tiny_corpus).run()
+    tb = metrics.read_tensorboard_scalars(workdir / "tensorboard")["train/loss"]
+    assert [s for s, _ in tb] == list(range(1, 21)), [s for s, _ in tb]
+    jsonl = {m["step"]: m["train/loss"] for m in metrics.read_metrics(workdir) if "train/loss" in m}
+    np.testing.assert_allclose([v for _, v in tb], [jsonl[s] for s in range(1, 21)], rtol=1e-6)

@@ -140,7 +140,7 @@ class Trainer:
             state, start = setup.init_state(), 0
         # metrics.jsonl describes one run: what a killed run logged after its last checkpoint is logged again.
         logged = faults.rewind_metrics(self.workdir, start) if self.primary else []
-        writer = metrics_lib.MetricWriter(self.workdir, enabled=self.primary)
+        writer = metrics_lib.MetricWriter(self.workdir, enabled=self.primary, purge_step=start + 1 if start else 0)
         spikes = faults.SpikeDetector(cfg.train.spike_factor)
         for record in logged:
             if "train/loss" in record:

@@ -6,12 +6,14 @@ import functools
 import json
 import math
 import os
+import struct
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 from maxscale import paths
 
@@ -62,7 +64,11 @@ class MetricWriter:
     `workdir` may be a URL (maxscale/paths.py). Object stores cannot append, so there the whole file is rewritten
     from memory at most every `remote_flush_s` seconds and at close; locally each record is appended at once."""
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, remote_flush_s: float = 30.0):
+    def __init__(
+        self, workdir: str | os.PathLike, enabled: bool = True, remote_flush_s: float = 30.0, purge_step: int = 0
+    ):
+        """`purge_step` > 0 (a resumed run): TensorBoard discards the events a killed run wrote at steps >= it
+        (event files are append-only; the writer records the purge and readers apply it, as TensorBoard does)."""
         self.enabled = enabled
         if not enabled:
             return
@@ -73,7 +79,7 @@ class MetricWriter:
             self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
         else:
             self._file = open(os.fspath(self.path), "a", buffering=1)  # line-buffered: a kill loses no line
-        self._tb = SummaryWriter(os.fspath(paths.join(workdir, "tensorboard")))
+        self._tb = SummaryWriter(os.fspath(paths.join(workdir, "tensorboard")), purge_step=purge_step or None)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -126,6 +132,23 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def read_tensorboard_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from the event files under `logdir`, read as TensorBoard does: files in name
+    (time) order, and a session start with a step purges the earlier events at that step or later."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(paths.as_path(logdir).glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START and event.step:
+                scalars = {tag: [(s, v) for s, v in rows if s < event.step] for tag, rows in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def _duration(seconds: float) -> str:
