@@ -176,13 +176,13 @@ def _updates(delta_LND: np.ndarray) -> dict[str, float]:
 
 
 def _logit_updates(delta_qk_L2TK: np.ndarray, scale: float) -> dict[str, float]:
-    """Per-layer mean |scale (q_t - q_0).(k_t - k_0)| over causal pairs (first sequence, first head): the learned
+    """Per-layer mean |scale (q_t - q_0).(k_t - k_0)| over causal pairs and heads (first sequence): the learned
     part of the attention logits, which the attention rule must keep width-independent (TP-V: with 1/d it is
     Theta(1), with 1/sqrt(d) it grows like sqrt(d)). The cross terms with the init vanish as width grows."""
-    dq, dk = delta_qk_L2TK[:, 0], delta_qk_L2TK[:, 1]
-    learned_LTS = scale * np.einsum("ltk,lsk->lts", dq, dk)
-    T = learned_LTS.shape[-1]
-    per_layer = np.abs(np.tril(learned_LTS)).sum(axis=(1, 2)) / (T * (T + 1) / 2)
+    dq, dk = delta_qk_L2TK[:, 0], delta_qk_L2TK[:, 1]  # [L, T, H, K]
+    learned_LHTS = scale * np.einsum("lthk,lshk->lhts", dq, dk)
+    T, H = learned_LHTS.shape[-1], learned_LHTS.shape[1]
+    per_layer = np.abs(np.tril(learned_LHTS)).sum(axis=(1, 2, 3)) / (H * T * (T + 1) / 2)
     out = {f"attn_update/{i}": float(u) for i, u in enumerate(per_layer)}
     out.update({"attn_update/mean": float(per_layer.mean()), "attn_update/last": float(per_layer[-1])})
     return out
@@ -226,7 +226,7 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
     for i in range(seeds):
         stats = jax.device_get(run_seed(init_params(model, cfg.train.seed + i)))  # leaves [step, ...]
         probes = np.asarray(stats["layers"].pop("probe"))  # [step, L, tokens, D]
-        qk = np.asarray(stats["layers"].pop("qk_probe"))  # [step, L, 2 (q, k), T, head_dim]
+        qk = np.asarray(stats["layers"].pop("qk_probe"))  # [step, L, 2 (q, k), T, heads, head_dim]
         scale = parameterization.Parameterization(cfg).attn_scale
         records = []
         for t in range(steps + 1):

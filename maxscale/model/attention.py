@@ -63,8 +63,9 @@ def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmu
     if stats is not None:
         stats["attn"] = mean_abs(out_BTD)
         stats["attn_logits"] = kernels.logit_abs_mean(q_BTHK, k_BTGK, mults["attn_scale"])
-        # the first sequence's first query head and its key head: coordinate checks form the learned part of the
-        # logits, scale (q_t - q_0).(k_t - k_0), across training steps
-        stats["qk_probe"] = jnp.stack([q_BTHK[0, :, 0], k_BTGK[0, :, 0]]).astype(jnp.float32)
+        # the first sequence's queries and keys (each query head with its key head): coordinate checks form the
+        # learned part of the logits, scale (q_t - q_0).(k_t - k_0), across training steps
+        k_BTHK = jnp.repeat(k_BTGK, q_BTHK.shape[2] // k_BTGK.shape[2], axis=2)
+        stats["qk_probe"] = jnp.stack([q_BTHK[0], k_BTHK[0]]).astype(jnp.float32)  # [2, T, H, K]
         stats["attn_mix"] = mean_abs(att_BTHK)  # softmax(.) v, before the output projection
     return out_BTD

@@ -153,7 +153,9 @@ class Trainer:
         peak_total = peak * self.mesh.size
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         progress.message(
-            f"maxscale: {n_params['total'] / 1e6:.2f}M params ({n_params['non_embedding'] / 1e6:.2f}M non-embedding), "
+            f"maxscale: {n_params['total'] / 1e6:.2f}M params ({n_params['non_embedding'] / 1e6:.2f}M non-embedding"
+            + (f", {n_params['active'] / 1e6:.2f}M active" if n_params["active"] != n_params["total"] else "")
+            + "), "
             f"{cfg.parameterization.name}, mesh {dict(self.mesh.shape)}, {self.mesh.size} x "
             f"{jax.devices()[0].device_kind}, peak {peak / 1e12:.3g} TFLOP/s/device [{peak_src}]; "
             f"data: {self.corpus.description}"
