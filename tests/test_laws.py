@@ -273,7 +273,7 @@ def test_cli_errors_are_one_line_exit_2(chinchilla_csv):
             "holds 'n/a', not a number",
         ),
         (["--csv=FEW", "--law=chinchilla", "--n=params", "--d=tokens", "--loss=eval_loss"], "needs at least 6 runs"),
-        (["--csv=CSV", "--runs=runs/sweep"], "not implemented yet"),
+        (["--csv=CSV", "--runs=runs/sweep"], "two sources"),
     ],
 )
 def test_cli_bad_input(args, needle, chinchilla_csv, tmp_path, capsys):

@@ -351,7 +351,7 @@ def _skipped_text(skipped: dict[str, int]) -> str:
 
 
 def sweep_table(sweep_dir: str, law: str) -> tuple[list[str], list[dict[str, str]], dict[str, int]]:
-    """(header, rows as text, skipped) for `law` from a sweep directory; prints the skipped counts to stderr."""
+    """(header, rows as text, skipped counts) for `law` from a sweep directory."""
     runs, points, skipped = read_sweep(sweep_dir)
     if law == "ptq":
         rows = [p for p in points if p["delta"] > 0]
@@ -363,7 +363,6 @@ def sweep_table(sweep_dir: str, law: str) -> tuple[list[str], list[dict[str, str
         skipped = {**skipped, "quantized (not high-precision)": len(runs) - len(rows)}
     else:
         rows = runs
-    print(f"fit_law: {len(rows)} rows from {sweep_dir}; skipped {_skipped_text(skipped)}", file=sys.stderr)
     text = [{c: str(r.get(c, "")) for c in SWEEP_COLUMNS} for r in rows]
     return list(SWEEP_COLUMNS), text, skipped
 
@@ -427,6 +426,11 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as e:
         print(f"fit_law: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if "skipped" in report:  # after the fit, so that an error stays the only line
+        print(
+            f"fit_law: {report['n_points']} rows from {flags['runs']}; skipped {_skipped_text(report['skipped'])}",
+            file=sys.stderr,
+        )
     if flags.get("json"):
         print(json.dumps(report))
     else:

@@ -35,6 +35,7 @@ PAPER = precision_laws.PAPER_TABLE2
 KIND_COLUMNS = {"w": "P_w", "a": "P_a", "kv": "P_kv"}
 KIND_NAMES = {"w": "weights", "a": "activations", "kv": "KV / attention"}
 PSTAR_BUDGETS = tuple(10.0**e for e in range(11, 24, 2))  # FLOPs: from this sweep's scale to the paper's
+PSTAR_CI_BUDGET = 1e19  # FLOPs; with alpha = beta, P* does not depend on the budget (Kumar et al. sec. 4)
 
 
 def _columns(rows: list[dict], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -71,7 +72,7 @@ def fit_all(runs: list[dict], points: list[dict], n_boot: int = 100, seed: int =
     cols = _columns(runs, ("N", "D") + tuple(KIND_COLUMNS[k] for k in out["kinds"]))
     res = fit_law(law, cols, [r["loss"] for r in runs], groups=sizes(runs), n_boot=n_boot, seed=seed, n_starts=12)
     out["precision"] = _fit_summary(res)
-    out["pstar"] = {"fit": _pstar(res.params), "paper": _pstar(PAPER)}
+    out["pstar"] = {"fit": _pstar(res.params), "paper": _pstar(PAPER), "ci": _pstar_ci(res)}
     positive = [p for p in points if p["delta"] > 0]
     out["ptq"] = None
     if len(positive) >= 6:
@@ -86,6 +87,20 @@ def fit_all(runs: list[dict], points: list[dict], n_boot: int = 100, seed: int =
         out["ptq"] = _fit_summary(res)
     out["ptq_points"] = {"total": len(points), "positive": len(positive)}
     return out
+
+
+def _pstar_ci(res: FitResult, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of P* at PSTAR_CI_BUDGET over the bootstrap draws (None without draws)."""
+    draws = []
+    for i in range(len(next(iter(res.boot.values()), []))):
+        try:
+            draws.append(
+                precision_laws.compute_optimal_precision({k: v[i] for k, v in res.boot.items()}, PSTAR_CI_BUDGET)["P"]
+            )
+        except ValueError:
+            continue
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))] if draws else None
 
 
 def _pstar(params: dict) -> list[dict]:
@@ -134,7 +149,9 @@ def markdown(sweep_dir: str, runs: list[dict], skipped: dict, fits: dict) -> str
     lines += ["", "## Precision law on every run", ""]
     gammas = [f"{s}_{k}" for k in fits["kinds"] for s in ("gamma", "n")]
     lines += _constants_table(fits["precision"], ["A", "alpha", "B", "E", *gammas])
-    lines += ["", "Compute-optimal precision (C = 6/16 N D P, every fitted kind at P bits):", ""]
+    ci = fits["pstar"]["ci"]
+    ci_text = f"; 95% bootstrap CI of P* at C = {PSTAR_CI_BUDGET:.0e}: [{ci[0]:.2f}, {ci[1]:.2f}] bits" if ci else ""
+    lines += ["", f"Compute-optimal precision (C = 6/16 N D P, every fitted kind at P bits){ci_text}:", ""]
     lines += ["| C (FLOPs) | P* fit | N* fit | P* paper | N* paper |", "|---|---|---|---|---|"]
     paper = {p["C"]: p for p in fits["pstar"]["paper"]}
     for p in fits["pstar"]["fit"]:
@@ -243,6 +260,8 @@ def plot_pstar(fits: dict, path: str) -> None:
     for label, style in (("fit", "o-"), ("paper", "s--")):
         rows = fits["pstar"][label]
         ax.plot([r["C"] for r in rows], [r["P"] for r in rows], style, ms=4, label=label)
+    if fits["pstar"]["ci"]:
+        ax.axhspan(*fits["pstar"]["ci"], color="C0", alpha=0.15, label="fit, 95% bootstrap CI")
     ax.set(xscale="log", xlabel="compute C = 6/16 N D P (FLOPs)", ylabel="compute-optimal P* (bits)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -265,6 +284,11 @@ def plot_ptq(points: list[dict], fits: dict, path: str) -> None:
             cols = {"N": np.full_like(ratio, n_mid), "D": ratio * n_mid, "P_post": np.full_like(ratio, b)}
             ax.plot(ratio, precision_laws.ptq_degradation(fits["ptq"]["params"], cols), "-", color=cmap(i), lw=1)
     ax.set(xscale="log", yscale="log", xlabel="tokens per parameter D / N", ylabel="delta loss after PTQ")
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # labels 0.2 0.5 1 2 5: a range of a decade
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_title(f"points: runs; lines: law at N = {n_mid:.3g}", fontsize=8)
     ax.legend(fontsize=6)
     fig.tight_layout()

@@ -74,15 +74,16 @@ def _moe_dispatch(moe: MoEConfig):
 # Pure block math (arrays in, arrays out): what the scan runs.
 
 
-def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: bool = False, bias_E=None):
+def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: bool = False, bias_E=None, mm=None):
     """One pre-norm block: x + r * Attn(N(x)); then + r * FF(N(.)), FF the dense MLP or, when `p` holds a router,
     the mixture of experts (routing bias `bias_E`). `p` holds this layer's arrays.
 
     Returns x, or (x, stats) with `capture` or for an MoE block. Stats: with `capture`, mean |.| of the attention
     and feed-forward outputs (before the residual multiplier) and of the residual stream after the block, for the
-    coordinate check; for MoE blocks also the routing statistics (moe.apply)."""
+    coordinate check; for MoE blocks also the routing statistics (moe.apply). `mm`: the matmul entry point to use
+    (default: the run's own, `matmul_for(cfg)`); post-training quantization passes an observing one."""
     m = cfg.model
-    mm = matmul_for(cfg)
+    mm = matmul_for(cfg) if mm is None else mm
     res = mults["residual"]
     x_in_BTD = x_BTD
     is_moe_block = "router" in p

@@ -13,7 +13,6 @@ features. A weight in its einsum layout (e.g. wo [H, K, D] for "bthk,hkd->btd") 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Callable
@@ -79,23 +78,10 @@ class Observer:
         return self._pass("weights", "table", table_VD)
 
 
-@contextlib.contextmanager
-def observing(observer: Observer):
-    """Within the block, `transformer.matmul_for` builds Matmuls whose quantizer is `observer`.
-
-    Why swap a module attribute: `transformer.block` builds its matmul entry point from the config, which is the
-    seam every layer (dense or MoE) goes through; swapping the builder while tracing observes the real block
-    instead of a copy of it. Tracing is synchronous, and compiled functions keep what they traced."""
-    original = transformer.matmul_for
-
-    def matmul_for(cfg):
-        return layers.Matmul(dtype=layers.DTYPES[cfg.model.dtype], quantizer=observer)
-
-    transformer.matmul_for = matmul_for
-    try:
-        yield observer
-    finally:
-        transformer.matmul_for = original
+def observing_matmul(cfg: ml_collections.ConfigDict, observer: Observer) -> layers.Matmul:
+    """The run's matmul entry point with `observer` as its quantizer (passed to `transformer.block`), so the real
+    block is observed, not a copy of it."""
+    return layers.Matmul(dtype=layers.DTYPES[cfg.model.dtype], quantizer=observer)
 
 
 # ------------------------------------------------------------------------------------------------ the forward pass
@@ -117,8 +103,8 @@ def layer_params(params: dict, layer: int, cfg: ml_collections.ConfigDict) -> di
 def run_block(cfg: ml_collections.ConfigDict, p_layer: dict, x_BTD, observer: Observer):
     """transformer.block on one layer's params with `observer` as the quantizer; returns the block's output."""
     observer.names = {id(p_layer[k]): k for k in hidden_matrices(cfg)}
-    with observing(observer):
-        out_BTD = transformer.block(p_layer, x_BTD, cfg, Parameterization(cfg).multipliers())
+    mm = observing_matmul(cfg, observer)
+    out_BTD = transformer.block(p_layer, x_BTD, cfg, Parameterization(cfg).multipliers(), mm=mm)
     observer.names = {}
     return out_BTD
 

@@ -7,7 +7,8 @@ Reads the run's resolved config.json and a checkpoint (the newest, or --step), q
 matrix of every block (wq wk wv wo w_up w_gate w_down; norms stay), with --embeddings also the embedding table (RTN,
 one scale per token row: a lookup has no input to calibrate) and the readout, then evaluates the eval loss exactly
 as the trainer does (`Setup.eval_step` over `data.eval_batches`) and merges one entry per bit width into
-<run>/ptq.json: {bits, method, format, granularity, step, eval_loss, eval_loss_unquantized, delta}.
+<run>/ptq.json: {bits, method, format, quant_format (e.g. int4, e3m0), granularity, group_size, embeddings,
+calib_batches, step, eval_loss, eval_loss_unquantized, delta}; an entry replaces one with the same settings.
 
 GPTQ (maxscale/quant/gptq.py) runs layer by layer as in Frantar et al.: layer l's Hessians H = 2 X^T X / n come
 from the inputs of its matrices (X of wo is the attention output [heads*head_dim], of w_down the MLP hidden),
@@ -19,6 +20,8 @@ computed on the run's first --calib_batches training batches passed through the 
   --granularity   per_channel | per_tensor | per_block      per_channel (one scale per output feature)
   --group_size    rows per scale with per_block             128
   --calib_batches training batches for the Hessians (gptq)  8
+  --embeddings    also the embedding table and the readout  off
+Float formats by bits: 3 e2m0, 4 e3m0, 5 e3m1, 6 e3m2, 7 e4m2, 8 e5m2, 12 e5m6 (one sign bit, scaled per group).
 
 Errors (bad flag, missing run dir, config or checkpoint): one line on stderr, exit 2, nothing written.
 """
@@ -209,7 +212,8 @@ def evaluate(run: Run, specs: Sequence[Spec]) -> list[dict]:
         q = quantize_params(run.cfg, run.params, spec, calib[: spec.calib_batches] if spec.method == "gptq" else [])
         loss = eval_loss(run, q)
         entry = {k: getattr(spec, k) for k in ENTRY_KEY if k != "step"}
-        entry.update(step=run.step, eval_loss=loss, eval_loss_unquantized=base, delta=loss - base)
+        entry.update(quant_format=spec.fmt.name, step=run.step, eval_loss=loss, eval_loss_unquantized=base)
+        entry["delta"] = loss - base
         out.append(entry)
     return out
 
@@ -301,7 +305,7 @@ def main(argv: Sequence[str]) -> int:
     merge_results(run_dir, entries)
     for e in entries:
         print(
-            f"{e['method']} {e['format']}{e['bits']} {e['granularity']} step {e['step']}: eval_loss "
+            f"{e['method']} {e['quant_format']} {e['granularity']} step {e['step']}: eval_loss "
             f"{e['eval_loss']:.4f} (unquantized {e['eval_loss_unquantized']:.4f}, delta {e['delta']:+.4f})"
         )
     print(f"wrote {os.path.join(run_dir, RESULT_FILE)}")

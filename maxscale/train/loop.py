@@ -21,6 +21,8 @@ from maxscale import errors, paths
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
 from maxscale.parallel import distributed, sharding
+from maxscale.quant import metrics as quant_metrics
+from maxscale.quant import qat
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import data as data_lib
 from maxscale.train import faults, sample
@@ -161,6 +163,8 @@ class Trainer:
             f"data: {self.corpus.description}"
         )
 
+        # relative quantization error per kind on logged steps (quantized runs only)
+        quant_errors = quant_metrics.quant_errors_fn(cfg) if qat.make_quantizer(cfg) is not None else None
         pending = None  # (step, device metrics) fetched after the next step is dispatched
         last_time, last_step = None, start
         result = {"preempted": False}
@@ -212,6 +216,8 @@ class Trainer:
                     stop = done < cfg.train.steps and preempt.requested(done, cfg.train.log_every)
                     save = done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop
                     if done % cfg.train.log_every == 0 or save or step == start:
+                        if quant_errors is not None:  # dispatched now, fetched with the step's metrics
+                            dev_metrics = {**dev_metrics, **quant_errors(state["params"], batch[:, :-1])}
                         pending = (done, dev_metrics)
                     if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                         if pending is not None:
