@@ -217,3 +217,18 @@ def test_two_processes_with_expert_parallelism_equal_one_process(tmp_path):
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s]["train/loss"] for s in a], [a[s]["train/loss"] for s in a], rtol=1e-5)
+
+
+def test_quantized_training_reaches_the_experts(tiny_corpus):
+    """quant.* applies at the matmul entry point, so routed experts (capacity and dropless) are quantized too."""
+    tokens = next(iter(data.train_dataset(tiny_corpus, moe_config())))["tokens"]
+    losses = {}
+    for name, extra in (("hp", {}), ("int2", {"quant.weights": "int2"})):
+        for dispatch in ("capacity", "dropless"):
+            cfg = moe_config(**{"model.moe.dispatch": dispatch, **extra})
+            setup = step_lib.Setup.build(cfg, one_device_mesh(cfg))
+            params = setup.init_state()["params"]
+            losses[name, dispatch] = float(setup.eval_step(params, setup.global_batch(tokens)))
+    assert losses["hp", "capacity"] == pytest.approx(losses["hp", "dropless"], rel=1e-5)
+    assert losses["int2", "capacity"] == pytest.approx(losses["int2", "dropless"], rel=1e-4)
+    assert abs(losses["int2", "capacity"] - losses["hp", "capacity"]) > 1e-4

@@ -78,7 +78,8 @@ class Matmul:
 
     def ragged(self, x_MD, w_EDF, group_sizes_E, *, role: str, out_dtype=None) -> jax.Array:
         """Grouped matmul for expert layers: rows of `x_MD` are sorted by group; group e uses `w_EDF[e]`."""
-        x_MD, w_EDF = self._operands("md,edf->mf", x_MD, w_EDF, role)
+        # for the quantizer, each expert's matrix is its own: e stays out of the contracted axes (only d is summed)
+        x_MD, w_EDF = self._operands("md,edf->emf", x_MD, w_EDF, role)
         return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E, preferred_element_type=out_dtype)
 
 
