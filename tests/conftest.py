@@ -43,3 +43,18 @@ def tiny_corpus():
     from maxscale.train import data
 
     return data.load_corpus(tiny_config())
+
+
+def train_losses(cfg, mesh, corpus, steps=5):
+    """(train/loss of the first `steps` steps, the Setup, the final state) of `cfg` on `mesh`."""
+    from maxscale.train import data
+    from maxscale.train import step as step_lib
+
+    setup = step_lib.Setup.build(cfg, mesh)
+    state = setup.init_state()
+    it = iter(data.train_dataset(corpus, cfg))
+    out = []
+    for _ in range(steps):
+        state, m = setup.train_step(state, setup.global_batch(next(it)["tokens"]))
+        out.append(float(m["train/loss"]))
+    return out, setup, state

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, one_device_mesh
+from conftest import train_losses as losses
 from jax.sharding import PartitionSpec as P
 
 from maxscale import config as config_lib
@@ -31,17 +32,6 @@ def moe_config(**overrides):
     for key, value in overrides.items():
         config_lib.override(cfg, key, str(value))
     return config_lib.resolve(cfg)
-
-
-def losses(cfg, mesh, corpus, steps=5):
-    setup = step_lib.Setup.build(cfg, mesh)
-    state = setup.init_state()
-    it = iter(data.train_dataset(corpus, cfg))
-    out = []
-    for _ in range(steps):
-        state, m = setup.train_step(state, setup.global_batch(next(it)["tokens"]))
-        out.append(float(m["train/loss"]))
-    return out, setup, state
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +137,8 @@ def test_first_dense_blocks_then_moe_blocks(tiny_corpus):
     assert state["params"]["blocks"]["w_up"].shape[0] == 1 and state["params"]["moe_blocks"]["w_up_e"].shape[0] == 2
     tokens = setup.global_batch(next(iter(data.train_dataset(tiny_corpus, cfg)))["tokens"])
     logits, stats = setup.model.apply(state["params"], tokens[:, :-1], capture=True)
-    assert {k: v.shape for k, v in stats["layers"].items()} == {"attn": (3,), "mlp": (3,), "resid": (3,)}
+    assert {k: stats["layers"][k].shape for k in ("attn", "mlp", "resid")} == {"attn": (3,), "mlp": (3,), "resid": (3,)}
+    assert all(v.shape[0] == 3 for v in stats["layers"].values())  # every per-layer series spans both stacks
     assert np.isfinite(np.asarray(logits)).all()
 
 

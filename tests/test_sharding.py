@@ -8,27 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import one_device_mesh, tiny_config
+from conftest import train_losses as losses
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec as P
 
 from maxscale.errors import ConfigError
 from maxscale.parallel import sharding
-from maxscale.train import data
 from maxscale.train import step as step_lib
 
 # ffn 192 (not 2 x width) so a hidden activation's shape cannot be mistaken for a residual-stream one in the HLO
 FFN = 192
-
-
-def losses(cfg, mesh, corpus, steps=5):
-    setup = step_lib.Setup.build(cfg, mesh)
-    state = setup.init_state()
-    it = iter(data.train_dataset(corpus, cfg))
-    out = []
-    for _ in range(steps):
-        state, m = setup.train_step(state, setup.global_batch(next(it)["tokens"]))
-        out.append(float(m["train/loss"]))
-    return out, setup, state
 
 
 @pytest.fixture(scope="module")
