@@ -51,12 +51,12 @@ def test_as_path_keeps_urls_and_resolves_local_paths(tmp_path, monkeypatch):
     assert os.fspath(paths.as_path("file:///tmp/a%20b")) == "/tmp/a b"
     assert paths.is_url("s3://b/k") and not paths.is_url("file:///tmp/x") and not paths.is_url("runs/x")
     assert paths.writable_dir_problem("gs://bucket/run") is None  # remote: not probed
-    assert "not a writable directory" in paths.writable_dir_problem("/proc/self/run")
+    assert "cannot create directories under /proc/self" in paths.writable_dir_problem("/proc/self/run")
 
 
 def test_metrics_writer_writes_a_gs_workdir_through_the_object_store(fake_gcs, monkeypatch):
     tensorboard = []
-    monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda d: tensorboard.append(d) or _NullTB())
+    monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda d, **kw: tensorboard.append(d) or _NullTB())
     writer = metrics_lib.MetricWriter("gs://bucket/run", remote_flush_s=0.0)
     writer.write(1, {"train/loss": 2.5})
     writer.write(2, {"train/loss": 2.0})
@@ -75,7 +75,7 @@ def test_gs_workdir_reaches_orbax_unchanged(fake_gcs, monkeypatch, tmp_path):
     loop.check_workdir("gs://bucket/run", cfg)  # nothing there yet: accepted without a local probe
     orbax = Recorder()
     monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", orbax)
-    monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda d: _NullTB())
+    monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda d, **kw: _NullTB())
     trainer = loop.Trainer(cfg, "gs://bucket/run", mesh=one_device_mesh(cfg))
     with pytest.raises(RuntimeError, match="recorded"):
         trainer.run()
