@@ -60,21 +60,15 @@ def train_one_process(workdir, steps, *extra):
     return r
 
 
+def two_process_command(workdir, steps) -> list[str]:
+    """2 processes x 2 simulated devices each, one global mesh of 4, through launch/local.py."""
+    launcher = [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2", "--"]
+    train = [sys.executable, "-m", "maxscale.train", *COMMON, f"--workdir={workdir}", f"--config.train.steps={steps}"]
+    return launcher + train
+
+
 def train_two_processes(workdir, steps):
-    """2 processes x 2 simulated devices each, one global mesh of 4."""
-    cmd = [
-        sys.executable,
-        "launch/local.py",
-        "--num_processes=2",
-        "--devices_per_process=2",
-        "--",
-        sys.executable,
-        "-m",
-        "maxscale.train",
-        *COMMON,
-        f"--workdir={workdir}",
-        f"--config.train.steps={steps}",
-    ]
+    cmd = two_process_command(workdir, steps)
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -158,19 +152,7 @@ def test_sigterm_to_the_launcher_exits_75_and_the_rerun_continues_the_same_run(t
     """A scheduler preempts a 2-process job by signalling the launcher: the children save, the job exits 75 (the
     code to requeue on), no process is left, and the same command resumes: every step equals the uninterrupted run."""
     workdir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "launch/local.py",
-        "--num_processes=2",
-        "--devices_per_process=2",
-        "--",
-        sys.executable,
-        "-m",
-        "maxscale.train",
-        *COMMON,
-        f"--workdir={workdir}",
-        "--config.train.steps=6",
-    ]
+    cmd = two_process_command(workdir, 6)
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # wait until training is under way
         if "[p0] step 2/6" in line or "[p0] step  2/6" in line:
