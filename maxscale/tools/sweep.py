@@ -34,6 +34,7 @@ import ml_collections
 
 from maxscale import config as config_lib
 from maxscale import errors, paths
+from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
 
 # Fields that do not change what a run computes: left out of the run id.
@@ -162,21 +163,6 @@ def status(run_dir: str) -> str:
     return "new"
 
 
-def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Fields whose values differ between two config dicts ("field old -> new"), NOT_HASHED fields left out."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        field = f"{prefix}{k}"
-        if any(field == f or field.startswith(f + ".") for f in NOT_HASHED):
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, field + ".")
-        elif json.dumps(a) != json.dumps(b):
-            out.append(f"{field} {a!r} -> {b!r}")
-    return out
-
-
 def stale_result(run: dict) -> str | None:
     """Why the finished result of `run` cannot stand for its point, or None: it must carry the full resolved config
     it was computed with (run ids leave out fields at their defaults, so a changed default keeps the id)."""
@@ -187,7 +173,7 @@ def stale_result(run: dict) -> str | None:
     saved = result.get("config") if isinstance(result, dict) else None
     if not isinstance(saved, dict):
         return "does not record the config it was computed with (written before results carried it)"
-    diff = config_diff(saved, json.loads(config_lib.to_json(run["config"])))
+    diff = diff_fields(saved, json.loads(config_lib.to_json(run["config"])), NOT_HASHED)
     return f"was computed with another config ({'; '.join(diff[:3])})" if diff else None
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from maxscale import config as config_lib
 from maxscale import errors, paths
+from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
 from maxscale.parallel import distributed, sharding
@@ -53,20 +54,6 @@ RESUMABLE_FIELDS = (
 # The run
 
 
-def _diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        field = f"{prefix}{k}"
-        if any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS):
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff_fields(a, b, field + ".")
-        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and tuple(a) == b):
-            out.append(f"{field} {a!r} -> {b!r}")
-    return out
-
-
 def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     """The workdir must be writable and, if it holds a run, a run of the same config: its config.json and its
     newest readable checkpoint (which may come from elsewhere) are both compared. Reads only; ConfigError."""
@@ -85,7 +72,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
                 f"--workdir={workdir}: config.json is unreadable ({' '.join(str(e).split())}); "
                 f"restore it (a copy is in each checkpoint's config/metadata) or use a new --workdir"
             ) from None
-        diff = _diff_fields(old, new)
+        diff = diff_fields(old, new, RESUMABLE_FIELDS)
         if diff:
             raise ConfigError(
                 f"--workdir={workdir} holds a run with a different config ({'; '.join(diff[:3])}); "
@@ -98,7 +85,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
         )
     saved = ckpt_lib.read_saved_config(ckpt_dir)
     if saved is not None:
-        diff = _diff_fields(saved[1], new)
+        diff = diff_fields(saved[1], new, RESUMABLE_FIELDS)
         if diff:
             raise ConfigError(
                 f"--workdir={workdir}: checkpoint {saved[0]} was written with a different config "
