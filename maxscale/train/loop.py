@@ -289,7 +289,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(str(e)) from None
         trainer = Trainer(cfg, workdir)
     except errors.HelpRequested as e:
-        print(f"{__doc__.strip()}\n\n{e}\nEvery field and its default: maxscale/config.py (defaults()).")
+        print(f"{__doc__.strip()}\n\n{e}\nEvery field and its default: maxscale/defaults.py.")
         return 0
     except ConfigError as e:
         print(f"maxscale.train: error: {e}", file=sys.stderr)
