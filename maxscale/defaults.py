@@ -36,7 +36,8 @@ def defaults() -> ml_collections.ConfigDict:
             expert_ffn_size=0,  # M, hidden size of each expert; 0 = ffn_size // num_active (same active FLOPs)
             num_shared=0,  # shared experts run on every token
             shared_ffn_size=0,  # 0 = expert_ffn_size
-            first_dense=0,  # the first n blocks keep a dense MLP; the rest are MoE
+            first_dense=0,  # the first n blocks keep a dense MLP; the rest are MoE ...
+            every=1,  # ... every n-th of them: groups of n blocks, n - 1 dense then one MoE (2 = alternate)
             score="sigmoid",  # sigmoid (the paper) | softmax
             combine="mean_k",  # mean_k: (1/k) sum of gate x expert (the paper) | renorm: gates sum to 1 (Mixtral)
             balance="bias",  # bias: routing bias updated from the load, outside the optimizer | aux | none

@@ -57,9 +57,11 @@ def test_dispatch_paths_give_the_same_loss_and_gradients_through_the_model(tiny_
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("n_data,n_expert", [(1, 2), (2, 4)])
-def test_expert_parallel_mesh_matches_one_device(n_data, n_expert, reference, tiny_corpus):
-    cfg = moe_config(**{"mesh.data": n_data, "mesh.expert": n_expert})
+@pytest.mark.parametrize("n_data,n_expert,dispatch", [(1, 2, "capacity"), (2, 4, "capacity"), (2, 2, "dropless")])
+def test_expert_parallel_mesh_matches_one_device(n_data, n_expert, dispatch, reference, tiny_corpus):
+    """EP runs (capacity: all_to_all; dropless: all-gather + reduce-scatter) equal the one-device capacity run
+    (capacity_factor 2 drops nothing, so both paths compute the same model)."""
+    cfg = moe_config(**{"mesh.data": n_data, "mesh.expert": n_expert, "model.moe.dispatch": dispatch})
     mesh = sharding.make_mesh(cfg, jax.devices()[: n_data * n_expert])
     got, setup, state = losses(cfg, mesh, tiny_corpus)
     np.testing.assert_allclose(got, reference[0], rtol=1e-4)
@@ -70,6 +72,15 @@ def test_expert_parallel_mesh_matches_one_device(n_data, n_expert, reference, ti
     E = cfg.model.moe.num_experts
     assert params["w_up_e"].addressable_shards[0].data.shape[1] == E // n_expert  # each rank holds its experts
     assert setup.batch_sharding.spec == P(("data", "expert") if n_data > 1 else "expert", None)
+
+
+def test_interleaved_layout_on_an_expert_mesh_matches_one_device(tiny_corpus):
+    cfg = moe_config(**{"model.depth": 4, "model.moe.every": 2, "model.moe.dispatch": "dropless"})
+    ref = losses(cfg, one_device_mesh(cfg), tiny_corpus, steps=3)[0]
+    ep = moe_config(**{"model.depth": 4, "model.moe.every": 2, "model.moe.dispatch": "dropless", "mesh.expert": 2})
+    got, _, state = losses(ep, sharding.make_mesh(ep, jax.devices()[:2]), tiny_corpus, steps=3)
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    assert state["params"]["interleaved"]["w_up"].shape[0] == 2 and state["moe_bias"].shape == (2, 4)
 
 
 def test_routing_bias_is_state_updated_by_the_load_not_a_parameter(reference):
@@ -102,6 +113,8 @@ def test_one_bias_step_follows_the_papers_linear_rule(tiny_corpus):
     [
         ({"model.moe.num_active": 5}, "model.moe.num_active=5 must lie in [1, model.moe.num_experts=4]"),
         ({"model.moe.first_dense": 2}, "model.moe.first_dense=2 leaves no MoE block"),
+        ({"model.moe.every": 3}, "model.moe.every=3 must be >= 1 and divide the 2 blocks after"),
+        ({"model.moe.every": 0}, "model.moe.every=0 must be >= 1"),
         ({"model.moe.dispatch": "ragged"}, "model.moe.dispatch='ragged' is not supported"),
         ({"parameterization.base_num_experts": 8}, "k/E = 2/4 differs from the base's 2/8"),
         ({"model.moe.capacity_factor": 0.0}, "model.moe.capacity_factor=0.0 must be > 0"),
@@ -140,6 +153,41 @@ def test_first_dense_blocks_then_moe_blocks(tiny_corpus):
     assert {k: stats["layers"][k].shape for k in ("attn", "mlp", "resid")} == {"attn": (3,), "mlp": (3,), "resid": (3,)}
     assert all(v.shape[0] == 3 for v in stats["layers"].values())  # every per-layer series spans both stacks
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_every_nth_block_is_moe_in_depth_order(tiny_corpus):
+    """first_dense=1, every=2, depth 5: D, (D, M), (D, M). The scanned groups equal a hand-written loop over the
+    blocks in that order, per-layer series span all five blocks, and counts and FLOPs follow the layout."""
+    cfg = moe_config(**{"model.depth": 5, "model.moe.first_dense": 1, "model.moe.every": 2})
+    assert transformer.stack_depths(cfg) == {"blocks": 1, "interleaved": 2, "moe_blocks": 2}
+    model = transformer.ModelDef(cfg)
+    params = jax.jit(model.init, static_argnums=0)(0)
+    tokens = np.asarray(next(iter(data.train_dataset(tiny_corpus, cfg)))["tokens"])[:2, :-1]
+    bias_LE = jax.random.normal(jax.random.key(1), (2, cfg.model.moe.num_experts)) * 0.1
+    logits, stats = model.apply(params, tokens, capture=True, moe_bias=bias_LE)
+    assert all(v.shape[0] == 5 for v in stats["layers"].values()) and stats["moe"]["moe_load"].shape == (2, 4)
+
+    mults = transformer.Parameterization(cfg).multipliers()
+    m = cfg.model
+    x = params["embed"][tokens] * mults["input"]
+    order = [("blocks", 0), ("interleaved", 0), ("moe_blocks", 0), ("interleaved", 1), ("moe_blocks", 1)]
+    resid = []
+    for stack, i in order:
+        p = {k: v[i] for k, v in params[stack].items()}
+        out = transformer.block(p, x, cfg, mults, bias_E=bias_LE[i] if stack == "moe_blocks" else None)
+        x = out[0] if isinstance(out, tuple) else out
+        resid.append(float(np.abs(np.asarray(x)).mean()))
+    x = transformer.norm(x, params["final_norm"], None, m.norm, m.norm_eps)
+    expected = np.asarray(x @ params["unembed"]) * mults["output"]
+    np.testing.assert_allclose(logits, expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(stats["layers"]["resid"], resid, rtol=1e-5)
+
+    dense = moe_config(**{"model.depth": 5, "model.moe.num_experts": 0})
+    counts, dense_counts = transformer.count_params(cfg), transformer.count_params(dense)
+    e = cfg.model.moe
+    expert = 3 * m.width * e.expert_ffn_size  # swiglu
+    moe_block_extra = m.width * e.num_experts + e.num_experts * expert - 3 * m.width * m.ffn_size
+    assert counts["total"] == dense_counts["total"] + 2 * moe_block_extra
 
 
 def _env(**extra):

@@ -34,7 +34,10 @@ from maxscale.errors import ConfigError
 from maxscale.model import moe_dispatch
 from maxscale.model.layers import Matmul, mean_abs
 from maxscale.model.moe_config import CHOICES, MoEConfig  # noqa: F401  (MoEConfig is part of this module's API)
-from maxscale.model.moe_dispatch import capacity_dispatch_ep  # noqa: F401  (public: the expert-parallel path)
+from maxscale.model.moe_dispatch import (  # noqa: F401  (public: the expert-parallel paths)
+    capacity_dispatch_ep,
+    dropless_dispatch_ep,
+)
 from maxscale.parameterization import ParamSpec
 
 SCORES: dict[str, Callable] = {"sigmoid": jax.nn.sigmoid, "softmax": lambda x: jax.nn.softmax(x, axis=-1)}

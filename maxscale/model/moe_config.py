@@ -82,6 +82,11 @@ def resolve(cfg) -> None:
             f"model.moe.first_dense={e.first_dense} leaves no MoE block in model.depth={m.depth}; "
             f"make it smaller or set model.moe.num_experts=0 for a dense model"
         )
+    if e.every < 1 or (m.depth - e.first_dense) % e.every:
+        raise ConfigError(
+            f"model.moe.every={e.every} must be >= 1 and divide the {m.depth - e.first_dense} blocks after "
+            f"model.moe.first_dense={e.first_dense} (groups of every - 1 dense blocks and one MoE block)"
+        )
     if e.expert_ffn_size == 0:
         e.expert_ffn_size = max(m.ffn_size // e.num_active, 1)  # the dense model's active FLOPs
     if e.shared_ffn_size == 0:

@@ -213,3 +213,67 @@ def capacity_dispatch_ep(
 
     run = jax.shard_map(local, mesh=mesh, in_specs=({n: wts for n in p_e}, tok, tok, tok), out_specs=(tok, P()))
     return run(p_e, h_TD, weights_TK, experts_TK)
+
+
+def dropless_dispatch_ep(
+    p: dict,
+    h_TD,
+    weights_TK,
+    experts_TK,
+    moe: MoEConfig,
+    mm: Matmul,
+    *,
+    mesh,
+    axis: str = "expert",
+    token_axes: tuple[str, ...] = ("expert",),
+):
+    """Expert-parallel dropless dispatch: all-gather the tokens over `axis`, compute the local experts' pairs,
+    reduce-scatter the outputs. Inside `jax.shard_map` over `mesh`:
+
+      1. each rank gathers the [ep*S] tokens (with their choices and combine weights) of its `axis` group;
+      2. it sorts the group's pairs so those routed to its E/ep local experts come first, by local expert, and runs
+         them through `mm.ragged` (grouped matmuls over its own expert weights; the other pairs' rows are zeroed
+         and their outputs masked: they belong to other ranks);
+      3. it combines its pairs' outputs per token (0 for pairs it does not own) and `psum_scatter`s the [ep*S, D]
+         partial sums over `axis`, so each rank gets the full output of its own S tokens.
+
+    Exact (nothing dropped; the same sums as `dropless`). Cost per rank: gathers of ep*S*(D + 2K) values, a
+    reduce-scatter of ep*S*D, and a [ep*S*K, D] ragged buffer (on GPU/TPU grouped matmuls skip rows past the groups;
+    XLA:CPU computes them, masked). `ragged_all_to_all` would send only the routed rows; it has no XLA:CPU lowering,
+    so this path is the one that runs everywhere. Gradients flow through the collectives' transposes. Returns
+    (y_TD, 0.0)."""
+    E, ep = moe.num_experts, mesh.shape[axis]
+    groups = math.prod(mesh.shape[a] for a in token_axes)
+    El = E // ep
+    if axis not in token_axes or E % ep or h_TD.shape[0] % groups:
+        raise ConfigError(
+            f"expert parallelism: need {axis!r} in token_axes={token_axes}, num_experts={E} divisible by "
+            f"mesh.{axis}={ep} and {h_TD.shape[0]} tokens divisible by the {groups} token shards"
+        )
+    tok, wts = P(token_axes), P(axis)
+    p_e = {name: w for name, w in p.items() if name.endswith("_e")}
+
+    def local(p, h_SD, w_SK, e_SK):
+        gather = lambda a: jax.lax.all_gather(a, axis, tiled=True)  # noqa: E731
+        h_AD, w_AK, e_AK = gather(h_SD), gather(w_SK), gather(e_SK)
+        A, K = e_AK.shape
+        local_P = e_AK.reshape(-1) - jax.lax.axis_index(axis) * El
+        mine_P = (local_P >= 0) & (local_P < El)
+        order_P, sizes = sort_by_expert(jnp.where(mine_P, local_P, El), El + 1)  # foreign pairs sort last
+        x_PD = jnp.take(h_AD, order_P // K, axis=0)
+        x_PD = jnp.where(jnp.take(mine_P, order_P)[:, None], x_PD, jnp.zeros_like(x_PD))
+        y_PD = _experts(
+            p,
+            x_PD,
+            lambda x, w: mm.ragged(x, w, sizes[:El], role="expert_in"),
+            lambda x, w: mm.ragged(x, w, sizes[:El], role="expert_out"),
+            moe,
+        )
+        inverse_P = jnp.zeros_like(order_P).at[order_P].set(jnp.arange(A * K, dtype=order_P.dtype))
+        y_PD = jnp.take(y_PD, inverse_P, axis=0)
+        y_PD = jnp.where(mine_P[:, None], y_PD, jnp.zeros_like(y_PD))
+        y_AD = _combine(y_PD, w_AK)
+        return jax.lax.psum_scatter(y_AD, axis, scatter_dimension=0, tiled=True)
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=({n: wts for n in p_e}, tok, tok, tok), out_specs=tok)
+    return run(p_e, h_TD, weights_TK, experts_TK), jnp.float32(0.0)

@@ -4,8 +4,10 @@ Shapes in names: B batch, T sequence, D width, H query heads, G key/value heads,
 L layers, E experts. Every parameter is an `nnx.Param` whose metadata (`role`, `axes`, `fan_in`) is the single input
 of the parameterization (init std, LR/WD/eps factors) and of the sharding rules; forward multipliers come from the
 same `Parameterization` object. Block parameters carry a leading `layers` axis and the blocks run under
-`jax.lax.scan`, so compile time does not grow with depth. A mixture-of-experts model has two stacks: `blocks` (the
-first `model.moe.first_dense` blocks, dense) and `moe_blocks` (the rest), each scanned.
+`jax.lax.scan`, so compile time does not grow with depth. A mixture-of-experts model has up to three stacks:
+`blocks` (the first `model.moe.first_dense` blocks, dense), then groups of `model.moe.every` blocks, each group
+`every - 1` dense blocks (stack `interleaved`) followed by one MoE block (stack `moe_blocks`); the groups are scanned,
+and inside a group the dense blocks are scanned too. every = 1 (the default): every block after the first_dense is MoE.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ def is_moe(cfg: ml_collections.ConfigDict) -> bool:
 
 
 def stack_depths(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """Blocks per stack: {"blocks": dense blocks, "moe_blocks": MoE blocks}, zero-sized stacks left out."""
-    n_moe = cfg.model.depth - cfg.model.moe.first_dense if is_moe(cfg) else 0
-    return {k: v for k, v in (("blocks", cfg.model.depth - n_moe), ("moe_blocks", n_moe)) if v}
+    """Blocks per stack: {"blocks": leading dense blocks, "interleaved": dense blocks inside the MoE groups,
+    "moe_blocks": MoE blocks}, zero-sized stacks left out. Depth order: blocks, then per group its `every - 1`
+    interleaved blocks and one MoE block."""
+    m = cfg.model
+    groups = (m.depth - m.moe.first_dense) // m.moe.every if is_moe(cfg) else 0
+    sizes = (("blocks", m.depth - groups * m.moe.every), ("interleaved", groups * (m.moe.every - 1)))
+    return {k: v for k, v in (*sizes, ("moe_blocks", groups)) if v}
 
 
 def block_specs(cfg: ml_collections.ConfigDict, moe: bool = False) -> dict[str, ParamSpec]:
@@ -61,13 +67,15 @@ def matmul_for(cfg: ml_collections.ConfigDict) -> Matmul:
 
 
 def _moe_dispatch(moe: MoEConfig):
-    """The capacity path runs expert-parallel (all_to_all in shard_map) when the active mesh has an expert axis;
-    the other paths, and meshes without one, use the layer's own table (XLA partitions them)."""
+    """On a mesh with an expert axis, the capacity and dropless paths run expert-parallel inside shard_map
+    (all_to_all, resp. all-gather + reduce-scatter); the dense reference, and meshes without an expert axis, use
+    the layer's own table (XLA partitions them)."""
     mesh = sharding.active_mesh()
-    if moe.dispatch != "capacity" or mesh is None or mesh.shape["expert"] == 1:
+    ep_paths = {"capacity": moe_lib.capacity_dispatch_ep, "dropless": moe_lib.dropless_dispatch_ep}
+    if moe.dispatch not in ep_paths or mesh is None or mesh.shape["expert"] == 1:
         return None
     token_axes = tuple(a for a in sharding.batch_axes() if mesh.shape[a] > 1)
-    return functools.partial(moe_lib.capacity_dispatch_ep, mesh=mesh, token_axes=token_axes)
+    return functools.partial(ep_paths[moe.dispatch], mesh=mesh, token_axes=token_axes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,10 +130,14 @@ class Blocks(nnx.Module):
             setattr(self, name, make_param(rngs, par, name, spec, dtype, layers=depth))
         self._names, self._moe = tuple(specs), moe
 
+    def arrays(self) -> dict:
+        """{name: [depth, ...] array} of this stack's parameters."""
+        return {name: getattr(self, name)[...] for name in self._names}
+
     def __call__(self, x_BTD, cfg, mults, capture: bool = False, bias_LE=None):
         """Returns x, or (x, {stat: [L, ...]}) with `capture` or for an MoE stack (per-layer stats as scan outputs;
         `bias_LE` is the MoE stack's routing bias, one row per layer)."""
-        stacked = {name: getattr(self, name)[...] for name in self._names}
+        stacked = self.arrays()
         if self._moe:
             body = lambda x, pb: block(pb[0], x, cfg, mults, capture, bias_E=pb[1])
             xs = (stacked, bias_LE)
@@ -139,6 +151,31 @@ class Blocks(nnx.Module):
         return (x_BTD, stats) if capture or self._moe else x_BTD
 
 
+def run_groups(dense: Blocks, moe: Blocks, x_BTD, cfg, mults, capture: bool, bias_LE):
+    """The MoE groups: scan over G groups of (every - 1 dense blocks, scanned; then one MoE block). Returns
+    (x, stats) like an MoE stack's call: the MoE block's stats ([G, ...]) and, with `capture`, every block's
+    per-layer series in depth order ([G * every, ...])."""
+    G = bias_LE.shape[0]
+    dense_p = {k: v.reshape(G, v.shape[0] // G, *v.shape[1:]) for k, v in dense.arrays().items()}
+
+    def dense_body(x, p):
+        out = block(p, x, cfg, mults, capture)
+        return out if capture else (out, None)
+
+    def group(x, xs):
+        p_dense, p_moe, b_E = xs
+        x, dense_stats = jax.lax.scan(dense_body, x, p_dense)
+        x, stats = block(p_moe, x, cfg, mults, capture, bias_E=b_E)
+        # per-block series of this group (its dense blocks, then the MoE block) apart from the MoE-only stats
+        series = {k: jnp.concatenate([v, stats.pop(k)[None]]) for k, v in (dense_stats or {}).items()}
+        return x, (series, stats)
+
+    if cfg.model.remat:
+        group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
+    x_BTD, (series, stats) = jax.lax.scan(group, x_BTD, (dense_p, moe.arrays(), bias_LE))
+    return x_BTD, {**stats, **{k: v.reshape(-1, *v.shape[2:]) for k, v in series.items()}}
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -148,6 +185,8 @@ class Transformer(nnx.Module):
         depths = stack_depths(cfg)
         if "blocks" in depths:
             self.blocks = Blocks(cfg, self.par, rngs, depths["blocks"])
+        if "interleaved" in depths:
+            self.interleaved = Blocks(cfg, self.par, rngs, depths["interleaved"])
         if "moe_blocks" in depths:
             self.moe_blocks = Blocks(cfg, self.par, rngs, depths["moe_blocks"], moe=True)
         self.final_norm = make_param(rngs, self.par, "final_norm", ParamSpec("norm", ("embed",), ()), dtype)
@@ -184,7 +223,11 @@ class Transformer(nnx.Module):
         if hasattr(self, "moe_blocks"):
             if moe_bias is None:
                 moe_bias = jnp.zeros((stack_depths(self.cfg)["moe_blocks"], m.moe.num_experts), jnp.float32)
-            x_BTD, moe_stats = self.moe_blocks(x_BTD, self.cfg, mults, capture=capture, bias_LE=moe_bias)
+            if hasattr(self, "interleaved"):
+                groups = (self.interleaved, self.moe_blocks, x_BTD, self.cfg, mults, capture, moe_bias)
+                x_BTD, moe_stats = run_groups(*groups)
+            else:
+                x_BTD, moe_stats = self.moe_blocks(x_BTD, self.cfg, mults, capture=capture, bias_LE=moe_bias)
             aux["moe"] = {k: v for k, v in moe_stats.items() if k.startswith("moe_")}
             layer_stats.append({k: v for k, v in moe_stats.items() if not k.startswith("moe")})
         if capture:  # one [L] series per statistic over both stacks, in depth order
@@ -285,7 +328,7 @@ def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
         e.num_active * e.expert_ffn_size + e.num_shared * e.shared_ffn_size
     )
     matmul_params = (
-        depths.get("blocks", 0) * (attn + n_mlp * m.width * m.ffn_size)
+        (depths.get("blocks", 0) + depths.get("interleaved", 0)) * (attn + n_mlp * m.width * m.ffn_size)
         + depths.get("moe_blocks", 0) * (attn + moe_ff)
         + m.width * m.vocab_size
     )
