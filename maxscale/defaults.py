@@ -74,6 +74,7 @@ def defaults() -> ml_collections.ConfigDict:
         base_num_active=0,
         base_expert_ffn_size=0,
         router_init_gamma=1.0,  # router init std x (D/D0)^-gamma under muP-family rules (the paper: gamma = 1)
+        expert_init_counts_experts=False,  # control: expert init x (E/E0)^-1/2 (MaxText's fan-in over experts)
         expert_down_init="mean_field",  # mean_field: sigma (D/D0)^1/2 (M/M0)^-1 (the paper) | fan_in (muP control)
         check_kappa=True,  # refuse k/E different from the base's: hyperparameters do not transfer across k/E
     )
@@ -140,9 +141,15 @@ def defaults() -> ml_collections.ConfigDict:
         debug_nan_at_step=0,  # for tests: make the loss and gradients of this step NaN; 0 = off
     )
 
+    # Two tiers (maxscale/train/checkpoint_tiers.py, docs/reliability.md): persistent <workdir>/checkpoints, and an
+    # optional frequent local one (e.g. node-local disk) that restores first when it is newer and intact.
     c.checkpoint = dict(
-        every=500,
-        max_to_keep=3,
+        every=500,  # persistent tier; also at the end, on preemption and at each of keep_steps
+        max_to_keep=3,  # rolling persistent steps, besides keep_steps
+        keep_steps=(),  # steps saved to and never deleted from the persistent tier (analysis); CLI: =10,100,1000
+        local_every=0,  # local tier, at steps that are not persistent saves; 0 = off
+        local_dir="",  # "" = <workdir>/checkpoints_local; node-local paths (/tmp/...) need one process or sharing
+        local_max_to_keep=2,
         async_save=True,
         verify=True,  # check each file's CRC-32 against the checkpoint's manifest before restoring
     )

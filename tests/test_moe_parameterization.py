@@ -68,3 +68,17 @@ def test_more_experts_at_fixed_k_over_e_changes_no_factor():
     for role in ROLES:
         for key in ("init_std", "lr", "wd", "eps"):
             assert more[role][key] == pytest.approx(base[role][key]), (role, key)
+
+
+@pytest.mark.parametrize("name", ["sp", "mup"])
+def test_maxtext_fan_in_control_shrinks_expert_init_with_experts_only_when_asked(name):
+    """E 4 -> 16 at k/E fixed: no rule depends on E, unless the control counts the experts axis as fan-in
+    (MaxText's variance_scaling over (E, D, H)): then the expert init halves and nothing else moves."""
+    grow = {"parameterization.name": name, "model.moe.num_experts": 16, "model.moe.num_active": 8}
+    base, big = rows(**BASE, **{"parameterization.name": name}), rows(**BASE, **grow)
+    ctrl = rows(**BASE, **grow, **{"parameterization.expert_init_counts_experts": True})
+    for role in ROLES:
+        assert big[role]["init_std"] == base[role]["init_std"] and big[role]["lr"] == base[role]["lr"], role
+        factor = 0.5 if role != "router" else 1.0
+        assert ctrl[role]["init_std"] == pytest.approx(factor * base[role]["init_std"]), role
+        assert ctrl[role]["lr"] == base[role]["lr"], role

@@ -121,3 +121,35 @@ def test_cli(sweep_dir, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     bad = run(sweep_dir, "--scal=model.width")
     assert bad.returncode == 2 and "--hp=FIELD" in bad.stderr
+
+
+def test_seeds_are_replicates_with_bootstrap_intervals(tmp_path):
+    """Three seeds per point: one series (not one per seed), the mean curve's optimum, and bootstrap intervals that
+    contain the true optimum and widen with the seed-to-seed spread of the optimum (0.1 vs 1 octave)."""
+    import numpy as np
+
+    tables = {}
+    for spread in (0.1, 1.0):
+        root = str(tmp_path / f"seeds{spread}")
+        for width in (64, 128):
+            for seed, shift in zip((0, 1, 2), (-spread, 0.0, spread)):
+                for e in LOG2_LRS:
+                    rid = f"w{width}s{seed}e{-e}"
+                    write_run(root, rid, "mup", width, 2.0**e, parabola(e, -8.0 + shift))
+                    with open(os.path.join(root, rid, "sweep_run.json")) as fh:
+                        plan = json.load(fh)
+                    plan["config"]["train"]["seed"] = seed
+                    with open(os.path.join(root, rid, "sweep_run.json"), "w") as fh:
+                        json.dump(plan, fh)
+        tables[spread] = transfer.analyze(transfer.load_runs(root))
+    t = tables[1.0]
+    assert list(t["series"]) == ["all"] and t["series"]["all"]["seeds"] == 3
+    for curve in t["series"]["all"]["scales"].values():
+        o = curve["optimum"]
+        assert curve["seeds"] == 3 and o["log2_opt"] == pytest.approx(-8.0, abs=0.05)
+        assert o["log2_opt_ci"][0] <= -8.0 <= o["log2_opt_ci"][1]
+    width_of = lambda tab: np.diff(tab["series"]["all"]["scales"][64]["optimum"]["log2_opt_ci"])[0]  # noqa: E731
+    assert width_of(tables[1.0]) > 5 * width_of(tables[0.1]) > 0
+    assert t["series"]["all"]["drift_ci"][0] >= 0.0
+    md = transfer.markdown(t)
+    assert "Seeds per series: 3." in md and "[" in md

@@ -1,8 +1,11 @@
 """MoE transfer across the number of experts (docs/moe.md): E in {4, 8, 16, 32} with k/E = 1/2 fixed (k grows with
-E), 7 learning rates a factor of 2 apart, under the paper's parameterization (muP family with the MoE rows) and SP.
-Same token budget at every E (200 steps x 8 x 64 tokens). About 56 runs of a width-64 model.
+E), 6 learning rates a factor of 2 apart, 2 seeds (train and data order), under the paper's parameterization
+(CompleteP with the MoE rows) and the naive control: SP with MaxText's expert init, which counts the experts axis as
+fan-in so the experts' init shrinks as E^-1/2. (Plain SP equals the paper's rules here: at fixed width no rule
+depends on E.) Same token budget at every E (200 steps x 8 x 64 tokens). 96 runs of a width-64 model.
 
-  python tools/sweep.py configs/sweeps/experts.py
+  python tools/sweep.py configs/sweeps/experts.py                   # the stdlib corpus
+  python tools/sweep.py configs/sweeps/experts.py:tinyshakespeare.txt   # a second corpus: any text file
   python tools/transfer_report.py runs/experts --scale=model.moe.num_experts
 """
 
@@ -10,12 +13,22 @@ import os
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_base.py")
 EXPERTS = (4, 8, 16, 32)
-LRS = [2.0**e for e in range(-11, -4)]  # 2^-11 .. 2^-5
+LRS = [2.0**e for e in range(-10, -4)]  # 2^-10 .. 2^-5
+SEEDS = (0, 1)
+VARIANTS = {
+    "paper": {"parameterization.name": "completep"},
+    "naive": {"parameterization.name": "sp", "parameterization.expert_init_counts_experts": True},
+}
 
 
-def get_sweep():
+def get_sweep(corpus: str = ""):
     shapes = [
         {"model.moe.num_experts": e, "model.moe.num_active": e // 2, "model.moe.capacity_factor": 2.0} for e in EXPERTS
     ]
-    points = [{"parameterization.name": name, "optimizer.lr": lr} for name in ("completep", "sp") for lr in LRS]
-    return {"config": BASE, "grid": {"shape": shapes}, "points": points}
+    seeds = [{"train.seed": s, "data.seed": s} for s in SEEDS]
+    points = [{**v, "optimizer.lr": lr} for v in VARIANTS.values() for lr in LRS]
+    sweep = {"config": BASE, "grid": {"shape": shapes, "seed": seeds}, "points": points}
+    if corpus:  # a second corpus: its own sweep directory, runs/experts_<file stem>
+        sweep["fixed"] = {"data.source": corpus}
+        sweep["name"] = "experts_" + os.path.splitext(os.path.basename(corpus))[0]
+    return sweep

@@ -9,8 +9,12 @@ Per series and scale the optimum is the HP with the lowest final eval loss, refi
 parabola in log2(HP) through it and up to two grid points on each side (a single run per point is noisy; five
 points average some of that out), kept within one grid step of the grid minimum. An optimum on the edge of the
 grid, or next to a diverged run, is flagged: the true optimum may lie outside. The drift of a series is max - min
-of log2(optimum) over its scales, in octaves (factors of 2). Diverged runs (non-finite loss or worse than a uniform
-guess) are listed and plotted as crosses, never dropped silently; runs that have not finished are counted as such.
+of log2(optimum) over its scales, in octaves (factors of 2). Seeds (REPLICATE_FIELDS: train.seed, data.seed) are
+replicates, not series: the curve is the mean over seeds of each HP's loss (an HP at which any seed diverged counts as
+diverged), and with two or more seeds a bootstrap over seeds (resampled jointly across scales, since a seed fixes the
+data order at every scale) gives 95% intervals for each optimum and for the drift. Diverged runs (non-finite loss
+or worse than a uniform guess) are listed and plotted as crosses, never dropped silently; runs that have not
+finished are counted as such.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ SCALE_FIELDS = (
     "train.batch_size",
 )
 METRIC = "eval/loss"
+REPLICATE_FIELDS = ("train.seed", "data.seed")
+BOOTSTRAP = 400  # resamples of the seeds (fixed generator: the report is deterministic)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -152,7 +158,9 @@ def choose_axes(runs: list[dict], hp: str | None = None, scale: str | None = Non
     series = [
         f
         for f in vary
-        if f not in (hp, scale) and not _determined_by(runs, f, scale) and not f.startswith("parameterization.base_")
+        if f not in (hp, scale, *REPLICATE_FIELDS)
+        and not _determined_by(runs, f, scale)
+        and not f.startswith("parameterization.base_")
     ]
     return hp, scale, series
 
@@ -189,6 +197,87 @@ def optimum(hps: list[float], losses: list[float | None], half_window: int = 2) 
     return res
 
 
+def _seed(r: dict) -> tuple:
+    return tuple(r["config"].get(f) for f in REPLICATE_FIELDS)
+
+
+def _mean_curve(loss_SH: np.ndarray, diverged_SH: np.ndarray) -> list[float | None]:
+    """Mean over seeds (rows) per HP (column), ignoring missing (nan) runs; None where any seed diverged or none ran."""
+    out = []
+    for h in range(loss_SH.shape[1]):
+        col = loss_SH[:, h]
+        ok = np.isfinite(col)
+        out.append(None if diverged_SH[:, h].any() or not ok.any() else float(col[ok].mean()))
+    return out
+
+
+def _series(members: list[dict], hp: str, scale: str) -> dict:
+    seeds = sorted({_seed(r) for r in members}, key=repr)
+    row = {sd: i for i, sd in enumerate(seeds)}
+    per_scale, grids = {}, {}
+    for s in sorted({r["config"][scale] for r in members}):
+        at = [r for r in members if r["config"][scale] == s]
+        done = [r for r in at if r["status"] in ("done", "diverged")]
+        hps = sorted({r["config"][hp] for r in done})
+        loss_SH = np.full((len(seeds), len(hps)), np.nan)
+        diverged_SH = np.zeros((len(seeds), len(hps)), bool)
+        for r in done:
+            i, j = row[_seed(r)], hps.index(r["config"][hp])
+            if r["status"] == "diverged":
+                diverged_SH[i, j] = True
+            else:
+                loss_SH[i, j] = r["loss"]
+        mean = _mean_curve(loss_SH, diverged_SH)
+        curve = {
+            "hp": hps,
+            "loss": mean,
+            "diverged": [m is None and diverged_SH[:, j].any() for j, m in enumerate(mean)],
+            "seeds": int(np.isfinite(loss_SH).any(1).sum()),
+            "loss_by_seed": [[None if not np.isfinite(v) else float(v) for v in rw] for rw in loss_SH],
+            "unfinished": sum(r["status"] in ("unfinished", "not run") for r in at),
+        }
+        curve["optimum"] = optimum(hps, mean) if done else optimum([1.0], [None])
+        per_scale[s], grids[s] = curve, (hps, loss_SH, diverged_SH)
+    opts = [c["optimum"]["log2_opt"] for c in per_scale.values() if c["optimum"]["log2_opt"] is not None]
+    scales = [s for s, c in per_scale.items() if c["optimum"]["log2_opt"] is not None]
+    out = {
+        "scales": per_scale,
+        "seeds": len(seeds),
+        "drift_octaves": float(max(opts) - min(opts)) if len(opts) >= 2 else None,
+        "log2_opt_vs_log2_scale": (
+            float(np.polyfit(np.log2(scales), opts, 1)[0])
+            if len(opts) >= 2 and isinstance(scales[0], (int, float))
+            else None
+        ),
+        "drift_ci": None,
+        "any_at_edge": any(c["optimum"]["at_edge"] for c in per_scale.values()),
+        "diverged": sum(sum(c["diverged"]) for c in per_scale.values()),
+        "unfinished": sum(c["unfinished"] for c in per_scale.values()),
+    }
+    if len(seeds) >= 2:
+        _bootstrap(out, grids, len(seeds))
+    return out
+
+
+def _bootstrap(series: dict, grids: dict, n_seeds: int) -> None:
+    """95% intervals of each scale's log2 optimum and of the drift, resampling whole seeds (jointly at all scales)."""
+    rng = np.random.default_rng(0)
+    opts_BS = np.full((BOOTSTRAP, len(grids)), np.nan)
+    for b in range(BOOTSTRAP):
+        idx = rng.integers(0, n_seeds, n_seeds)
+        for k, (hps, loss_SH, diverged_SH) in enumerate(grids.values()):
+            if hps:
+                o = optimum(hps, _mean_curve(loss_SH[idx], diverged_SH[idx]))["log2_opt"]
+                opts_BS[b, k] = np.nan if o is None else o
+    for k, curve in enumerate(series["scales"].values()):
+        col = opts_BS[:, k][np.isfinite(opts_BS[:, k])]
+        curve["optimum"]["log2_opt_ci"] = [float(q) for q in np.percentile(col, [2.5, 97.5])] if col.size else None
+    ok = np.isfinite(opts_BS).sum(1) >= 2
+    if ok.any():
+        drift_B = np.nanmax(opts_BS[ok], 1) - np.nanmin(opts_BS[ok], 1)
+        series["drift_ci"] = [float(q) for q in np.percentile(drift_B, [2.5, 97.5])]
+
+
 def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -> dict:
     hp, scale, series_fields = choose_axes(runs, hp, scale)
     table: dict = {
@@ -203,35 +292,7 @@ def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -
         label = ", ".join(f"{f.split('.')[-1]}={r['config'].get(f)}" for f in series_fields) or "all"
         groups.setdefault(label, []).append(r)
     for label, members in sorted(groups.items()):
-        per_scale = {}
-        for s in sorted({r["config"][scale] for r in members}):
-            at = sorted((r for r in members if r["config"][scale] == s), key=lambda r: r["config"][hp])
-            done = [r for r in at if r["status"] in ("done", "diverged")]
-            curve = {
-                "hp": [r["config"][hp] for r in done],
-                "loss": [r["loss"] for r in done],
-                "diverged": [r["status"] == "diverged" for r in done],
-                "unfinished": sum(r["status"] in ("unfinished", "not run") for r in at),
-            }
-            losses = [None if dv else l for l, dv in zip(curve["loss"], curve["diverged"])]
-            curve["optimum"] = optimum(curve["hp"], losses) if done else optimum([1.0], [None])
-            per_scale[s] = curve
-        opts = [c["optimum"]["log2_opt"] for c in per_scale.values() if c["optimum"]["log2_opt"] is not None]
-        scales = [s for s, c in per_scale.items() if c["optimum"]["log2_opt"] is not None]
-        drift = float(max(opts) - min(opts)) if len(opts) >= 2 else None
-        exponent = (
-            float(np.polyfit(np.log2(scales), opts, 1)[0])
-            if len(opts) >= 2 and isinstance(scales[0], (int, float))
-            else None
-        )
-        table["series"][label] = {
-            "scales": per_scale,
-            "drift_octaves": drift,
-            "log2_opt_vs_log2_scale": exponent,
-            "any_at_edge": any(c["optimum"]["at_edge"] for c in per_scale.values()),
-            "diverged": sum(sum(c["diverged"]) for c in per_scale.values()),
-            "unfinished": sum(c["unfinished"] for c in per_scale.values()),
-        }
+        table["series"][label] = _series(members, hp, scale)
     return table
 
 
@@ -243,8 +304,8 @@ def markdown(table: dict) -> str:
     hp, scale = table["hp"], table["scale"]
     hp_name, scale_name = hp.split(".")[-1], scale.split(".")[-1]
     lines = [
-        f"Optimal {hp_name} per {scale_name} (final {METRIC}; quadratic refinement in log2 {hp_name}; "
-        f"* = optimum on the grid edge)",
+        f"Optimal {hp_name} per {scale_name} (final {METRIC}, mean over seeds; quadratic refinement in log2 "
+        f"{hp_name}; * = optimum on the grid edge; [95% bootstrap interval over seeds] where there are 2 or more)",
         "",
     ]
     scales = sorted({s for ser in table["series"].values() for s in ser["scales"]})
@@ -262,14 +323,21 @@ def markdown(table: dict) -> str:
             if not o or o["log2_opt"] is None:
                 cells.append("-")
             else:
-                cells.append(f"2^{o['log2_opt']:.2f}{'*' if o['at_edge'] else ''} ({o['loss']:.3f})")
+                ci = o.get("log2_opt_ci")
+                ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+                cells.append(f"2^{o['log2_opt']:.2f}{'*' if o['at_edge'] else ''}{ci} ({o['loss']:.3f})")
         drift = "-" if ser["drift_octaves"] is None else f"{ser['drift_octaves']:.2f}"
+        if ser.get("drift_ci"):
+            drift += f" [{ser['drift_ci'][0]:.2f}, {ser['drift_ci'][1]:.2f}]"
         slope = "-" if ser["log2_opt_vs_log2_scale"] is None else f"{ser['log2_opt_vs_log2_scale']:+.2f}"
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {drift} | {slope} | {ser['diverged']} | {ser['unfinished']} |"
         )
     c = table["counts"]
+    seeds = sorted({ser["seeds"] for ser in table["series"].values()})
     lines += [
+        "",
+        f"Seeds per series: {', '.join(map(str, seeds))}.",
         "",
         f"Runs: {c['done']} finished, {c['diverged']} diverged (plotted as x), {c['unfinished']} "
         f"unfinished, {c['not run']} not run.",

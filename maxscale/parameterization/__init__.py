@@ -199,6 +199,14 @@ class Parameterization:
         return self.m_depth ** (self.alpha - 1.0)
 
     def init_std(self, spec: ParamSpec, name: str = "") -> float:
+        std = self._init_std(spec, name)
+        if spec.role in ("expert_in", "expert_out") and self.cfg.parameterization.expert_init_counts_experts:
+            # the control: MaxText's variance_scaling(fan_in, in_axis=experts) counts E as fan-in, so the
+            # experts' init shrinks as (E/E0)^-1/2 (docs/moe.md); never the default
+            std /= math.sqrt(self._ratio("experts"))
+        return std
+
+    def _init_std(self, spec: ParamSpec, name: str) -> float:
         p = self.cfg.parameterization
         if spec.role in ("norm", "bias"):
             return 0.0  # norms start at one (the model adds 1), biases at zero

@@ -1,6 +1,7 @@
 """Sweeps: expand a sweep file into runs named by the hash of their resolved config, run them, or script them.
 
-A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a dict:
+A sweep file (configs/sweeps/*.py) defines `get_sweep()` (or `get_sweep(arg)`, called for `FILE.py:arg`) returning
+a dict:
   config   a config spec ("configs/tiny.py[:arg]") or a ConfigDict: the base of every run
   fixed    {field: value} applied to every run (optional)
   grid     {axis: [values]}: the cartesian product, first axis outermost (optional). An axis named by a config
@@ -53,11 +54,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RUN_FILE = "sweep_run.json"
 
 
-def load_sweep(path: str) -> dict:
-    """Imports a sweep file and checks its shape (ConfigError with one line on any problem)."""
+def load_sweep(spec: str) -> dict:
+    """Imports a sweep file `path[:arg]` (calling `get_sweep()` or `get_sweep(arg)`, e.g. a corpus) and checks its
+    shape (ConfigError with one line on any problem)."""
+    path, _, arg = spec.partition(":")
     get_sweep = config_lib.import_entry(path, "get_sweep", "sweep file", "configs/sweeps/width.py")
     try:
-        sweep = get_sweep()
+        sweep = get_sweep(arg) if arg else get_sweep()
+    except TypeError as e:
+        raise ConfigError(f"sweep file {path}: get_sweep() rejected the argument {arg!r} ({e})") from None
     except ConfigError:
         raise
     except Exception as e:
@@ -346,7 +351,7 @@ def _short(overrides: dict) -> str:
 # Command line
 
 USAGE = (
-    "usage: python tools/sweep.py SWEEP_FILE [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
+    "usage: python tools/sweep.py SWEEP_FILE[:ARG] [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
     "[--dry_run] [--keep_checkpoints]\n"
     "       python tools/sweep.py --run_dir=DIR   (one run; what SLURM tasks call)"
 )
