@@ -97,6 +97,7 @@ def test_cli_writes_and_merges_ptq_json(trained, capsys):
         (["--run={missing}"], "no such run directory"),
         (["--run={empty}"], "no config.json"),
         (["--run={no_ckpt}"], "no committed checkpoint"),
+        (["--run={moe}"], "post-training quantization covers dense models"),
         (["--run={run}", "--bits=3", "--method=awq"], "--method=awq is not supported"),
         (["--run={run}", "--bits=17"], "integer formats have 2..16 bits"),
         (["--run={run}", "--bits=9", "--format=float"], "no 9-bit format"),
@@ -110,7 +111,11 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, messa
     (tmp_path / "empty").mkdir()
     (tmp_path / "no_ckpt").mkdir()
     (tmp_path / "no_ckpt" / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
-    dirs = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "no_ckpt": tmp_path / "no_ckpt"}
+    (tmp_path / "moe").mkdir()
+    moe_cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    moe_cfg["model"]["moe"]["num_experts"] = 4
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(moe_cfg))
+    dirs = {d: tmp_path / d for d in ("missing", "empty", "no_ckpt", "moe")}
     before = sorted(os.listdir(run_dir))
     assert ptq.main([a.format(run=run_dir, **dirs) for a in args]) == 2
     err = capsys.readouterr().err

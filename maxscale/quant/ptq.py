@@ -175,6 +175,11 @@ def load_run(run_dir: str, step: int | None = None, mesh=None, corpus=None) -> R
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"--run={run_dir}: no config.json; is it a run directory written by the trainer?")
     cfg = config_lib.from_json(paths.read_text(cfg_path))
+    if cfg.model.moe.num_experts:
+        raise ConfigError(
+            f"--run={run_dir}: post-training quantization covers dense models; this run has "
+            f"model.moe.num_experts={cfg.model.moe.num_experts} (MoE experts are not quantized by PTQ yet)"
+        )
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = ckpt_lib.committed_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
     if not steps:
