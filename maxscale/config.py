@@ -155,6 +155,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "optimizer.name": ("adamw",),
     "optimizer.weight_decay_mode": ("coupled", "independent"),
+    "optimizer.grad_clip_mode": ("auto", "global", "relative"),
     "schedule.name": ("constant", "cosine", "wsd", "power"),
     "train.nan_policy": ("stop", "skip"),
 }
@@ -193,6 +194,11 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         v = _get(cfg, field)
         if v < 0:
             raise ConfigError(f"{field}={v} must be >= 0 (0 means derived/off)")
+    o = cfg.optimizer
+    if o.grad_clip_mode == "auto":  # a fixed threshold does not transfer across widths under muP: docs/training.md
+        o.grad_clip_mode = "global" if cfg.parameterization.name == "sp" else "relative"
+    if not o.grad_clip_ratio > 1:
+        raise ConfigError(f"optimizer.grad_clip_ratio={o.grad_clip_ratio} must be > 1 (clip at ratio x running norm)")
 
     m = cfg.model
     if m.head_dim == 0:

@@ -104,7 +104,10 @@ def defaults() -> ml_collections.ConfigDict:
         eps=1e-8,
         weight_decay=0.0,
         weight_decay_mode="coupled",  # coupled: p -= lr*wd*p (torch AdamW); independent: p -= sched(t)*wd*p
-        grad_clip=1.0,  # global-norm clipping; 0 = off
+        grad_clip=1.0,  # global mode: clip the global gradient norm at this value; 0 = no clipping in any mode
+        grad_clip_mode="auto",  # global | relative: clip at grad_clip_ratio x the running mean norm | auto: SP
+        # global, muP family relative (a fixed threshold means something else at every width; docs/training.md)
+        grad_clip_ratio=2.0,
     )
 
     c.schedule = dict(

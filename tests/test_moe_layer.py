@@ -269,9 +269,7 @@ def test_expert_parallel_capacity_matches_single_device(shape, names, cf):
     assert (dropped > 0.05) if cf < 1 else (dropped == 0.0)
 
 
-@pytest.mark.parametrize(
-    "shape,names", [((2,), ("expert",)), ((4,), ("expert",)), ((2, 2), ("data", "expert"))]
-)
+@pytest.mark.parametrize("shape,names", [((2,), ("expert",)), ((4,), ("expert",)), ((2, 2), ("data", "expert"))])
 def test_expert_parallel_dropless_matches_single_device(shape, names):
     """All-gather + reduce-scatter EP dropless == one-device dropless: values, stats and gradients, with a skewed
     bias (expert 0 on every token, expert 3 on none) so the local groups are ragged and one is empty."""
@@ -285,7 +283,9 @@ def test_expert_parallel_dropless_matches_single_device(shape, names):
     assert_tree_close(out, ref_out)
     assert_tree_close(grads, ref_grads)
     assert_tree_close(stats, ref_stats)
-    np.testing.assert_allclose(np.asarray(stats["moe_load"])[[0, 3]], [0.5, 0.0])  # half the pairs on expert 0, none on 3
+    np.testing.assert_allclose(
+        np.asarray(stats["moe_load"])[[0, 3]], [0.5, 0.0]
+    )  # half the pairs on expert 0, none on 3
     assert float(jnp.abs(grads[0]["w_up_e"][3]).max()) == 0.0  # the expert without tokens gets no gradient
 
 

@@ -105,3 +105,58 @@ def test_weight_decay_modes(mode):
     rate = 0.01 * 0.5 if mode == "coupled" else 0.5
     np.testing.assert_allclose(u, -rate * w, rtol=1e-5, atol=1e-10)
     np.testing.assert_array_equal(updates["blocks"]["attn_norm"], 0.0)  # norm gains are never decayed
+
+
+def test_relative_clip_cuts_spikes_at_ratio_times_the_running_norm():
+    clip = optim.clip_relative_to_running_norm(ratio=2.0, decay=0.9, warmup=5)
+    state = clip.init(None)
+    g = {"w": jnp.full((4,), 0.5)}  # norm 1
+    for _ in range(30):
+        out, state = clip.update(g, state)
+        assert float(optax_norm(out)) == pytest.approx(1.0, rel=1e-6)  # steady: never clipped
+    spike, state = clip.update({"w": g["w"] * 10}, state)
+    assert float(optax_norm(spike)) == pytest.approx(2.0, rel=1e-4)  # cut to 2 x the running mean (1)
+    after, state = clip.update(g, state)
+    assert float(optax_norm(after)) == pytest.approx(1.0, rel=1e-6)  # the spike did not raise the bar
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("mode", ["relative", "global"])
+def test_relative_clip_makes_the_optimizer_blind_to_the_gradient_scale(mode):
+    """Gradients x 100 with a spike at step 20: relative clipping gives the same updates (Adam is scale-free up to
+    eps), a fixed threshold does not (it clips a different set of steps)."""
+    cfg = tiny_config(**{"optimizer.grad_clip_mode": mode, "optimizer.grad_clip": 1.0, "optimizer.eps": 1e-20})
+    specs = transformer.ModelDef(cfg).spec_tree()
+    params = jax.jit(transformer.ModelDef(cfg).init, static_argnums=0)(0)
+    tx = optim.make_optimizer(cfg, specs)
+    keys = jax.random.split(jax.random.key(0), 25)
+    grads = [jax.tree.map(lambda p, k=k: 1e-4 * jax.random.normal(k, p.shape), params) for k in keys]  # norm < 1
+    grads[20] = jax.tree.map(lambda g: 50 * g, grads[20])
+
+    update = jax.jit(tx.update)
+
+    def run(c):
+        state, ups = tx.init(params), []
+        for g in grads:
+            u, state = update(jax.tree.map(lambda x: c * x, g), state, params)
+            ups.append(u)
+        return ups
+
+    a, b = run(1.0), run(100.0)
+    close = all(
+        np.allclose(x, y, rtol=1e-4, atol=1e-9)
+        for ua, ub in zip(a, b)
+        for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub))
+    )
+    assert close == (mode == "relative")
+
+
+def test_grad_clip_mode_auto_follows_the_parameterization():
+    assert tiny_config(**{"parameterization.name": "sp"}).optimizer.grad_clip_mode == "global"
+    for name in ("mup", "depth_mup", "completep"):
+        assert tiny_config(**{"parameterization.name": name}).optimizer.grad_clip_mode == "relative"
+    with pytest.raises(Exception, match="optimizer.grad_clip_ratio=1.0 must be > 1"):
+        tiny_config(**{"optimizer.grad_clip_ratio": 1.0})

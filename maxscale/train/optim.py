@@ -11,6 +11,8 @@ Weight decay, two explicit modes:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -99,9 +101,45 @@ def make_optimizer(cfg: ml_collections.ConfigDict, spec_tree) -> optax.GradientT
 
     transforms = {label: group(f) for label, f in groups.items()}
     chain = [optax.multi_transform(transforms, labels)]
-    if o.grad_clip > 0:
+    if o.grad_clip > 0 and o.grad_clip_mode == "global":
         chain.insert(0, optax.clip_by_global_norm(o.grad_clip))
+    elif o.grad_clip > 0:
+        chain.insert(0, clip_relative_to_running_norm(o.grad_clip_ratio))
     return optax.chain(*chain)
+
+
+class RelativeClipState(NamedTuple):
+    mean_norm: jax.Array  # exponential moving average of the (clipped) global norm, not bias-corrected
+    count: jax.Array
+
+
+def clip_relative_to_running_norm(ratio: float, decay: float = 0.95, warmup: int = 10) -> optax.GradientTransformation:
+    """Clips the global gradient norm at `ratio` x its running mean (an EMA with bias correction, fed with the
+    clipped norms so a spike does not raise the bar for the next one); no clipping for the first `warmup` steps.
+
+    Why: a fixed threshold compares a norm whose size depends on the width, depth and parameterization with a
+    constant, so it clips a different share of steps in every model of a muP sweep and moves the optimal LR. A ratio
+    to the run's own typical norm is dimensionless: multiplying every gradient by c leaves the clipped steps, and
+    (with Adam, up to eps) the updates, unchanged. Spikes, what clipping is for, are still cut."""
+
+    def init(params):
+        del params
+        return RelativeClipState(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates).astype(jnp.float32)
+        count = state.count + 1
+        mean = state.mean_norm / jnp.maximum(1.0 - decay ** state.count.astype(jnp.float32), 1e-12)
+        bar = ratio * mean
+        active = (state.count >= warmup) & (norm > bar)
+        scale = jnp.where(active, bar / jnp.maximum(norm, 1e-30), 1.0)
+        kept = jnp.where(active, bar, norm)
+        kept = jnp.where(jnp.isfinite(kept), kept, mean)  # a non-finite step (skipped by the trainer) leaves no trace
+        updates = jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates)
+        return updates, RelativeClipState(decay * state.mean_norm + (1 - decay) * kept, count)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _independent_decay(rate) -> optax.GradientTransformation:
