@@ -161,7 +161,8 @@ _CHOICES = {
 }
 _POSITIVE = """
     model.width model.depth model.num_heads model.vocab_size data.seq_len train.batch_size train.steps
-    train.eval_every train.log_every checkpoint.every checkpoint.max_to_keep optimizer.lr optimizer.eps
+    train.eval_every train.log_every checkpoint.every checkpoint.max_to_keep checkpoint.local_max_to_keep
+    optimizer.lr optimizer.eps
     parameterization.init_std
 """.split()
 _NON_NEGATIVE = """
@@ -169,6 +170,7 @@ _NON_NEGATIVE = """
     schedule.warmup_steps train.eval_steps train.sample_tokens data.max_bytes parameterization.base_width
     parameterization.base_depth parameterization.base_num_heads parameterization.base_head_dim
     parameterization.base_ffn_size parameterization.embed_init_std train.preempt_grace_s train.debug_nan_at_step
+    checkpoint.local_every
 """.split()
 
 
@@ -238,6 +240,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"train.spike_factor={cfg.train.spike_factor} must be > 1 (a multiple of the running "
             f"mean loss) or 0 to turn spike logging off"
         )
+    _resolve_checkpoint(cfg.checkpoint)
 
     for axis in ("data", "fsdp", "tensor", "expert"):
         v = cfg.mesh[axis]
@@ -259,6 +262,33 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     moe_config.resolve(cfg)
     quant_config.resolve(cfg)
     return cfg
+
+
+def _resolve_checkpoint(c: ml_collections.ConfigDict) -> None:
+    """keep_steps becomes a sorted tuple of step numbers (also from "10,100,1000"); the local tier must save."""
+    steps = []
+    for item in c.keep_steps if isinstance(c.keep_steps, (list, tuple)) else [c.keep_steps]:
+        for part in item.split(",") if isinstance(item, str) else [item]:
+            text = part.strip() if isinstance(part, str) else part
+            value = int(text) if isinstance(text, str) and text.isdigit() else text
+            if text == "":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"checkpoint.keep_steps={c.keep_steps!r}: {part!r} is not a positive step; give step numbers, "
+                    f"e.g. --config.checkpoint.keep_steps=10,100,1000"
+                )
+            steps.append(value)
+    c.keep_steps = tuple(sorted(set(steps)))
+    if not isinstance(c.local_dir, str):
+        raise ConfigError(
+            f'checkpoint.local_dir={c.local_dir!r} must be a path string ("" = <workdir>/checkpoints_local)'
+        )
+    if c.local_every and c.local_every % c.every == 0:
+        raise ConfigError(
+            f"checkpoint.local_every={c.local_every} is a multiple of checkpoint.every={c.every}, so the local tier "
+            f"would never save; choose a local_every below checkpoint.every, or 0 to turn the local tier off"
+        )
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -3,6 +3,9 @@
     python tools/bench.py --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \
         --config.data.seq_len=256 --config.train.batch_size=16 [--steps=10] [--compile_depths=4,64]
     python tools/bench.py --config=configs/moe.py --compare_dense=true   (MoE vs the dense model of equal active size)
+    python tools/bench.py --config=configs/base.py --checkpoint=true --config.model.width=768 \
+        --config.model.num_heads=12 --config.model.depth=12 [--saves=3] [--checkpoint_dir=/tmp]
+        (seconds a checkpoint save blocks the training thread, manifest hashed inline vs in the background)
 """
 
 import json
@@ -17,9 +20,10 @@ from maxscale import errors
 
 def main(argv) -> int:
     try:
-        cfg, flags = config_lib.parse_argv(argv, extra_flags=("steps", "compile_depths", "compare_dense"))
+        flag_names = ("steps", "compile_depths", "compare_dense", "checkpoint", "saves", "checkpoint_dir")
+        cfg, flags = config_lib.parse_argv(argv, extra_flags=flag_names)
         cfg = config_lib.resolve(cfg)
-        steps = int(flags.get("steps", 10))
+        steps, saves = int(flags.get("steps", 10)), int(flags.get("saves", 3))
     except errors.HelpRequested as e:
         print(f"{__doc__.strip()}\n\n{e}")
         return 0
@@ -28,6 +32,9 @@ def main(argv) -> int:
         return errors.EXIT_USAGE
     from maxscale.tools import bench
 
+    if flags.get("checkpoint", "false").lower() == "true":
+        print(json.dumps(bench.checkpoint_blocking(cfg, saves, flags.get("checkpoint_dir")), indent=2))
+        return 0
     result = bench.run(cfg, steps=steps, compare_dense=flags.get("compare_dense", "false").lower() == "true")
     if flags.get("compile_depths"):
         result["compile_s_by_depth"] = {}

@@ -1,11 +1,17 @@
 """Benchmark of the train step: compile time, step time, tokens/s, MFU, peak host memory, and the ratio to a
 minimal hand-written `jax.jit` step of the same math (no Flax, no optax, no sharding machinery) timed in the same
 process. The hand-written step is the yardstick for framework overhead: it should not be faster.
+
+`checkpoint_blocking` times what a checkpoint save costs the training thread, with the manifest hashed on the
+background thread and, for comparison, on the training thread (as before that thread existed).
 """
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
+import tempfile
 import time
 
 import jax
@@ -15,6 +21,7 @@ import numpy as np
 
 from maxscale.model import transformer
 from maxscale.parallel import sharding
+from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import metrics
 from maxscale.train import step as step_lib
 
@@ -188,3 +195,61 @@ def compile_seconds(cfg: ml_collections.ConfigDict) -> float:
     t = time.perf_counter()
     setup.train_step.lower(state, batch).compile()
     return time.perf_counter() - t
+
+
+class _Position:
+    """Stands in for the data iterator: a save only asks it for its state."""
+
+    def __init__(self):
+        self.step = 0
+
+    def get_state(self) -> dict:
+        return {"next_index": self.step}
+
+
+def checkpoint_blocking(
+    cfg: ml_collections.ConfigDict, saves: int = 3, directory: str | None = None, poll_s: float = 0.05
+) -> dict:
+    """Seconds the training thread is blocked per save: in Checkpointer.save plus the loop's polls (one every
+    `poll_s`, standing in for log steps) until the save is confirmed, i.e. committed, hashed and retention applied.
+    `inline` hashes on the training thread (the old path), `background` on the checkpoint thread. Each save writes
+    the whole train state (params and Adam moments) under `directory` (default: the system's temporary directory)."""
+    setup = step_lib.Setup.build(cfg, sharding.make_mesh(cfg))
+    state = jax.block_until_ready(setup.init_state())
+    out = {
+        "params": transformer.count_params(cfg)["total"],
+        "state_gb": round(sum(x.nbytes for x in jax.tree.leaves(state)) / 1e9, 3),
+        "saves": saves,
+        "async_save": cfg.checkpoint.async_save,
+    }
+    ckpt_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    ckpt_cfg.checkpoint.max_to_keep = 1
+    for mode in ("inline", "background"):
+        root = tempfile.mkdtemp(prefix="maxscale-bench-ckpt-", dir=directory)
+        ckpt = ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"), ckpt_cfg, background=mode == "background")
+        position, blocked, confirmed = _Position(), [], []
+        try:
+            for i in range(1, saves + 1):
+                position.step = i
+                t0 = time.perf_counter()
+                ckpt.save(i, state, position, ckpt_cfg)
+                held = time.perf_counter() - t0
+                while ckpt.in_flight:  # the loop keeps training and polls at log steps
+                    time.sleep(poll_s)
+                    t = time.perf_counter()
+                    ckpt.poll()
+                    held += time.perf_counter() - t
+                blocked.append(held)
+                confirmed.append(time.perf_counter() - t0)
+            t = time.perf_counter()
+            ckpt.close()
+            close_s = time.perf_counter() - t
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        out[mode] = {
+            "blocked_s_per_save": [round(b, 3) for b in blocked],
+            "blocked_s_median": round(float(np.median(blocked)), 3),
+            "confirmed_s_median": round(float(np.median(confirmed)), 3),
+            "close_s": round(close_s, 3),
+        }
+    return out

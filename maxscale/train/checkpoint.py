@@ -10,12 +10,20 @@ Each checkpoint is one orbax step directory `<step>/` with three items:
   config  the resolved config as JSON
 and, once the step is known to be committed, `manifest.json`: the size and CRC-32 of every file in it.
 
+Saves are asynchronous in two layers: orbax writes the arrays in its own threads once they are on the host, and one
+background thread of ours, started with each save, waits for orbax's commit, hashes the step (up to seconds per GB) and
+applies retention. The training thread blocks only for orbax's device-to-host copy (and, at the next save, for the
+previous save's thread, normally long finished); errors of that thread surface at the next save, poll or close.
+Two tiers (a frequent node-local one and the persistent one) are two Checkpointers: checkpoint_tiers.py.
+
 Safety, in the order things happen (docs/reliability.md has the guarantees and the tests that check them):
   * orbax writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` on commit, so a step directory is
     complete or absent; leftovers of a killed save are removed when the next Checkpointer opens the directory.
   * orbax's own `max_to_keep` is off: it forgets old steps when a save *starts*. Here old steps are deleted only
     after a newer one has committed and been hashed, by renaming to `<step>.deleting` first (never a half-deleted
-    step that looks whole).
+    step that looks whole). Steps in `keep_steps` are never deleted.
+  * a step without a manifest (killed between commit and hashing: only ever the newest save) is checked by orbax's
+    own reads when restored, and hashed in the background once it has restored, so it is checked fully later.
   * a failed save (full disk, permissions) raises CheckpointError naming the step that is still intact.
   * restore verifies the manifest, restores, and checks the step; a step that fails is reported in one line,
     moved aside to `<step>.corrupt`, and the previous one is used. If no step restores, nothing is moved.
@@ -26,8 +34,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -92,7 +101,7 @@ def write_manifest(step_dir: str | os.PathLike) -> None:
         for name in sorted(names):
             path = root / name
             rel = os.fspath(path.relative_to(step_dir))
-            if rel == MANIFEST or rel in _UNHASHED:
+            if rel in (MANIFEST, MANIFEST + ".tmp") or rel in _UNHASHED:
                 continue
             files[rel] = [path.stat().length, _crc32(path)]
     paths.write_text_atomic(
@@ -127,21 +136,37 @@ class Checkpointer:
         cfg: ml_collections.ConfigDict,
         primary: bool = True,
         read_only: bool = False,
+        *,
+        max_to_keep: int | None = None,
+        keep_steps: Sequence[int] = (),
+        barrier_prefix: str | None = None,
+        background: bool = True,
     ):
         """`primary`: this process hashes, deletes and moves steps. `read_only`: restore only, touch nothing.
-        `directory` may be a URL (gs://...): it reaches orbax as one (maxscale/paths.py)."""
+        `directory` may be a URL (gs://...): it reaches orbax as one (maxscale/paths.py). `max_to_keep` (default
+        checkpoint.max_to_keep) rolling steps are kept besides `keep_steps`. `barrier_prefix` tells this manager's
+        multi-process barriers from another tier's. `background=False` hashes on the caller's thread at the next
+        save or poll, as before the background thread existed (tools/bench.py --checkpoint measures both)."""
         self.directory = paths.as_path(directory)
-        self.keep = cfg.checkpoint.max_to_keep
+        self.keep = cfg.checkpoint.max_to_keep if max_to_keep is None else max_to_keep
+        self.keep_steps = frozenset(int(s) for s in keep_steps)
         self.verify = cfg.checkpoint.verify
+        self.async_save = cfg.checkpoint.async_save
         self.primary = primary and not read_only
+        self.background = background
         self._pending: int | None = None  # a save that was started and is not yet known to be committed
+        self._job: threading.Thread | None = None  # confirms `_pending` (or hashes a restored step)
+        self._error: BaseException | None = None  # what `_job` raised, reported by the training thread
+        self._written = threading.Event()  # orbax has finished writing the newest save (its host copy is free)
+        self._written.set()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours: see the module docstring
-            enable_async_checkpointing=cfg.checkpoint.async_save,
+            enable_async_checkpointing=self.async_save,
             create=not read_only,
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
             save_interval_steps=0 if read_only else 1,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
         if self.primary:
@@ -160,9 +185,15 @@ class Checkpointer:
         """The step of the newest save started: committed, or in flight and awaited by close()."""
         return self._pending if self._pending is not None else self.latest_step()
 
+    @property
+    def in_flight(self) -> bool:
+        """A save was started and its outcome not yet reported (by save, poll, finish or close)."""
+        return self._pending is not None
+
     # -- saving ------------------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, data_iterator: Any, cfg: ml_collections.ConfigDict) -> None:
-        """Starts a save (asynchronous when enabled); returns once the device arrays are safe to donate.
+        """Starts a save; returns once the device arrays are safe to donate (orbax's device-to-host copy), with the
+        commit, the manifest and retention left to a background thread.
 
         First confirms the previous save (CheckpointError if it failed), so at most one save is unconfirmed."""
         self.finish()
@@ -179,31 +210,71 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
             raise self._save_failed(step, e) from None
         self._pending = step
-        if not cfg.checkpoint.async_save:
+        if self.background:
+            self._written.clear()
+            self._start(lambda: self._confirm(step))
+        elif not self.async_save:
             self.finish()
 
     def poll(self) -> None:
-        """Confirms a finished asynchronous save without waiting for one in progress."""
-        if self._pending is not None and not self.manager.is_saving_in_progress():
+        """Reports a finished save's outcome (CheckpointError if it failed) without waiting for one in progress."""
+        if self._pending is None:
+            return
+        busy = self._job.is_alive() if self._job is not None else self.manager.is_saving_in_progress()
+        if not busy:
             self.finish()
 
     def finish(self) -> None:
-        """Waits for the pending save; then hashes it and applies retention. CheckpointError if it failed."""
-        if self._pending is None:
-            return
+        """Waits until the pending save is committed, hashed and retention applied. CheckpointError if it failed."""
         step, self._pending = self._pending, None
-        try:
+        if step is not None and not self.background:
+            try:
+                self._confirm(step)
+            except Exception as e:  # noqa: BLE001
+                self._error = e
+        if self._job is not None:
+            self._job.join()
+            self._job = None
+        error, self._error = self._error, None
+        if error is not None and step is not None:
+            raise self._save_failed(step, error) from None
+
+    def wait_written(self) -> None:
+        """Waits until orbax has written the pending save (not for its hashing): before another tier's save, so
+        at most one host copy of the state is held."""
+        if self.background:
+            self._written.wait()
+        else:
             self.manager.wait_until_finished()
-            step_dir = self.directory / str(step)
-            if not step_dir.is_dir():
-                raise OSError(f"{step_dir} was not committed")
-            if self.primary:
-                write_manifest(step_dir)
-        except Exception as e:  # noqa: BLE001
-            raise self._save_failed(step, e) from None
+
+    def _start(self, work: Callable[[], None]) -> None:
+        def run():
+            try:
+                work()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by finish()
+                self._error = e
+            finally:
+                self._written.set()
+
+        # daemon: a process that ends without close() (killed, os._exit) leaves the step unhashed, which is safe
+        self._job = threading.Thread(target=run, name=f"maxscale-checkpoint:{self.directory.name}", daemon=True)
+        self._job.start()
+
+    def _confirm(self, step: int) -> None:
+        """Waits for orbax's commit of `step`, writes its manifest and deletes what retention no longer keeps."""
+        self.manager.wait_until_finished()
+        self._written.set()
+        step_dir = self.directory / str(step)
+        if not step_dir.is_dir():
+            raise OSError(f"{step_dir} was not committed")
         if self.primary:
-            for old in self.steps()[: -self.keep]:
-                self._move_aside(old, ".deleting", delete=True)
+            write_manifest(step_dir)
+            rolling = [s for s in self.steps() if s not in self.keep_steps]
+            for old in rolling[: -self.keep]:
+                try:
+                    self._move_aside(old, ".deleting", delete=True)
+                except OSError:
+                    pass  # still whole (the rename failed): retention tries again after the next save
         self.manager.reload()
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
@@ -246,34 +317,18 @@ class Checkpointer:
     def restore_latest(
         self, abstract_state: Any, data_iterator: Any | None, report: Callable[[str], None]
     ) -> tuple[int | None, Any]:
-        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none (see
+        restore_newest)."""
+        _, step, state = restore_newest([self], abstract_state, data_iterator, report)
+        return step, state
 
-        Each newer step that fails is reported in one line and moved aside as `<step>.corrupt`; if every step
-        fails, nothing is moved and CheckpointError says why (a systematic cause, such as a different model,
-        must not cost the run its checkpoints)."""
-        failed = []
-        for step in reversed(self.steps()):
-            try:
-                state = self.restore(step, abstract_state, data_iterator)
-            except Exception as e:  # noqa: BLE001 - whatever is wrong with a step, the previous one may be fine
-                failed.append((step, _one_line(e)))
-                continue
-            for bad, why in failed:
-                moved = self._move_aside(bad, ".corrupt") if self.primary else f"{bad}.corrupt"
-                report(
-                    f"checkpoint {bad} in {self.directory} is unusable ({why}); moved it to "
-                    f"{os.path.basename(moved)} and resuming from checkpoint {step}"
-                )
-            if failed:
-                self.manager.reload()
-            return step, state
-        if failed:
-            details = "; ".join(f"step {s}: {why}" for s, why in failed)
-            raise CheckpointError(
-                f"no checkpoint in {self.directory} restores ({details}); move the directory "
-                f"away to start the run over, or restore it from a backup"
-            )
-        return None, None
+    def adopt(self, step: int) -> None:
+        """A restored step without a manifest (the run was killed between commit and hashing) is hashed now, in
+        the background, so that later restores check it fully."""
+        step_dir = self.directory / str(step)
+        if self.primary and self.background and not (step_dir / MANIFEST).exists():
+            self.finish()
+            self._start(lambda: write_manifest(step_dir))
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -286,6 +341,47 @@ class Checkpointer:
             self.finish()
         finally:
             self.manager.close()
+
+
+def restore_newest(
+    tiers: Sequence[Checkpointer], abstract_state: Any, data_iterator: Any | None, report: Callable[[str], None]
+) -> tuple[Checkpointer | None, int | None, Any]:
+    """(checkpointer, step, state) of the newest step in any of `tiers` that restores, or (None, None, None).
+
+    Steps are tried newest first (on a tie, the earlier tier first). Each newer step that fails is reported in one
+    line and moved aside as `<step>.corrupt`; if every step fails, nothing is moved and CheckpointError says why (a
+    systematic cause, such as a different model, must not cost the run its checkpoints)."""
+    candidates = sorted(
+        ((step, -i, c) for i, c in enumerate(tiers) for step in c.steps()), key=lambda x: x[:2], reverse=True
+    )
+    failed = []
+    for step, _, ckpt in candidates:
+        try:
+            state = ckpt.restore(step, abstract_state, data_iterator)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with a step, the previous one may be fine
+            failed.append((ckpt, step, _one_line(e)))
+            continue
+        for bad_ckpt, bad, why in failed:
+            moved = bad_ckpt._move_aside(bad, ".corrupt") if bad_ckpt.primary else f"{bad}.corrupt"
+            where = "" if bad_ckpt.directory == ckpt.directory else f" in {ckpt.directory}"
+            report(
+                f"checkpoint {bad} in {bad_ckpt.directory} is unusable ({why}); moved it to "
+                f"{os.path.basename(moved)} and resuming from checkpoint {step}{where}"
+            )
+        for c in {id(c): c for c, _, _ in failed}.values():
+            c.manager.reload()
+        ckpt.adopt(step)
+        return ckpt, step, state
+    if failed:
+        many = len(tiers) > 1
+        details = "; ".join(f"step {s}{f' in {c.directory}' if many else ''}: {why}" for c, s, why in failed)
+        where = " or ".join(os.fspath(c.directory) for c in tiers)
+        raise CheckpointError(
+            f"no checkpoint in {where} restores ({details}); move the "
+            f"{'directories' if many else 'directory'} away to start the run over, or restore "
+            f"{'them' if many else 'it'} from a backup"
+        )
+    return None, None, None
 
 
 def _remove_tree(path: epath.Path) -> None:

@@ -25,8 +25,8 @@ from maxscale.parallel import distributed, sharding
 from maxscale.quant import metrics as quant_metrics
 from maxscale.quant import qat
 from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import checkpoint_tiers, faults, sample
 from maxscale.train import data as data_lib
-from maxscale.train import faults, sample
 from maxscale.train import metrics as metrics_lib
 from maxscale.train import step as step_lib
 
@@ -92,6 +92,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
                 f"({'; '.join(diff[:3])}) and cannot resume this run; use a new --workdir or move "
                 f"{ckpt_dir} away"
             )
+    checkpoint_tiers.check_local_dir(workdir, cfg, new, RESUMABLE_FIELDS)
 
 
 class Trainer:
@@ -102,6 +103,7 @@ class Trainer:
         self.setup = setup if setup is not None else step_lib.Setup.build(cfg, self.mesh)
         self.corpus = corpus if corpus is not None else data_lib.load_corpus(cfg)
         self.primary = jax.process_index() == 0
+        checkpoint_tiers.check_shared(cfg, workdir)  # several processes: the local tier must be shared storage
 
     def run(self) -> dict:
         """Trains to train.steps, resuming from the newest checkpoint that restores. Returns the last logged
@@ -113,7 +115,7 @@ class Trainer:
         if self.primary:
             paths.write_text_atomic(workdir / "config.json", config_lib.to_json(cfg))
         progress = metrics_lib.Progress(cfg.train.steps, enabled=self.primary)
-        checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg, primary=self.primary)
+        checkpointer = checkpoint_tiers.TieredCheckpointer(workdir, cfg, primary=self.primary)
 
         pid, pcount = jax.process_index(), jax.process_count()
         data_iter = iter(data_lib.train_dataset(self.corpus, cfg, pid, pcount))
@@ -201,7 +203,8 @@ class Trainer:
                         checkpointer.poll()
                     done = step + 1
                     stop = done < cfg.train.steps and preempt.requested(done, cfg.train.log_every)
-                    save = done % cfg.checkpoint.every == 0 or done == cfg.train.steps or stop
+                    tier = checkpoint_tiers.save_tier(cfg, done, stop)  # persistent, local or None
+                    save = tier is not None
                     if done % cfg.train.log_every == 0 or save or step == start:
                         if quant_errors is not None:  # dispatched now, fetched with the step's metrics
                             dev_metrics = {**dev_metrics, **quant_errors(state["params"], batch[:, :-1])}
@@ -221,7 +224,7 @@ class Trainer:
                         if pending is not None:  # metrics first: with nan_policy=stop, a non-finite step
                             flush(pending)  # raises here and is never saved
                             pending = None
-                        checkpointer.save(done, state, data_iter, cfg)
+                        checkpointer.save(done, state, data_iter, cfg, tier)
                     if stop:
                         result["preempted"] = True
                         break
