@@ -9,7 +9,12 @@ from conftest import ROOT
 
 TOOLS = sorted(f"tools/{n}" for n in os.listdir(os.path.join(ROOT, "tools")) if n.endswith(".py"))
 LAUNCHERS = sorted(f"launch/{n}" for n in os.listdir(os.path.join(ROOT, "launch")) if n.endswith(".py"))
-MODULES = ["-m maxscale.train", "-m maxscale.parameterization"]
+MODULES = [
+    "-m maxscale.train",
+    "-m maxscale.parameterization",
+    "-m maxscale.analysis.spectra",
+    "-m maxscale.analysis.consistency",
+]
 
 
 def _command(entry: str, *args: str) -> list[str]:

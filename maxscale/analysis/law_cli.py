@@ -38,6 +38,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from maxscale.analysis.transfer import read_json
 from maxscale.errors import EXIT_USAGE, ConfigError, HelpRequested
 
 VALUE_FLAGS = (
@@ -262,14 +263,6 @@ SWEEP_COLUMNS = ("id", "N", "D", "loss", "P_w", "P_a", "P_kv", "C", "P_post", "d
 QUANT_FIELDS = {"P_w": "weights", "P_a": "activations", "P_kv": "kv"}
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
 def _last_eval_loss(run_dir: str) -> float | None:
     loss = None
     try:
@@ -302,11 +295,11 @@ def read_sweep(sweep_dir: str) -> tuple[list[dict], list[dict], dict[str, int]]:
     runs, points, skipped, sizes = [], [], {"diverged": 0, "unfinished": 0}, {}
     for rid in sorted(os.listdir(sweep_dir)):
         d = os.path.join(sweep_dir, rid)
-        plan = _read_json(os.path.join(d, "sweep_run.json")) or {}
-        cfg = plan.get("config") or _read_json(os.path.join(d, "config.json"))
+        plan = read_json(os.path.join(d, "sweep_run.json")) or {}
+        cfg = plan.get("config") or read_json(os.path.join(d, "config.json"))
         if not os.path.isdir(d) or not isinstance(cfg, dict):
             continue
-        result = _read_json(os.path.join(d, "result.json"))
+        result = read_json(os.path.join(d, "result.json"))
         if result is None:
             skipped["unfinished"] += 1
             continue
@@ -334,7 +327,7 @@ def _ptq_points(run_dir: str, row: dict) -> list[dict]:
     """The run's integer per-channel ptq.json entries of one method (GPTQ when present, else RTN)."""
     entries = [
         e
-        for e in _read_json(os.path.join(run_dir, "ptq.json")) or []
+        for e in read_json(os.path.join(run_dir, "ptq.json")) or []
         if e.get("format") == "int" and e.get("granularity") == "per_channel" and not e.get("embeddings")
     ]
     methods = {e.get("method") for e in entries}

@@ -57,21 +57,21 @@ REPLICATE_FIELDS = ("train.seed", "data.seed")
 BOOTSTRAP = 400  # resamples of the seeds (fixed generator: the report is deterministic)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
     return out
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     try:
         with open(path) as fh:
             return json.load(fh)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, unreadable, torn or not JSON
         return None
 
 
@@ -96,7 +96,7 @@ def load_runs(sweep_dir: str, metric: str = METRIC) -> list[dict]:
     """[{id, config (flat dict), loss, status}] for every run directory; status is done | diverged | unfinished."""
     if not os.path.isdir(sweep_dir):
         raise ConfigError(f"{sweep_dir!r} is not a directory; pass a sweep directory such as runs/width")
-    index = _read_json(os.path.join(sweep_dir, "sweep.json"))
+    index = read_json(os.path.join(sweep_dir, "sweep.json"))
     planned = {r["id"] for r in index["runs"]} if index else None
     runs = []
     for rid in sorted(os.listdir(sweep_dir)):
@@ -105,23 +105,23 @@ def load_runs(sweep_dir: str, metric: str = METRIC) -> list[dict]:
             continue
         if planned is not None and rid not in planned and not os.path.exists(os.path.join(d, "config.json")):
             continue  # planned by an earlier version of the sweep file and never started
-        plan = _read_json(os.path.join(d, "sweep_run.json"))
-        cfg = plan["config"] if plan else _read_json(os.path.join(d, "config.json"))
+        plan = read_json(os.path.join(d, "sweep_run.json"))
+        cfg = plan["config"] if plan else read_json(os.path.join(d, "config.json"))
         if not cfg:
             continue
-        flat = _flat(cfg)
-        steps = flat.get("train.steps")
+        flat_cfg = flat(cfg)
+        steps = flat_cfg.get("train.steps")
         loss = _final_metric(d, metric, steps)
         started = os.path.exists(os.path.join(d, "config.json"))
-        result = _read_json(os.path.join(d, "result.json")) or {}
+        result = read_json(os.path.join(d, "result.json")) or {}
         if result.get("status") == "diverged":  # e.g. stopped at a non-finite loss before the final eval
             status = "diverged"
         elif loss is None:
             status = "unfinished" if started else "not run"
         else:
-            vocab = flat.get("model.vocab_size", 256)
+            vocab = flat_cfg.get("model.vocab_size", 256)
             status = "done" if math.isfinite(loss) and loss < math.log(vocab) else "diverged"
-        runs.append({"id": rid, "config": flat, "loss": loss, "status": status})
+        runs.append({"id": rid, "config": flat_cfg, "loss": loss, "status": status})
     if not runs:
         raise ConfigError(f"{sweep_dir}: no run directories with a config; run the sweep first (tools/sweep.py)")
     return runs
