@@ -132,10 +132,11 @@ def varying(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(r["config"].get(k)) for r in runs}) > 1]
 
 
-def _determined_by(runs: list[dict], field: str, by: str) -> bool:
+def _determined_by(runs: list[dict], field: str, by: tuple[str, ...]) -> bool:
+    """Whether `field`'s value is a function of the fields `by` over these runs."""
     seen: dict = {}
     for r in runs:
-        key = repr(r["config"].get(by))
+        key = repr([r["config"].get(b) for b in by])
         if seen.setdefault(key, repr(r["config"].get(field))) != repr(r["config"].get(field)):
             return False
     return True
@@ -155,13 +156,12 @@ def choose_axes(runs: list[dict], hp: str | None = None, scale: str | None = Non
     for name, field in (("--hp", hp), ("--scale", scale)):
         if field not in vary:
             raise ConfigError(f"{name}={field} does not vary in this sweep; varying fields: {', '.join(vary)}")
-    series = [
-        f
-        for f in vary
-        if f not in (hp, scale, *REPLICATE_FIELDS)
-        and not _determined_by(runs, f, scale)
-        and not f.startswith("parameterization.base_")
-    ]
+    # series: the other varying fields, less those that follow from the scale and the remaining series fields
+    # (e.g. num_heads and head_dim follow from the width and width_grows); model sizes go first, the name last
+    series = [f for f in vary if f not in (hp, scale, *REPLICATE_FIELDS) and not f.startswith("parameterization.base_")]
+    for f in sorted(series, key=lambda f: (f == "parameterization.name", not f.startswith("model."), f)):
+        if _determined_by(runs, f, (scale, *[g for g in series if g != f])):
+            series.remove(f)
     return hp, scale, series
 
 

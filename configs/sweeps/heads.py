@@ -1,0 +1,28 @@
+"""Multi-head scaling (Bordelon, Chaudhry, Pehlevan, "Infinite limits of multi-head transformer dynamics"): the two
+ways to grow attention with the width under muP, more heads at a fixed head dim (`heads`) or a larger head dim at
+fixed heads (`head_dim`), each with the 1/d_head logit scaling (muP's) and 1/sqrt(d_head) (SP's). Widths 64, 128,
+256 from the base's 4 heads of 16, 5 learning rates a factor of 2 apart: 60 runs. The base is docs/transfer.md's.
+
+  python tools/sweep.py configs/sweeps/heads.py
+  python tools/transfer_report.py runs/heads
+"""
+
+import os
+
+from maxscale import config, parameterization
+
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
+WIDTHS = (64, 128, 256)
+LRS = [2.0**e for e in range(-9, -4)]  # 2^-9 .. 2^-5
+SCALINGS = {"1/d": 1.0, "1/sqrt(d)": 0.5}  # parameterization.attn_exponent
+
+
+def get_sweep():
+    base = config.resolve(config.load(BASE))
+    shapes = [
+        {**parameterization.scale_shapes(base, width=w, grows=grows), "parameterization.width_grows": grows}
+        for grows in ("heads", "head_dim")
+        for w in WIDTHS
+    ]
+    points = [{"parameterization.attn_exponent": e, "optimizer.lr": lr} for e in SCALINGS.values() for lr in LRS]
+    return {"config": BASE, "fixed": {"parameterization.name": "mup"}, "grid": {"shape": shapes}, "points": points}
