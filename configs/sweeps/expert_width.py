@@ -3,6 +3,7 @@ rates a factor of 2 apart, under the paper's rules (mean-field expert-down init)
 (`expert_down_init=fan_in`, whose optimal LR the paper reports to drift with M) and SP.
 
   python tools/sweep.py configs/sweeps/expert_width.py
+  python tools/sweep.py configs/sweeps/expert_width.py:tinyshakespeare.txt   # a second corpus: 5 LRs, 60 runs
   python tools/transfer_report.py runs/expert_width --scale=model.moe.expert_ffn_size
 """
 
@@ -18,7 +19,12 @@ VARIANTS = {
 }
 
 
-def get_sweep():
+def get_sweep(corpus: str = ""):
     shapes = [{"model.moe.expert_ffn_size": m} for m in SIZES]
-    points = [{**v, "optimizer.lr": lr} for v in VARIANTS.values() for lr in LRS]
-    return {"config": BASE, "grid": {"shape": shapes}, "points": points}
+    lrs = LRS[1:-1] if corpus else LRS  # the first corpus's optima all lie in 2^-8.6 .. 2^-7.5
+    points = [{**v, "optimizer.lr": lr} for v in VARIANTS.values() for lr in lrs]
+    sweep = {"config": BASE, "grid": {"shape": shapes}, "points": points}
+    if corpus:  # its own sweep directory, runs/expert_width_<file stem>
+        sweep["fixed"] = {"data.source": corpus}
+        sweep["name"] = "expert_width_" + os.path.splitext(os.path.basename(corpus))[0]
+    return sweep
