@@ -119,9 +119,20 @@ class IsoFlopResult:
         return self.k_D * np.asarray(C, float) ** self.b
 
 
+BUDGET_RTOL = 0.02  # budgets within 2% are one: a sweep rounds train.steps, so its 6 N D misses the budget a little
+
+
 def _budget_keys(C: np.ndarray) -> np.ndarray:
-    """Budgets equal to 6 significant digits are one budget (C columns computed from N and D carry rounding)."""
-    return np.array([float(f"{c:.6g}") for c in C])
+    """One key per budget: sorted values within BUDGET_RTOL of the smallest of their group are one budget, keyed by
+    their geometric mean to 6 significant digits (C columns computed from N and rounded D carry rounding)."""
+    C = np.asarray(C, float)
+    order, keys, start = np.argsort(C), np.empty(len(C)), 0
+    for i in range(1, len(C) + 1):
+        if i == len(C) or C[order[i]] > C[order[start]] * (1 + BUDGET_RTOL):
+            idx = order[start:i]
+            keys[idx] = float(f"{np.exp(np.log(C[idx]).mean()):.6g}")
+            start = i
+    return keys
 
 
 def _budget_minimum(C: float, N: np.ndarray, L: np.ndarray) -> BudgetMinimum:
