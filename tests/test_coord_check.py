@@ -54,10 +54,21 @@ def test_capture_returns_the_same_logits_and_per_layer_stats():
 @pytest.fixture(scope="module")
 def width_verdict(corpus):
     # completep over a base depth of 1: its depth factors are live (residual 1/2), its width rules are muP's
-    variants = [cc.Variant("sp"), cc.Variant("mup"), cc.Variant("completep")]
+    # mup+attn_exponent=0.5: muP with SP's 1/sqrt(d) attention scaling, a wrong rule the check must catch. Its
+    # learned logits grow like d^1/2 only once q and k updates align: 10 steps (4 do not show it; the steps run in
+    # one scan, so they cost little beside the compilations)
+    variants = [cc.Variant("sp"), cc.Variant("mup"), cc.Variant("completep"), cc.Variant.parse("mup+attn_exponent=0.5")]
     base = small_base(parameterization__base_depth=1)
-    result = cc.run(base, "width", [32, 64, 128, 256], variants, seeds=2, steps=4, corpus=corpus, log=lambda s: None)
+    result = cc.run(base, "width", [32, 64, 128, 256], variants, seeds=2, steps=10, corpus=corpus, log=lambda s: None)
     return cc.verdict(result)
+
+
+def test_sp_attention_scaling_under_mup_fails_on_the_learned_logits(width_verdict):
+    s = width_verdict["series"]
+    wrong, right = s["mup+attn_exponent=0.5"], s["mup"]
+    assert not wrong["pass"] and wrong["max_slope"] > 0.3
+    assert wrong["slopes_by_step"]["attn_update/last"][-1] > 0.3  # the learned part of q.k grows with width
+    assert right["slopes_by_step"]["attn_update/last"][-1] < 0.15  # ... and does not under the 1/d rule
 
 
 def test_mup_and_completep_keep_activations_width_independent_sp_does_not(width_verdict):
