@@ -29,6 +29,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--repo_url", default="", help="git URL cloned by --setup")
     ap.add_argument("--workdir", default="", help="cd here before the command (--setup default: maxscale)")
+    ap.add_argument(
+        "--restart_on_preempt",
+        action="store_true",
+        help="rerun the command on each worker while it exits 75 (stopped and saved after SIGTERM)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the gcloud command instead of running it")
     args = ap.parse_args(flags)
     if args.setup and not args.repo_url:
@@ -41,6 +46,7 @@ def main(argv=None) -> int:
         args.worker,
         setup_repo=args.repo_url if args.setup else "",
         workdir=args.workdir,
+        restart_on_preempt=args.restart_on_preempt,
     )
     if args.dry_run:
         print(launch_common.display_argv(argv))

@@ -382,3 +382,28 @@ def test_local_launcher_kills_after_grace_and_forwards_sigterm(tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=15) == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < 8
+
+
+def test_k8s_job_restarts_preempted_pods_and_fails_on_bad_input():
+    job = launch_common.k8s_manifest(["python", "-m", "maxscale.train"], "run", "img", 2)["items"][1]["spec"]
+    rules = job["podFailurePolicy"]["rules"]
+    by_code = {tuple(r["onExitCodes"]["values"]): r["action"] for r in rules if "onExitCodes" in r}
+    assert by_code == {(75,): "Ignore", (2,): "FailJob"} and job["backoffLimit"] == 0
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert job["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+
+
+@pytest.mark.parametrize("codes,expected", [((75, 75, 0), 0), ((75, 1), 1), ((3,), 3)])
+def test_tpu_vm_restart_loop_reruns_on_75_only(tmp_path, codes, expected):
+    """The remote command of --restart_on_preempt, run by bash with a stand-in that exits with the next code."""
+    script = tmp_path / "step.sh"
+    script.write_text(
+        f"n=$(cat {tmp_path}/n 2>/dev/null || echo 0); echo $((n+1)) > {tmp_path}/n\n"
+        f"codes=({' '.join(map(str, codes))}); exit ${{codes[$n]}}\n"
+    )
+    argv = launch_common.tpu_vm_argv(["bash", str(script)], "t", "z", restart_on_preempt=True)
+    remote = argv[-1].removeprefix("--command=").replace("sleep 10", "sleep 0")
+    r = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, timeout=30)
+    assert r.returncode == expected
+    assert int((tmp_path / "n").read_text()) == codes.index(expected) + 1 if expected == 0 else len(codes)
+    assert r.stderr.count("preempted (exit 75), restarting") == codes.count(75)

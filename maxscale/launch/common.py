@@ -140,13 +140,22 @@ def tpu_vm_argv(
     worker: str = "all",
     setup_repo: str = "",
     workdir: str = "",
+    restart_on_preempt: bool = False,
 ) -> list[str]:
     """argv of `gcloud compute tpus tpu-vm ssh` running `command` on the workers.
+
+    restart_on_preempt: loop on each worker while the command exits 75 (stopped and saved after SIGTERM), so a
+    maintenance event that signals the process resumes the run; any other exit code ends the loop with that code.
 
     setup_repo: a git URL; clones it into `workdir` (default 'maxscale') when
     missing and pip-installs it with jax[tpu] first. workdir: cd there first.
     """
     remote = shell_join(command)
+    if restart_on_preempt:  # 75 = stopped after saving on SIGTERM (maintenance events): run the command again
+        remote = (
+            f"while :; do {remote}; code=$?; [ $code -eq 75 ] || exit $code; "
+            f"echo 'maxscale: preempted (exit 75), restarting' >&2; sleep 10; done"
+        )
     if setup_repo:
         workdir = workdir or "maxscale"
         d = shlex.quote(workdir)
@@ -177,6 +186,10 @@ def display_argv(argv: Sequence[str]) -> str:
 # --- Kubernetes ----------------------------------------------------------------
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _exit_codes(*codes: int) -> dict:
+    return {"containerName": "maxscale", "operator": "In", "values": list(codes)}
 
 
 def k8s_manifest(
@@ -251,6 +264,16 @@ def k8s_manifest(
             "completions": num_processes,
             "parallelism": num_processes,
             "backoffLimit": 0,  # one lost process stalls the collectives: fail the whole job
+            # ... except a preemption: a pod that exits 75 (saved and stopped after SIGTERM) or is evicted by a
+            # node drain/preemption is recreated without counting as a failure, and resumes from its checkpoint;
+            # bad input (exit 2) fails the job at once (docs/launch.md, Kubernetes)
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onExitCodes": _exit_codes(75)},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    {"action": "FailJob", "onExitCodes": _exit_codes(2)},
+                ]
+            },
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
