@@ -1,4 +1,5 @@
-"""Metrics: JSONL and TensorBoard writers, MFU accounting, the progress line. Process 0 writes; others are silent."""
+"""Metrics: JSONL, TensorBoard and (optional) Weights & Biases writers, MFU accounting, the progress line. Process 0
+writes; others are silent."""
 
 from __future__ import annotations
 
@@ -8,14 +9,33 @@ import math
 import os
 import struct
 import sys
+import tempfile
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
-from tensorboardX import SummaryWriter
-from tensorboardX.proto import event_pb2
 
 from maxscale import paths
+
+
+def _import_tensorboardx():
+    """tensorboardX imports torch when torch is installed (only to accept torch tensors), which costs every run
+    1.5 s of start-up and 250 MB once the `hf` extra is in the environment; hide torch during the import (an
+    `import torch` then raises ImportError, which tensorboardX catches)."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None
+    try:
+        import tensorboardX
+        from tensorboardX.proto import event_pb2
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return tensorboardX.SummaryWriter, event_pb2
+
+
+SummaryWriter, event_pb2 = _import_tensorboardx()
 
 # Dense bf16 matmul peaks per chip (vendor figures), used for MFU when the device kind is recognised.
 PEAK_FLOPS = {
@@ -65,13 +85,21 @@ class MetricWriter:
     from memory at most every `remote_flush_s` seconds and at close; locally each record is appended at once."""
 
     def __init__(
-        self, workdir: str | os.PathLike, enabled: bool = True, remote_flush_s: float = 30.0, purge_step: int = 0
+        self,
+        workdir: str | os.PathLike,
+        enabled: bool = True,
+        remote_flush_s: float = 30.0,
+        purge_step: int = 0,
+        config=None,
     ):
         """`purge_step` > 0 (a resumed run): TensorBoard discards the events a killed run wrote at steps >= it
-        (event files are append-only; the writer records the purge and readers apply it, as TensorBoard does)."""
+        (event files are append-only; the writer records the purge and readers apply it, as TensorBoard does).
+        `config`: the run's config; with `metrics.wandb_project` set, scalars also go to Weights & Biases."""
         self.enabled = enabled
         if not enabled:
             return
+        project = config.get("metrics", {}).get("wandb_project", "") if config is not None else ""
+        self._wandb = WandbWriter(workdir, config) if project else None
         self.path = paths.join(workdir, "metrics.jsonl")
         self._remote = paths.is_url(self.path)
         self._flush_s, self._flushed_at = remote_flush_s, time.monotonic()
@@ -95,6 +123,8 @@ class MetricWriter:
         for k, v in record.items():
             if k != "step":
                 self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.write(step, scalars)
 
     def write_array(self, step: int, name: str, values) -> None:
         """Appends {"step": step, name: nested list} to `<name>.jsonl` (per-layer, per-expert loads, ...). Local
@@ -116,6 +146,42 @@ class MetricWriter:
             else:
                 self._file.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.close()
+
+
+class WandbWriter:
+    """Scalars to a Weights & Biases run (`metrics.wandb_project`; `metrics.wandb_mode` offline by default: files
+    under <workdir>/wandb, uploaded later with `wandb sync`). The W&B run id is kept in <workdir>/wandb_run_id, so a
+    resumed run logs into the same W&B run (steps it already has are ignored by W&B). wandb is imported here only:
+    config.resolve refuses the field in one line when it is not installed."""
+
+    def __init__(self, workdir: str | os.PathLike, config):
+        import wandb
+
+        local = not paths.is_url(workdir)  # wandb writes local files: a remote workdir logs under the temp dir
+        root = os.fspath(paths.as_path(workdir)) if local else os.path.join(tempfile.gettempdir(), "maxscale-wandb")
+        os.makedirs(root, exist_ok=True)
+        id_path = paths.join(workdir, "wandb_run_id")
+        run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:12]
+        if not id_path.exists():
+            paths.write_text_atomic(id_path, run_id)
+        m = config.metrics
+        self.run = wandb.init(
+            project=m.wandb_project,
+            mode=m.wandb_mode,
+            dir=root,
+            id=run_id,
+            resume="allow",
+            name=os.path.basename(os.fspath(workdir).rstrip("/")),
+            config=config.to_dict(),
+        )
+
+    def write(self, step: int, scalars: dict) -> None:
+        self.run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
