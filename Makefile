@@ -11,7 +11,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,analysis]'
+	$(BIN)/python -m pip install -q -e '.[test,analysis,data,hf,wandb]'
 	touch $@
 
 install: $(VENV)/.installed

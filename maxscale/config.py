@@ -30,6 +30,7 @@ from maxscale.errors import (  # noqa: F401 - re-exported: config.ConfigError et
 )
 from maxscale.model import moe_config
 from maxscale.quant import config as quant_config
+from maxscale.train import tokenizers
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading and overrides
@@ -153,6 +154,8 @@ _CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "save_attn_out", "offload"),
+    "model.attention_impl": ("auto", "xla", "chunked", "cudnn", "splash", "explicit"),
     "optimizer.name": ("adamw",),
     "optimizer.weight_decay_mode": ("coupled", "independent"),
     "optimizer.grad_clip_mode": ("auto", "global", "relative"),
@@ -161,6 +164,7 @@ _CHOICES = {
 }
 _POSITIVE = """
     model.width model.depth model.num_heads model.vocab_size data.seq_len train.batch_size train.steps
+    model.attention_chunk_size train.microbatches
     train.eval_every train.log_every checkpoint.every checkpoint.max_to_keep checkpoint.local_max_to_keep
     optimizer.lr optimizer.eps
     parameterization.init_std
@@ -170,7 +174,7 @@ _NON_NEGATIVE = """
     schedule.warmup_steps train.eval_steps train.sample_tokens data.max_bytes parameterization.base_width
     parameterization.base_depth parameterization.base_num_heads parameterization.base_head_dim
     parameterization.base_ffn_size parameterization.embed_init_std train.preempt_grace_s train.debug_nan_at_step
-    checkpoint.local_every
+    checkpoint.local_every model.loss_chunk_size model.output_z_loss
 """.split()
 
 
@@ -184,10 +188,13 @@ def _get(cfg, field):
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates `cfg` and returns a copy with derived sizes filled in. Raises ConfigError on the first bad field."""
     check_known_fields(cfg)
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    raw = cfg.to_dict()
+    raw["model"]["remat"] = _remat_name(raw["model"].get("remat", "none"))  # may change type: before ConfigDict
+    cfg = ml_collections.ConfigDict(raw)
     for field, choices in _CHOICES.items():
         if _get(cfg, field) not in choices:
             raise ConfigError(f"{field}={_get(cfg, field)!r} is not supported; choose one of {', '.join(choices)}")
+    tokenizers.resolve_vocab(cfg)  # data.tokenizer is a tokenizer; model.vocab_size 0 = derived from it
     for field in _POSITIVE:
         v = _get(cfg, field)
         if not v > 0:
@@ -221,6 +228,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if m.ffn_size == 0:
         m.ffn_size = 4 * m.width if m.mlp == "gelu" else 64 * math.ceil(8 * m.width / 3 / 64)
+    _check_performance_fields(cfg)
 
     o = cfg.optimizer
     for field in ("b1", "b2"):
@@ -241,6 +249,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"mean loss) or 0 to turn spike logging off"
         )
     _resolve_checkpoint(cfg.checkpoint)
+    _resolve_metrics(cfg.get("metrics"))
 
     for axis in ("data", "fsdp", "tensor", "expert"):
         v = cfg.mesh[axis]
@@ -262,6 +271,48 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     moe_config.resolve(cfg)
     quant_config.resolve(cfg)
     return cfg
+
+
+def _remat_name(value) -> Any:
+    """model.remat as a policy name: true/false (configs before the policies existed) mean full/none."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "full" if str(value).lower() == "true" else "none"
+    return value
+
+
+def _check_performance_fields(cfg: ml_collections.ConfigDict) -> None:
+    """Chunk sizes that must divide the sequence, microbatches that must divide the batch (backend-dependent
+    attention checks happen in Setup.build, where the mesh is known: attention.check)."""
+    m, T = cfg.model, cfg.data.seq_len
+    if m.attention_impl == "chunked" and T % min(m.attention_chunk_size, T):
+        raise ConfigError(
+            f"model.attention_chunk_size={m.attention_chunk_size} does not divide data.seq_len={T}; "
+            f"choose a divisor of {T} (e.g. {math.gcd(T, m.attention_chunk_size)})"
+        )
+    if m.loss_chunk_size and T % m.loss_chunk_size:
+        raise ConfigError(
+            f"model.loss_chunk_size={m.loss_chunk_size} does not divide data.seq_len={T}; "
+            f"choose a divisor of {T} (e.g. {math.gcd(T, m.loss_chunk_size)}) or 0 for the whole sequence"
+        )
+    k, B = cfg.train.microbatches, cfg.train.batch_size
+    if B % k:
+        raise ConfigError(
+            f"train.microbatches={k} does not divide train.batch_size={B}; choose a divisor of {B} or a batch "
+            f"size that is a multiple of {k}"
+        )
+
+
+def _resolve_metrics(m: ml_collections.ConfigDict | None) -> None:
+    """The optional writers: a known W&B mode, and wandb installed when a project is set."""
+    if m is None:  # a config saved before the section existed
+        return
+    if m.wandb_mode not in ("offline", "online"):
+        raise ConfigError(f"metrics.wandb_mode={m.wandb_mode!r} is not supported; choose one of offline, online")
+    if m.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"metrics.wandb_project={m.wandb_project!r} needs wandb: pip install wandb (or maxscale[wandb]), "
+            f'or set metrics.wandb_project=""'
+        )
 
 
 def _resolve_checkpoint(c: ml_collections.ConfigDict) -> None:

@@ -19,16 +19,24 @@ def defaults() -> ml_collections.ConfigDict:
         num_kv_heads=0,  # grouped-query attention; 0 = num_heads
         head_dim=0,  # 0 = width // num_heads
         ffn_size=0,  # 0 = 4 * width (gelu) or 8/3 * width rounded up to a multiple of 64 (swiglu)
-        vocab_size=256,  # the byte tokenizer needs 256; token files need at least their header's vocab
+        vocab_size=256,  # >= the tokenizer's (bytes: 256) and a token file's; 0 = data.tokenizer's, padded to 128
         mlp="swiglu",  # swiglu | gelu
         norm="rmsnorm",  # rmsnorm | layernorm
         norm_eps=1e-6,
         tie_embeddings=False,
         qk_norm=False,
         rope_theta=10_000.0,
-        dtype="float32",  # compute dtype: float32 | bfloat16
+        dtype="float32",  # compute dtype: float32 | bfloat16 (weights, optimizer state and the loss stay float32)
         param_dtype="float32",
-        remat=False,  # rematerialise each block in the backward pass (saves activation memory)
+        # what the backward pass recomputes per block (docs/performance.md): none | full | dots | dots_no_batch |
+        # save_attn_out | offload; true/false (older configs) mean full/none
+        remat=ml_collections.FieldReference("none", field_type=object),
+        # auto (cudnn on NVIDIA GPUs with bfloat16, splash on TPUs, else xla) | xla | chunked | cudnn | splash |
+        # explicit; docs/performance.md
+        attention_impl="auto",
+        attention_chunk_size=512,  # chunked attention: positions per block (a divisor of data.seq_len)
+        loss_chunk_size=0,  # readout + loss over chunks of this many positions (a divisor of seq_len); 0 = at once
+        output_z_loss=0.0,  # weight of the output z-loss, mean log(Z)^2 of the readout's softmax; 0 = off
         # Mixture of experts (maxscale/model/moe.py, docs/moe.md); num_experts=0 is a dense model.
         moe=dict(
             num_experts=0,  # E routed experts per MoE block
@@ -126,10 +134,20 @@ def defaults() -> ml_collections.ConfigDict:
         seed=0,
         eval_fraction=0.02,  # share of documents held out for eval
         max_bytes=0,  # 0 = no limit; caps the corpus read (useful for quick experiments)
+        # byte | tiktoken:<encoding> | sentencepiece:<model file> | hf:<tokenizer.json> (docs/data.md); with
+        # model.vocab_size=0 the model's vocabulary is the tokenizer's, padded to a multiple of 128
+        tokenizer="byte",
+    )
+
+    # Writers beside metrics.jsonl and TensorBoard (maxscale/train/metrics.py).
+    c.metrics = dict(
+        wandb_project="",  # "" = no Weights & Biases; else log there (needs `pip install wandb`)
+        wandb_mode="offline",  # offline (files under <workdir>/wandb, `wandb sync` later) | online
     )
 
     c.train = dict(
         batch_size=16,  # global, in sequences
+        microbatches=1,  # gradient accumulation: the batch runs as this many slices (scan), one optimizer step
         steps=1000,
         seed=0,
         eval_every=200,

@@ -1,9 +1,11 @@
-"""Data: byte tokenizer, corpus sources, a deterministic grain pipeline, per-process shards, checkpointable state.
+"""Data: corpus sources, tokenization (`data.tokenizer`, tokenizers.py), a deterministic grain pipeline, per-process
+shards, checkpointable state.
 
 Sources (`data.source`):
   stdlib             the Python standard library's own .py files (found via sysconfig): every machine has it
-  a path/glob/dir    text files; each file is a document
-  *.json             a token file header written by tools/prepare_data.py (numpy memmaps beside it)
+  a path/glob/dir    text files; each file is a document, encoded with `data.tokenizer` when the run starts
+  *.json             a token file header written by tools/prepare_data.py (numpy memmaps beside it); its tokenizer
+                     must be `data.tokenizer` (checked by content, not path)
 
 The split is by document (a stable hash of the document's name), so eval text never appears in training. A corpus
 of a single document falls back to holding out its tail. Training batches are a pure function of (seed, step):
@@ -20,29 +22,22 @@ import json
 import os
 import sysconfig
 import zlib
+from typing import TYPE_CHECKING
 
-import grain
 import ml_collections
 import numpy as np
 from etils import epath
 
 from maxscale import paths
 from maxscale.errors import ConfigError
+from maxscale.train import tokenizers as tok_lib
+from maxscale.train.tokenizers import ByteTokenizer  # noqa: F401 - re-exported: data.ByteTokenizer
 
-EOS = 0  # the byte tokenizer separates documents with NUL, which text files do not contain
+if TYPE_CHECKING:
+    import grain
+
+EOS = ByteTokenizer.eos_id  # the byte tokenizer separates documents with NUL, which text files do not contain
 TOKEN_FILE_FORMAT = "maxscale-tokens-v1"
-
-
-class ByteTokenizer:
-    vocab_size = 256
-    eos_id = EOS
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-
-    def decode(self, ids) -> str:
-        data = bytes(int(i) for i in ids if 0 < int(i) < 256)
-        return data.decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass
@@ -94,41 +89,65 @@ def _text_files(source: str) -> list:
     return files
 
 
-def _is_eval(name: str, fraction: float) -> bool:
+def source_files(source: str) -> tuple[list, str]:
+    """(files in a fixed order, the root their document names are relative to) of a text source or 'stdlib'."""
+    if source == "stdlib":
+        return _stdlib_files(), sysconfig.get_paths()["stdlib"]
+    files = _text_files(source)
+    if paths.is_url(source):
+        root = source if paths.as_path(source).is_dir() else os.fspath(files[0].parent)
+    else:
+        root = source if os.path.isdir(source) else os.path.dirname(files[0])
+    return files, root
+
+
+def document_name(f, root: str) -> str:
+    """The name a file's document is split by: its path relative to the source's root."""
+    return os.fspath(f)[len(root) :].lstrip("/") if paths.is_url(f) else os.path.relpath(f, root)
+
+
+def is_eval(name: str, fraction: float) -> bool:
     return zlib.crc32(name.encode()) / 2**32 < fraction
 
 
-def _read_documents(files: list, root: str, cfg_data) -> Corpus:
-    tok = ByteTokenizer()
+def hold_out_tail(train: np.ndarray, evals: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Too few documents to split by document (a split under 2 tokens): the tail of everything is held out."""
+    if len(evals) >= 2 and len(train) >= 2:
+        return train, evals
+    everything = np.concatenate([train, evals])
+    cut = int(len(everything) * (1 - fraction))
+    return everything[:cut], everything[cut:]
+
+
+def _read_documents(files: list, root: str, cfg_data, tok) -> tuple[dict, int, int]:
+    """({"train": ids, "eval": ids}, documents, bytes read) of text files, each document ended by the tokenizer's
+    end-of-document id."""
     parts = {"train": [], "eval": []}
+    dtype = tok_lib.dtype_for(tok.vocab_size)
     total = 0
     for f in files:
         raw = paths.as_path(f).read_bytes()
         if not raw:
             continue
-        doc = np.frombuffer(raw.replace(b"\0", b""), dtype=np.uint8)
-        name = os.fspath(f)[len(root) :].lstrip("/") if paths.is_url(f) else os.path.relpath(f, root)
-        split = "eval" if _is_eval(name, cfg_data.eval_fraction) else "train"
-        parts[split] += [doc, np.array([tok.eos_id], np.uint8)]
-        total += len(doc) + 1
+        doc = tok_lib.encode_document(tok, raw).astype(dtype, copy=False)
+        split = "eval" if is_eval(document_name(f, root), cfg_data.eval_fraction) else "train"
+        parts[split] += [doc, np.array([tok.eos_id], dtype)]
+        total += (len(doc) if tok.name == "byte" else len(raw)) + 1  # bytes read (byte files: less NULs)
         if cfg_data.max_bytes and total >= cfg_data.max_bytes:
             break
     if total == 0:
         raise ConfigError(f"data.source={cfg_data.source!r}: the files are empty; pass a non-empty text corpus")
-    train = np.concatenate(parts["train"]) if parts["train"] else np.zeros(0, np.uint8)
-    evals = np.concatenate(parts["eval"]) if parts["eval"] else np.zeros(0, np.uint8)
-    if len(evals) < 2 or len(train) < 2:  # too few documents to split by document: hold out the tail
-        everything = np.concatenate([train, evals])
-        cut = int(len(everything) * (1 - cfg_data.eval_fraction))
-        train, evals = everything[:cut], everything[cut:]
-    n_docs = len(parts["train"]) // 2 + len(parts["eval"]) // 2
-    return Corpus(train, evals, tok.vocab_size, f"{n_docs} documents, {total / 1e6:.1f} MB, byte tokens")
+    out = {k: np.concatenate(v) if v else np.zeros(0, dtype) for k, v in parts.items()}
+    return out, (len(parts["train"]) + len(parts["eval"])) // 2, total
 
 
-def _read_token_file(header_path: str) -> Corpus:
+def read_token_header(header_path: str, tokenizer: str = "byte") -> dict:
+    """A token file's header, checked: format, tokenizer (one line if another), and the sizes of its files."""
     try:
         header = json.loads(paths.read_text(header_path))
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
         raise ConfigError(
             f"data.source={header_path!r}: not a readable token-file header ({e}); make one with tools/prepare_data.py"
         ) from None
@@ -136,44 +155,56 @@ def _read_token_file(header_path: str) -> Corpus:
         raise ConfigError(
             f"data.source={header_path!r}: not a {TOKEN_FILE_FORMAT} header; make one with tools/prepare_data.py"
         )
+    tok_lib.check_header(tokenizer, header, header_path)
     base = paths.as_path(header_path).parent
-    arrays = {}
     for split in ("train", "eval"):
-        entry = header[split]
-        path = base / entry["file"]
-        expected = entry["tokens"] * np.dtype(header["dtype"]).itemsize
+        path = base / header[split]["file"]
+        expected = header[split]["tokens"] * np.dtype(header["dtype"]).itemsize
         if not path.is_file() or path.stat().length != expected:
             raise ConfigError(
                 f"data.source={header_path!r}: {path} is missing or not {expected} bytes; re-run tools/prepare_data.py"
             )
+    return header
+
+
+def _read_token_file(header_path: str, tokenizer: str) -> Corpus:
+    header = read_token_header(header_path, tokenizer)
+    base = paths.as_path(header_path).parent
+    arrays = {}
+    for split in ("train", "eval"):
+        path, n = base / header[split]["file"], header[split]["tokens"]
         if paths.is_url(path):  # no memmap over an object store: the split is read into memory once
             arrays[split] = np.frombuffer(path.read_bytes(), dtype=header["dtype"])
         else:
-            arrays[split] = np.memmap(path, dtype=header["dtype"], mode="r", shape=(entry["tokens"],))
+            empty = np.zeros(0, header["dtype"])
+            arrays[split] = np.memmap(path, dtype=header["dtype"], mode="r", shape=(n,)) if n else empty
     return Corpus(
         arrays["train"],
         arrays["eval"],
         header["vocab_size"],
-        f"token file {header_path} ({header['train']['tokens'] / 1e6:.1f}M train tokens)",
+        f"token file {header_path} ({header['train']['tokens'] / 1e6:.1f}M train tokens, "
+        f"{header.get('tokenizer', 'byte')})",
     )
 
 
+def read_corpus(cfg_data) -> Corpus:
+    """The train and eval token streams of `data.source` (text, stdlib or a token file), unchecked."""
+    if cfg_data.source.endswith(".json"):
+        return _read_token_file(cfg_data.source, cfg_data.tokenizer)
+    tok = tok_lib.get(cfg_data.tokenizer)
+    files, root = source_files(cfg_data.source)
+    parts, n_docs, total = _read_documents(files, root, cfg_data, tok)
+    train, evals = hold_out_tail(parts["train"], parts["eval"], cfg_data.eval_fraction)
+    what = "byte tokens" if tok.name == "byte" else f"{(len(train) + len(evals)) / 1e6:.2f}M tokens of {tok.name}"
+    prefix = "Python stdlib sources: " if cfg_data.source == "stdlib" else ""
+    return Corpus(train, evals, tok.vocab_size, f"{prefix}{n_docs} documents, {total / 1e6:.1f} MB, {what}")
+
+
 def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
-    """Reads the corpus named by `data.source` and checks it against the model and sequence length."""
+    """Reads the corpus named by `data.source` and checks it against the tokenizer, model and sequence length."""
     d = cfg.data
-    if d.source == "stdlib":
-        files = _stdlib_files()
-        corpus = _read_documents(files, sysconfig.get_paths()["stdlib"], d)
-        corpus.description = "Python stdlib sources: " + corpus.description
-    elif d.source.endswith(".json"):
-        corpus = _read_token_file(d.source)
-    else:
-        files = _text_files(d.source)
-        if paths.is_url(d.source):
-            root = d.source if paths.as_path(d.source).is_dir() else os.fspath(files[0].parent)
-        else:
-            root = d.source if os.path.isdir(d.source) else os.path.dirname(files[0])
-        corpus = _read_documents(files, root, d)
+    tok_lib.check_model_vocab(tok_lib.get(d.tokenizer), cfg.model.vocab_size)
+    corpus = read_corpus(d)
     if corpus.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
@@ -218,6 +249,8 @@ def train_dataset(
     corpus: Corpus, cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
 ) -> grain.IterDataset:
     """Infinite iterator of {'tokens': int32 [local_batch, seq_len + 1]}; batch t depends only on (seed, t)."""
+    import grain  # here: tools that only read or write token files (and their worker processes) skip its import
+
     windows = _Windows(corpus.train, cfg.data.seq_len)
     rows = process_rows(cfg.train.batch_size, process_index, process_count)
     ds = grain.MapDataset.range(windows.count).shuffle(seed=cfg.data.seed).repeat()
@@ -240,29 +273,36 @@ def eval_batches(
     return out
 
 
-def write_token_file(cfg: ml_collections.ConfigDict, out: str) -> dict:
-    """Tokenizes `data.source` once into `<out>.train.bin`, `<out>.eval.bin` and the header `<out>.json`.
-
-    The header is written last (atomically), so a header always describes complete files.
-    """
-    corpus = load_corpus(cfg)
-    dtype = np.uint8 if corpus.vocab_size <= 256 else np.uint16 if corpus.vocab_size <= 65536 else np.uint32
-    header = {
+def token_header(tokenizer: str, vocab_size: int, source: str, description: str) -> dict:
+    """A token file's header before its splits are added: format, dtype, vocabulary and tokenizer."""
+    return {
         "format": TOKEN_FILE_FORMAT,
-        "dtype": np.dtype(dtype).name,
-        "vocab_size": corpus.vocab_size,
-        "tokenizer": "byte",
-        "source": cfg.data.source,
-        "description": corpus.description,
+        "dtype": np.dtype(tok_lib.dtype_for(vocab_size)).name,
+        "vocab_size": int(vocab_size),
+        **tok_lib.header_fields(tokenizer),
+        "source": source,
+        "description": description,
     }
+
+
+def write_header(out: str, header: dict) -> None:
+    """Writes `<out>.json` atomically: written last, a header always describes complete files."""
+    with open(f"{out}.json.tmp", "w") as fh:
+        json.dump(header, fh, indent=2)
+    os.replace(f"{out}.json.tmp", f"{out}.json")
+
+
+def write_token_file(cfg: ml_collections.ConfigDict, out: str) -> dict:
+    """Tokenizes `data.source` in memory into `<out>.train.bin`, `<out>.eval.bin` and the header `<out>.json`
+    (tools/prepare_data.py does the same for large corpora, in parallel and resumably)."""
+    corpus = load_corpus(cfg)
+    header = token_header(cfg.data.tokenizer, corpus.vocab_size, cfg.data.source, corpus.description)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for split in ("train", "eval"):
-        tokens = np.asarray(getattr(corpus, split), dtype=dtype)
+        tokens = np.asarray(getattr(corpus, split), dtype=header["dtype"])
         path = f"{out}.{split}.bin"
         tokens.tofile(path + ".tmp")
         os.replace(path + ".tmp", path)
         header[split] = {"file": os.path.basename(path), "tokens": int(len(tokens))}
-    with open(f"{out}.json.tmp", "w") as fh:
-        json.dump(header, fh, indent=2)
-    os.replace(f"{out}.json.tmp", f"{out}.json")
+    write_header(out, header)
     return header

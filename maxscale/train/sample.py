@@ -7,18 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxscale.parallel import sharding
-from maxscale.train import data as data_lib
+from maxscale.train import tokenizers
 from maxscale.train.step import Setup
 
 
 def generate(
     setup: Setup, params, prompt: str, num_tokens: int, seed: int = 0, temperature: float = 0.8, moe_bias=None
 ) -> str:
-    """Samples `num_tokens` bytes after `prompt` with a window of seq_len tokens (one compiled loop). `moe_bias`:
-    the run's MoE routing bias (state["moe_bias"]); None for dense models."""
-    tok = data_lib.ByteTokenizer()
+    """Samples `num_tokens` tokens after `prompt` with a window of seq_len tokens (one compiled loop), encoding and
+    decoding with the run's tokenizer (`data.tokenizer`); ids past the tokenizer's vocabulary (padding) are never
+    sampled. `moe_bias`: the run's MoE routing bias (state["moe_bias"]); None for dense models."""
+    tok = tokenizers.of_config(setup.cfg)
     T = setup.cfg.data.seq_len
-    ids = tok.encode(prompt)[-T:].astype(np.int32)
+    prompt_ids = np.asarray(tok.encode(prompt), np.int32)
+    ids = prompt_ids[-T:]
     window = np.full((T,), tok.eos_id, np.int32)
     window[T - len(ids) :] = ids
     vocab = min(tok.vocab_size, setup.cfg.model.vocab_size)
@@ -37,4 +39,4 @@ def generate(
     with sharding.activation_mesh(setup.mesh):
         out = run(params, jnp.asarray(window), jax.random.key(seed), moe_bias)
     out = np.asarray(jax.device_get(out))
-    return prompt + tok.decode(out)
+    return tok.decode(np.concatenate([prompt_ids, out]))  # one decode: pieces join as the tokenizer joins them
