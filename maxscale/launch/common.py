@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import string
@@ -71,6 +72,55 @@ def shell_join(argv: Sequence[str], variables: dict[str, str] | None = None) -> 
     return " ".join(words)
 
 
+# --- XLA flags ----------------------------------------------------------------
+# Compiler flags that matter for training throughput, set by the launchers (docs/performance.md). They come FIRST in
+# XLA_FLAGS / LIBTPU_INIT_ARGS, so any flag the user sets in the job's environment comes later and wins (XLA keeps the
+# last value of a repeated flag); MAXSCALE_XLA_DEFAULTS=0 in the launching environment leaves them out entirely.
+# Every GPU flag here is accepted by jaxlib 0.10.2 (an unknown flag aborts the process at start).
+GPU_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",  # overlap collectives with compute (FSDP gathers, DP reduces)
+    "--xla_gpu_enable_triton_gemm=false",  # cuBLAS for the matmuls
+    # combine small collectives (one per layer and weight) into big ones: fewer launches, full bandwidth
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+    "--xla_gpu_enable_all_gather_combine_by_dim=false",
+    "--xla_gpu_enable_reduce_scatter_combine_by_dim=false",
+    # start the next layer's all-gather / the previous layer's reduce-scatter inside the scan over layers
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+)
+TPU_LIBTPU_FLAGS = (  # MaxText's TPU v5 recipes: async collective fusion, data-parallel all-reduce overlap
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
+
+
+def xla_env(platform: str, environ: dict | None = None) -> dict[str, str]:
+    """{variable: value} of the default compiler flags for `platform` ('gpu' or 'tpu'; else none), followed by the
+    flags already in `environ` (default: this process's environment), which therefore win. Empty when this
+    process has MAXSCALE_XLA_DEFAULTS=0."""
+    environ = os.environ if environ is None else environ
+    if os.environ.get("MAXSCALE_XLA_DEFAULTS", "1") == "0" or platform not in ("gpu", "tpu"):
+        return {}
+    name, flags = ("XLA_FLAGS", GPU_XLA_FLAGS) if platform == "gpu" else ("LIBTPU_INIT_ARGS", TPU_LIBTPU_FLAGS)
+    return {name: " ".join([*flags, *environ.get(name, "").split()])}
+
+
+def xla_exports(platform: str) -> str:
+    """Shell lines exporting the default flags before the job's own (read when the job runs, so a user's
+    XLA_FLAGS / LIBTPU_INIT_ARGS in the job environment come last and win)."""
+    env = xla_env(platform, environ={})
+    return "\n".join(f'export {k}="{v}${{{k}:+ ${k}}}"' for k, v in env.items())
+
+
 # --- SLURM -------------------------------------------------------------------
 
 SBATCH_TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "templates" / "sbatch.sh.tmpl"
@@ -117,6 +167,8 @@ def sbatch_script(
         local_devices = f"export MAXSCALE_LOCAL_DEVICE_IDS={','.join(map(str, range(gpus_per_node)))}"
     else:
         local_devices = ":  # CPU nodes: all local devices"
+    if gpus_per_node and xla_exports("gpu"):  # compiler flags of GPU jobs, the user's XLA_FLAGS after them
+        local_devices += "\n  " + xla_exports("gpu").replace("\n", "\n  ")
     return string.Template(Path(template).read_text()).substitute(
         job_name=job_name,
         nodes=nodes,
@@ -140,6 +192,7 @@ def tpu_vm_argv(
     worker: str = "all",
     setup_repo: str = "",
     workdir: str = "",
+    xla_flags: bool = False,
     restart_on_preempt: bool = False,
 ) -> list[str]:
     """argv of `gcloud compute tpus tpu-vm ssh` running `command` on the workers.
@@ -149,6 +202,7 @@ def tpu_vm_argv(
 
     setup_repo: a git URL; clones it into `workdir` (default 'maxscale') when
     missing and pip-installs it with jax[tpu] first. workdir: cd there first.
+    xla_flags: export the default LIBTPU_INIT_ARGS (TPU_LIBTPU_FLAGS; the workers' own come after them) first.
     """
     remote = shell_join(command)
     if restart_on_preempt:  # 75 = stopped after saving on SIGTERM (maintenance events): run the command again
@@ -156,6 +210,8 @@ def tpu_vm_argv(
             f"while :; do {remote}; code=$?; [ $code -eq 75 ] || exit $code; "
             f"echo 'maxscale: preempted (exit 75), restarting' >&2; sleep 10; done"
         )
+    if xla_flags and xla_exports("tpu"):
+        remote = f"{xla_exports('tpu')} && {remote}"
     if setup_repo:
         workdir = workdir or "maxscale"
         d = shlex.quote(workdir)
@@ -226,6 +282,8 @@ def k8s_manifest(
             },
         },
     ]
+    platform = "tpu" if tpu_topology else "gpu" if gpus_per_process else ""
+    env += [{"name": k, "value": v} for k, v in xla_env(platform).items()]  # this environment's flags win
     container = {
         "name": "maxscale",
         "image": image,
@@ -269,9 +327,15 @@ def k8s_manifest(
             # bad input (exit 2) fails the job at once (docs/launch.md, Kubernetes)
             "podFailurePolicy": {
                 "rules": [
-                    {"action": "Ignore", "onExitCodes": _exit_codes(75)},
+                    {
+                        "action": "Ignore",
+                        "onExitCodes": {"containerName": "maxscale", "operator": "In", "values": [75]},
+                    },
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                    {"action": "FailJob", "onExitCodes": _exit_codes(2)},
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "maxscale", "operator": "In", "values": [2]},
+                    },
                 ]
             },
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},

@@ -2,18 +2,24 @@
 
 Shapes: B batch, T sequence, D width, H query heads, G key/value heads (grouped-query attention), K head dim.
 `attend` is the one call of an attention kernel; implementations are chosen from `IMPLEMENTATIONS` by name
-(`model.attention_impl`), each a small function tested against the plain XLA one.
+(`model.attention_impl`, `auto` resolved per backend by `choose`), each tested against the plain XLA one.
+`check` refuses, in one line, the combinations a backend cannot run (before anything is compiled).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
+from maxscale.errors import ConfigError
 from maxscale.model import kernels
 from maxscale.model.layers import Matmul, mean_abs, norm, rope
+from maxscale.parallel import sharding
 from maxscale.parameterization import ParamSpec
 
 
@@ -32,13 +38,84 @@ def specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
     return out
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {"xla": kernels.xla_attention, "explicit": kernels.explicit_attention}
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "xla": kernels.xla_attention,  # jax.nn.dot_product_attention's XLA path: [B, H, T, T] float32 logits
+    "explicit": kernels.explicit_attention,  # written out; the only one taking a probabilities hook
+    "chunked": kernels.chunked_attention,  # blockwise online softmax in plain JAX: O(T x chunk) memory, any backend
+    "cudnn": kernels.cudnn_attention,  # fused flash attention, NVIDIA GPUs, bfloat16
+    "splash": kernels.splash_attention,  # Pallas splash attention, TPUs
+}
 
 
-def attend(q_BTHK, k_BTGK, v_BTGK, *, scale: float, impl: str = "xla", probs_hook: Callable | None = None):
+def platform_of(mesh=None) -> str:
+    """'nvidia', 'gpu' (another vendor), 'tpu' or 'cpu': the backend of `mesh` (default: the active one, else
+    JAX's default devices)."""
+    mesh = mesh if mesh is not None else sharding.active_mesh()
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    if device.platform in ("gpu", "cuda"):
+        kind = f"{getattr(device, 'device_kind', '')} {getattr(device.client, 'platform_version', '')}".lower()
+        return "nvidia" if "nvidia" in kind or "cuda" in kind else "gpu"
+    return device.platform
+
+
+def choose(cfg: ml_collections.ConfigDict, platform: str) -> str:
+    """The implementation `model.attention_impl` names on `platform`: `auto` is cudnn on NVIDIA GPUs (bfloat16
+    compute), splash on TPUs (sequences a multiple of 128), xla otherwise."""
+    m = cfg.model
+    if m.attention_impl != "auto":
+        return m.attention_impl
+    if platform == "nvidia" and m.dtype == "bfloat16" and m.head_dim % 8 == 0 and m.head_dim <= 256:
+        return "cudnn"
+    if platform == "tpu" and cfg.data.seq_len % 128 == 0:
+        return "splash"
+    return "xla"
+
+
+def check(cfg: ml_collections.ConfigDict, platform: str) -> None:
+    """ConfigError (one line, naming the field and the fix) when `cfg`'s attention cannot run on `platform`."""
+    m, impl = cfg.model, choose(cfg, platform)
+    field = f"model.attention_impl={m.attention_impl}"
+    if impl == "cudnn":
+        if platform != "nvidia":
+            raise ConfigError(f"{field} needs an NVIDIA GPU (this mesh is {platform}); use auto, chunked or xla")
+        if m.dtype != "bfloat16":
+            raise ConfigError(f"{field} needs model.dtype=bfloat16 (is {m.dtype}); set it or use attention_impl=auto")
+        if m.head_dim % 8 or m.head_dim > 256:
+            raise ConfigError(f"{field} needs model.head_dim a multiple of 8 up to 256 (is {m.head_dim}); use chunked")
+    if impl == "splash":
+        if platform != "tpu":
+            raise ConfigError(f"{field} needs a TPU (this mesh is {platform}); use auto, chunked or xla")
+        if cfg.data.seq_len % 128:
+            raise ConfigError(f"{field} needs data.seq_len a multiple of 128 (is {cfg.data.seq_len}); use chunked")
+
+
+def attend(
+    q_BTHK, k_BTGK, v_BTGK, *, scale: float, impl: str = "xla", probs_hook: Callable | None = None, chunk: int = 512
+):
     """Causal softmax(scale q.k) v with H query heads sharing G key/value heads; returns [B, T, H, K].
-    `probs_hook` transforms the attention probabilities (only kernels that form them explicitly take one)."""
-    return IMPLEMENTATIONS[impl](q_BTHK, k_BTGK, v_BTGK, scale, probs_hook)
+    `probs_hook` transforms the attention probabilities (only kernels that form them explicitly take one);
+    `chunk`: block length of the chunked kernel."""
+    kernel = IMPLEMENTATIONS[impl]
+    if impl == "chunked":
+        kernel = functools.partial(kernel, chunk=chunk)
+    if impl == "splash":
+        return _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale)
+    return kernel(q_BTHK, k_BTGK, v_BTGK, scale, probs_hook)
+
+
+def _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale: float):
+    """Runs a kernel XLA cannot partition (Pallas) on each device's rows and heads under shard_map."""
+    mesh = sharding.active_mesh()
+    if mesh is None or mesh.size == 1:
+        return kernel(q_BTHK, k_BTGK, v_BTGK, scale)
+    q_spec = sharding.logical_to_spec(("batch", None, "heads", None), mesh, q_BTHK.shape)
+    kv_spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), mesh, k_BTGK.shape)
+    if q_spec[2] != kv_spec[2]:  # heads split but key/value heads not: keep all heads on each device
+        q_spec = kv_spec = sharding.logical_to_spec(("batch", None, None, None), mesh, q_BTHK.shape)
+    body = lambda q, k, v: kernel(q, k, v, scale)  # noqa: E731
+    return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
+        q_BTHK, k_BTGK, v_BTGK
+    )
 
 
 def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmul, stats: dict | None = None):
@@ -52,13 +129,17 @@ def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmu
         q_BTHK = norm(q_BTHK, p["q_norm"], None, "rmsnorm", m.norm_eps)
         k_BTGK = norm(k_BTGK, p["k_norm"], None, "rmsnorm", m.norm_eps)
     q_BTHK, k_BTGK = rope(q_BTHK, m.rope_theta), rope(k_BTGK, m.rope_theta)
-    impl, probs_hook = "xla", None
+    # remat policies (transformer.REMAT_POLICIES) may keep these named values instead of recomputing them
+    q_BTHK, k_BTGK, v_BTGK = (checkpoint_name(x, "attn_qkv") for x in (q_BTHK, k_BTGK, v_BTGK))
+    impl, probs_hook = choose(cfg, platform_of()), None
     quant = mm.quantizer
     if quant is not None and quant.quantizes_kv:  # P_kv: keys and values as the attention kernel reads them
         k_BTGK, v_BTGK = quant.kv(k_BTGK), quant.kv(v_BTGK)
         if quant.whole_attention:  # the paper's "whole attention": queries and probabilities too
             q_BTHK, impl, probs_hook = quant.kv(q_BTHK), "explicit", quant.probs
-    att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=mults["attn_scale"], impl=impl, probs_hook=probs_hook)
+    scale, chunk = mults["attn_scale"], m.attention_chunk_size
+    att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=scale, impl=impl, probs_hook=probs_hook, chunk=chunk)
+    att_BTHK = checkpoint_name(att_BTHK, "attn_out")
     out_BTD = mm("bthk,hkd->btd", att_BTHK, p["wo"], role="hidden")
     if stats is not None:
         stats["attn"] = mean_abs(out_BTD)

@@ -66,6 +66,28 @@ def matmul_for(cfg: ml_collections.ConfigDict) -> Matmul:
     return Matmul(dtype=DTYPES[cfg.model.dtype], quantizer=qat.make_quantizer(cfg))
 
 
+# model.remat: what the backward pass may keep of each block's forward instead of recomputing it (the block input,
+# the scan carry, is always kept). Names are `checkpoint_name` tags in attention.apply. docs/performance.md
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep nothing: least memory, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul output, attention logits included
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls only
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_qkv", "attn_out"),  # q, k, v, attention
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(  # the same, kept in host memory
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=("attn_qkv", "attn_out"),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
+}
+
+
+def remat(body, cfg: ml_collections.ConfigDict):
+    """`body` under `model.remat`'s policy (none: as it is; true/false from unresolved configs: full/none)."""
+    name = {True: "full", False: "none"}.get(cfg.model.remat, cfg.model.remat)
+    return body if name == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[name])
+
+
 def _moe_dispatch(moe: MoEConfig):
     """On a mesh with an expert axis, the capacity and dropless paths run expert-parallel inside shard_map
     (all_to_all, resp. all-gather + reduce-scatter); the dense reference, and meshes without an expert axis, use
@@ -129,10 +151,14 @@ class Blocks(nnx.Module):
         for name, spec in specs.items():
             setattr(self, name, make_param(rngs, par, name, spec, dtype, layers=depth))
         self._names, self._moe = tuple(specs), moe
+        # matrices cast to the compute dtype here, on their shards, so FSDP gathers them in that dtype
+        self._matrices = tuple(n for n, spec in specs.items() if spec.role not in ("norm", "bias", "router"))
+        self._dtype = cfg.model.dtype
 
     def arrays(self) -> dict:
-        """{name: [depth, ...] array} of this stack's parameters."""
-        return {name: getattr(self, name)[...] for name in self._names}
+        """{name: [depth, ...] array} of this stack's parameters, matrices in the compute dtype."""
+        cast = lambda n: self._dtype if n in self._matrices else None  # noqa: E731
+        return {name: compute_weight(getattr(self, name), cast(name)) for name in self._names}
 
     def __call__(self, x_BTD, cfg, mults, capture: bool = False, bias_LE=None):
         """Returns x, or (x, {stat: [L, ...]}) with `capture` or for an MoE stack (per-layer stats as scan outputs;
@@ -145,9 +171,7 @@ class Blocks(nnx.Module):
             body, xs = (lambda x, p: block(p, x, cfg, mults, capture=True)), stacked
         else:
             body, xs = (lambda x, p: (block(p, x, cfg, mults), None)), stacked
-        if cfg.model.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BTD, stats = jax.lax.scan(body, x_BTD, xs)
+        x_BTD, stats = jax.lax.scan(remat(body, cfg), x_BTD, xs)
         return (x_BTD, stats) if capture or self._moe else x_BTD
 
 
@@ -170,9 +194,7 @@ def run_groups(dense: Blocks, moe: Blocks, x_BTD, cfg, mults, capture: bool, bia
         series = {k: jnp.concatenate([v, stats.pop(k)[None]]) for k, v in (dense_stats or {}).items()}
         return x, (series, stats)
 
-    if cfg.model.remat:
-        group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
-    x_BTD, (series, stats) = jax.lax.scan(group, x_BTD, (dense_p, moe.arrays(), bias_LE))
+    x_BTD, (series, stats) = jax.lax.scan(remat(group, cfg), x_BTD, (dense_p, moe.arrays(), bias_LE))
     return x_BTD, {**stats, **{k: v.reshape(-1, *v.shape[2:]) for k, v in series.items()}}
 
 
@@ -199,17 +221,21 @@ class Transformer(nnx.Module):
                 rngs, self.par, "unembed", ParamSpec("readout", ("embed", "vocab"), ("embed",)), dtype
             )
 
-    def __call__(self, tokens_BT, capture: bool = False, moe_bias=None):
+    def __call__(self, tokens_BT, capture: bool = False, moe_bias=None, targets_BT=None, mults=None):
         """Returns (float32 logits [B, T, V], aux). aux["moe"]: per MoE layer ([L_moe, ...]) routing stats, for an
         MoE model; with `capture`, aux also holds mean |x| of the embedding output, the logits, and per layer ([L])
-        the attention and feed-forward outputs and the residual stream. `moe_bias`: [L_moe, E] routing bias."""
+        the attention and feed-forward outputs and the residual stream. `moe_bias`: [L_moe, E] routing bias.
+        With `targets_BT`, ({"ce": mean cross-entropy, "z_loss": mean log(Z)^2}, aux) instead of the logits,
+        computed over chunks of `model.loss_chunk_size` positions (`readout_loss`). `mults`: forward multipliers
+        that replace the parameterization's (arrays allowed: one compiled step for many values, train/vectorized)."""
         m = self.cfg.model
         dt = DTYPES[m.dtype]
-        mults = self.par.multipliers()
+        mults = {**self.par.multipliers(), **(mults or {})}
         embed_VD = self.embed[...]
         # Gather from a whole table (FSDP all-gathers it, as it does every weight): a lookup into a table sharded
-        # on `embed` yields rows sharded the wrong way, and XLA then replicates them in the backward pass.
-        table_VD = sharding.constrain(embed_VD.astype(dt), (None, None))
+        # on `embed` yields rows sharded the wrong way, and XLA then replicates them in the backward pass. Rows are
+        # gathered in the parameter dtype and cast after, so the gradient's scatter-add stays float32.
+        table_VD = sharding.constrain(embed_VD, (None, None))
         quantizer = qat.make_quantizer(self.cfg)
         if quantizer is not None:
             table_VD = quantizer.table(table_VD)
@@ -235,11 +261,48 @@ class Transformer(nnx.Module):
         bias = self.final_norm_bias[...] if m.norm == "layernorm" else None
         x_BTD = norm(x_BTD, self.final_norm[...], bias, m.norm, m.norm_eps)
         readout_DV = embed_VD.T if m.tie_embeddings else self.unembed[...]
+        readout_DV = sharding.constrain(readout_DV.astype(dt), ("embed", "vocab"))  # cast, then FSDP gathers it
+        if targets_BT is not None:
+            mm = matmul_for(self.cfg)
+            return readout_loss(x_BTD, readout_DV, targets_BT, mults["output"], mm, m.loss_chunk_size), aux
         logits = matmul_for(self.cfg)("btd,dv->btv", x_BTD, readout_DV, role="readout", out_dtype=jnp.float32)
         logits = logits * mults["output"]
         if capture:
             aux["logits"] = mean_abs(logits)
         return logits, aux
+
+
+def compute_weight(param: nnx.Param, dtype: str | None):
+    """A parameter's value in the compute dtype `dtype` (None: as stored), cast on its own shards: the cast comes
+    before the all-gather that FSDP inserts where the weight is used, so the gather moves compute-dtype bytes."""
+    value = param[...]
+    if dtype is None or value.dtype == DTYPES[dtype]:
+        return value
+    return sharding.constrain(value.astype(DTYPES[dtype]), param.get_metadata()["axes"])
+
+
+def readout_loss(x_BTD, w_DV, targets_BT, output_mult, mm: Matmul, chunk: int) -> dict:
+    """Mean next-token cross-entropy and mean log(Z)^2 (the output z-loss; Z the softmax normaliser), float32,
+    of the readout logits x.w * output_mult. With `chunk` (positions per chunk, a divisor of T; 0 = all at once)
+    the logits are formed chunk by chunk in a scan whose body is rematerialised, so neither the forward nor the
+    backward pass holds [B, T, V] float32 logits: at most one chunk's [B, chunk, V]."""
+    B, T, D = x_BTD.shape
+
+    def sums(x_BCD, t_BC):
+        logits_BCV = mm("btd,dv->btv", x_BCD, w_DV, role="readout", out_dtype=jnp.float32) * output_mult
+        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        nll_BC = lse_BC - jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        return nll_BC.sum(), (lse_BC * lse_BC).sum()
+
+    if not chunk or chunk >= T:
+        nll, z = sums(x_BTD, targets_BT)
+    else:
+        n = T // chunk  # chunks along the sequence: each one spans the batch, so it stays split over the devices
+        xs = (x_BTD.reshape(B, n, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, n, chunk).swapaxes(0, 1))
+        body = jax.checkpoint(lambda acc, xs: (jax.tree.map(jnp.add, acc, sums(*xs)), None))
+        zero = jnp.zeros((), jnp.float32)
+        (nll, z), _ = jax.lax.scan(body, (zero, zero), xs)
+    return {"ce": nll / (B * T), "z_loss": z / (B * T)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +334,12 @@ class ModelDef:
         """(logits [B, T, V], aux) as in `Transformer.__call__`: the MoE routing stats the train step needs."""
         state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
         return nnx.merge(self.graphdef, state)(tokens_BT, capture=capture, moe_bias=moe_bias)
+
+    def loss(self, params: dict, tokens_BT, targets_BT, moe_bias=None, mults=None):
+        """({"ce", "z_loss"}, aux) of next-token prediction of `targets_BT` (readout_loss; no [B, T, V] logits
+        held at once with model.loss_chunk_size); aux as in `apply_aux`."""
+        state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
+        return nnx.merge(self.graphdef, state)(tokens_BT, moe_bias=moe_bias, targets_BT=targets_BT, mults=mults)
 
     def spec_tree(self) -> dict:
         """A tree shaped like params whose leaves are ParamSpecs."""

@@ -161,7 +161,7 @@ def check(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMO
         "devices": n,
         "params": transformer.count_params(cfg)["total"],
         "global_batch": [cfg.train.batch_size, cfg.data.seq_len],
-        "remat": bool(cfg.model.remat),
+        "remat": {True: "full", False: "none"}.get(cfg.model.remat, cfg.model.remat),  # a policy name
         "lower_seconds": round(t1 - t0, 2),
         "compile_seconds": round(t2 - t1, 2),
         "per_device_bytes": {

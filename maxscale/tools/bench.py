@@ -115,10 +115,11 @@ def dense_equivalent(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return dense
 
 
-def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = False) -> dict:
-    """Times the framework's train step; beside it, the hand-written step of the same math where one exists
-    (`ratio_to_reference`), and with `compare_dense` for an MoE model the dense model of the same active
-    parameters (`ratio_to_dense`), each in this process on the same batch."""
+def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = False, reference: bool = True) -> dict:
+    """Times the framework's train step; beside it, the hand-written step of the same math where one exists and
+    `reference` (`ratio_to_reference`), and with `compare_dense` for an MoE model the dense model of the same active
+    parameters (`ratio_to_dense`), each in this process on the same batch. On accelerators, also the peak device
+    memory the step needed (`device_memory`)."""
     mesh = sharding.make_mesh(cfg)
     setup = step_lib.Setup.build(cfg, mesh)
     B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -141,6 +142,10 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = F
             "seq_len": T,
             "batch": B,
             "dtype": cfg.model.dtype,
+            "attention_impl": cfg.model.attention_impl,
+            "remat": cfg.model.remat,
+            "loss_chunk_size": cfg.model.loss_chunk_size,
+            "microbatches": cfg.train.microbatches,
             "devices": mesh.size,
             **(
                 {
@@ -161,7 +166,10 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = F
         "peak_source": peak_src,
         "mfu": round(tok_s * flops_tok / (peak * mesh.size), 4),
     }
-    if has_reference(cfg):
+    memory = device_memory()
+    if memory:
+        out["device_memory"] = memory
+    if reference and has_reference(cfg):
         ref = _reference_step(cfg)
         ref_state = (params, jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params), 0.0)
         ref_compile_s, ref_step_s, _ = _time_steps(ref, ref_state, jnp.asarray(tokens), steps)
@@ -185,6 +193,15 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = F
         )
     out["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
+
+
+def device_memory() -> dict:
+    """Peak and capacity of the first device's memory in GiB, where the backend reports them (GPU, TPU)."""
+    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+    if not stats:
+        return {}
+    gib = lambda key: round(stats.get(key, 0) / 2**30, 2)  # noqa: E731
+    return {"peak_gib": gib("peak_bytes_in_use"), "in_use_gib": gib("bytes_in_use"), "limit_gib": gib("bytes_limit")}
 
 
 def compile_seconds(cfg: ml_collections.ConfigDict) -> float:

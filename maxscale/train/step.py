@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from maxscale.errors import ConfigError
+from maxscale.model import attention, transformer
 from maxscale.model import moe as moe_lib
-from maxscale.model import transformer
 from maxscale.parallel import sharding
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import optim
@@ -42,12 +42,18 @@ class Setup:
 
     @classmethod
     def build(cls, cfg, mesh) -> "Setup":
-        if cfg.train.batch_size % sharding.data_parallel_size(mesh):
-            dp = sharding.data_parallel_size(mesh)
+        dp, k = sharding.data_parallel_size(mesh), cfg.train.microbatches
+        if cfg.train.batch_size % dp:
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size "
                 f"mesh.data x mesh.fsdp x mesh.expert = {dp}; use a multiple of {dp}"
             )
+        if cfg.train.batch_size % (k * dp):  # each slice splits over the devices like the batch
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} does not split into train.microbatches={k} slices of a "
+                f"multiple of the data-parallel size {dp}; use a batch size that is a multiple of {k * dp}"
+            )
+        attention.check(cfg, attention.platform_of(mesh))
         model = transformer.ModelDef(cfg)
         shapes = {path: tuple(leaf.shape) for path, leaf in _flat(model.abstract_params)}
         sharding.check_divisible(model.specs, shapes, mesh)
@@ -101,13 +107,15 @@ class Setup:
         """Mean next-token cross-entropy (nats per token)."""
         return self.loss_and_aux(params, tokens_BT1, moe_bias)[1]["ce"]
 
-    def loss_and_aux(self, params, tokens_BT1, moe_bias=None):
-        """(loss to differentiate, aux): the cross-entropy plus, for MoE, the weighted balance and z losses;
-        aux["ce"] is the cross-entropy alone and aux["moe"] the per-layer routing stats."""
+    def loss_and_aux(self, params, tokens_BT1, moe_bias=None, mults=None):
+        """(loss to differentiate, aux): the cross-entropy plus the weighted output z-loss and, for MoE, the
+        weighted balance and z losses; aux["ce"] is the cross-entropy alone and aux["moe"] the per-layer routing
+        stats. The readout and loss run over chunks of model.loss_chunk_size positions (transformer.readout_loss).
+        `mults`: forward multipliers overriding the parameterization's (train/vectorized.py)."""
         with sharding.activation_mesh(self.mesh):
-            logits, aux = self.model.apply_aux(params, tokens_BT1[:, :-1], moe_bias=moe_bias)
-        ce = cross_entropy(logits, tokens_BT1[:, 1:])
-        loss = ce
+            out, aux = self.model.loss(params, tokens_BT1[:, :-1], tokens_BT1[:, 1:], moe_bias=moe_bias, mults=mults)
+        ce = out["ce"]
+        loss = ce + self.cfg.model.output_z_loss * out["z_loss"] if self.cfg.model.output_z_loss else ce
         if "moe" in aux:
             e = self.cfg.model.moe
             if e.balance == "aux":
@@ -123,10 +131,7 @@ class Setup:
         nan_at = self.cfg.train.debug_nan_at_step
 
         def step(state, tokens_BT1):
-            (_, aux), grads = jax.value_and_grad(self.loss_and_aux, has_aux=True)(
-                state["params"], tokens_BT1, state.get("moe_bias")
-            )
-            loss = aux["ce"]
+            loss, grads, aux = self._gradients(state["params"], tokens_BT1, state.get("moe_bias"))
             done = state["step"] + 1
             if nan_at:  # fault injection for tests: only this config compiles it in
                 poison = jnp.where(done == nan_at, jnp.nan, 0.0)
@@ -169,6 +174,34 @@ class Setup:
             donate_argnums=0,
         )
 
+    def _gradients(self, params, tokens_BT1, moe_bias, mults=None):
+        """(cross-entropy, gradients, aux) of the batch. With train.microbatches = k > 1 the batch runs as k slices
+        in a scan (one slice's activations live at a time) and the results are their means: equal slices, so the
+        mean gradient is the whole batch's. Slice i holds rows i, i + k, ...: every device keeps its own rows
+        (a local reshape, no communication). MoE stats (the load the routing bias follows) are means too."""
+        grad_fn = jax.value_and_grad(self.loss_and_aux, has_aux=True)
+        k = self.cfg.train.microbatches
+        if k == 1:
+            (_, aux), grads = grad_fn(params, tokens_BT1, moe_bias, mults)
+            return aux["ce"], grads, aux
+        B, T1 = tokens_BT1.shape
+        slices_kBT1 = tokens_BT1.reshape(B // k, k, T1).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, *sharding.logical_to_spec(("batch", None), self.mesh))
+        slices_kBT1 = jax.lax.with_sharding_constraint(slices_kBT1, jax.sharding.NamedSharding(self.mesh, spec))
+        grad_sh = self.state_shardings["params"]
+
+        def one(acc, tokens_BT1):
+            part = _sum_part(grad_fn(params, tokens_BT1, moe_bias, mults))
+            part["grads"] = jax.lax.with_sharding_constraint(part["grads"], grad_sh)
+            return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, part), None
+
+        part_shapes = jax.eval_shape(lambda t: _sum_part(grad_fn(params, t, moe_bias, mults)), slices_kBT1[0])
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), part_shapes)
+        total, _ = jax.lax.scan(one, zero, slices_kBT1)
+        mean = jax.tree.map(lambda x: x / k, total)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), mean["grads"], params)
+        return mean["ce"], grads, {"ce": mean["ce"], **({"moe": mean["moe"]} if "moe" in mean else {})}
+
     def _updated_bias(self, bias_LE, moe_stats):
         e = self.cfg.model.moe
         if e.balance != "bias":
@@ -200,6 +233,12 @@ class Setup:
     def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
         shape = (self.cfg.train.batch_size, self.cfg.data.seq_len + 1)
         return jax.make_array_from_process_local_data(self.batch_sharding, local_tokens, shape)
+
+
+def _sum_part(grad_out) -> dict:
+    """What one microbatch adds to the accumulator: its gradients, cross-entropy and MoE stats."""
+    (_, aux), grads = grad_out
+    return {"grads": grads, "ce": aux["ce"], **({"moe": aux["moe"]} if "moe" in aux else {})}
 
 
 def moe_step_metrics(moe_stats: dict) -> dict:
