@@ -102,3 +102,29 @@ def test_every_shipped_config_resolves():
     for name in ("base", "tiny", "stdlib", "shakespeare"):
         cfg = config_lib.resolve(config_lib.load(os.path.join(ROOT, "configs", f"{name}.py")))
         assert cfg.model.head_dim > 0
+
+
+def test_a_field_added_since_a_run_was_written_differs_only_when_off_its_default():
+    """An old run's config lacks fields added later: at their default they are no difference (so the run resumes
+    and its sweep result stays valid), off it they are; absent defaults, a missing field always differs."""
+    from maxscale.configdiff import diff_fields
+
+    defaults = {"optimizer": {"lr": 1e-3, "grad_clip_mode": "auto"}, "metrics": {"wandb_project": ""}}
+    old = {"optimizer": {"lr": 1e-3}}
+    assert (
+        diff_fields(
+            old,
+            {"optimizer": {"lr": 1e-3, "grad_clip_mode": "auto"}, "metrics": {"wandb_project": ""}},
+            defaults=defaults,
+        )
+        == []
+    )
+    assert diff_fields(old, {"optimizer": {"lr": 1e-3, "grad_clip_mode": "relative"}}, defaults=defaults) == [
+        "optimizer.grad_clip_mode None -> 'relative'"
+    ]
+    assert diff_fields(old, {"metrics": {"wandb_project": "p"}, "optimizer": {"lr": 1e-3}}, defaults=defaults) == [
+        "metrics.wandb_project None -> 'p'"
+    ]
+    assert diff_fields(old, {"optimizer": {"lr": 1e-3, "grad_clip_mode": "auto"}}) == [
+        "optimizer.grad_clip_mode None -> 'auto'"
+    ]

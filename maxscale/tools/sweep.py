@@ -178,7 +178,8 @@ def stale_result(run: dict) -> str | None:
     saved = result.get("config") if isinstance(result, dict) else None
     if not isinstance(saved, dict):
         return "does not record the config it was computed with (written before results carried it)"
-    diff = diff_fields(saved, json.loads(config_lib.to_json(run["config"])), NOT_HASHED)
+    defaults = json.loads(config_lib.to_json(config_lib.defaults()))
+    diff = diff_fields(saved, json.loads(config_lib.to_json(run["config"])), NOT_HASHED, defaults=defaults)
     return f"was computed with another config ({'; '.join(diff[:3])})" if diff else None
 
 

@@ -47,6 +47,7 @@ RESUMABLE_FIELDS = (
     "train.spike_factor",
     "train.preempt_grace_s",
     "train.debug_nan_at_step",
+    "metrics",
 )
 
 
@@ -72,7 +73,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
                 f"--workdir={workdir}: config.json is unreadable ({' '.join(str(e).split())}); "
                 f"restore it (a copy is in each checkpoint's config/metadata) or use a new --workdir"
             ) from None
-        diff = diff_fields(old, new, RESUMABLE_FIELDS)
+        diff = diff_fields(old, new, RESUMABLE_FIELDS, defaults=_default_json())
         if diff:
             raise ConfigError(
                 f"--workdir={workdir} holds a run with a different config ({'; '.join(diff[:3])}); "
@@ -85,7 +86,7 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
         )
     saved = ckpt_lib.read_saved_config(ckpt_dir)
     if saved is not None:
-        diff = diff_fields(saved[1], new, RESUMABLE_FIELDS)
+        diff = diff_fields(saved[1], new, RESUMABLE_FIELDS, defaults=_default_json())
         if diff:
             raise ConfigError(
                 f"--workdir={workdir}: checkpoint {saved[0]} was written with a different config "
@@ -93,6 +94,10 @@ def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
                 f"{ckpt_dir} away"
             )
     checkpoint_tiers.check_local_dir(workdir, cfg, new, RESUMABLE_FIELDS)
+
+
+def _default_json() -> dict:  # the defaults as JSON: a field added since a run was written, at its default
+    return json.loads(config_lib.to_json(config_lib.defaults()))
 
 
 class Trainer:
@@ -131,7 +136,9 @@ class Trainer:
             state, start = setup.init_state(), 0
         # metrics.jsonl describes one run: what a killed run logged after its last checkpoint is logged again.
         logged = faults.rewind_metrics(self.workdir, start) if self.primary else []
-        writer = metrics_lib.MetricWriter(self.workdir, enabled=self.primary, purge_step=start + 1 if start else 0)
+        writer = metrics_lib.MetricWriter(
+            self.workdir, enabled=self.primary, purge_step=start + 1 if start else 0, config=cfg
+        )
         spikes = faults.SpikeDetector(cfg.train.spike_factor)
         for record in logged:
             if "train/loss" in record:
