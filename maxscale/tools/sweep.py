@@ -235,6 +235,10 @@ def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None
         out = loop.Trainer(cfg, run_dir, mesh=mesh, corpus=corpus).run()
     except faults.NonFiniteError as e:  # train.nan_policy=stop: a diverged run, recorded as such
         out = {"train/loss": float("nan"), "eval/loss": float("nan"), "stopped": str(e)}
+    return _write_result(run_dir, cfg, out, time.perf_counter() - t0, keep_checkpoints)
+
+
+def _write_result(run_dir: str, cfg, out: dict, wall_s: float, keep_checkpoints: bool, **extra) -> dict:
     loss, eval_loss = out.get("train/loss"), out.get("eval/loss")
     # Worse than a uniform guess over the vocabulary counts as diverged (the analysis marks it, never drops it).
     ok = _finite(loss) and _finite(eval_loss) and eval_loss < math.log(cfg.model.vocab_size)
@@ -243,9 +247,10 @@ def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None
         "train_loss": loss,
         "eval_loss": eval_loss,
         "steps": cfg.train.steps,
-        "wall_s": round(time.perf_counter() - t0, 2),
+        "wall_s": round(wall_s, 2),
         "version": _version(),
         "config": json.loads(config_lib.to_json(cfg)),  # what this result is of: checked before reuse
+        **extra,
     }
     if "stopped" in out:
         result["stopped"] = out["stopped"]
@@ -257,9 +262,22 @@ def run_one(run_dir: str, keep_checkpoints: bool = False, corpus=None, mesh=None
     return result
 
 
-def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, log=print, mesh=None) -> dict:
+def run_pack(run_dirs: list[str], keep_checkpoints: bool = False, corpus=None, mesh=None, log=print) -> list[dict]:
+    """Trains `run_dirs` as one vectorized program (train/vectorized.run_pack; one: run_one); writes result.json."""
+    if len(run_dirs) == 1:
+        return [run_one(run_dirs[0], keep_checkpoints, corpus=corpus, mesh=mesh)]
+    from maxscale.train import vectorized
+
+    cfgs = [ml_collections.ConfigDict(json.loads(paths.read_text(paths.join(d, RUN_FILE)))["config"]) for d in run_dirs]
+    return vectorized.run_pack(cfgs, run_dirs, _write_result, keep_checkpoints, corpus=corpus, mesh=mesh, log=log)
+
+
+def run_local(
+    runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, log=print, mesh=None, vectorize: int = 1
+) -> dict:
     """Runs every unfinished run. jobs=1: one after another in this process (one JAX start-up, corpus read once);
-    jobs>1: that many `python tools/sweep.py --run_dir=...` subprocesses at a time. Returns {id: status}."""
+    jobs>1: that many `python tools/sweep.py --run_dir=...` subprocesses at a time. vectorize=K > 1: runs that
+    differ only in vectorizable fields go K at a time into one vectorized program (run_pack). Returns {id: status}."""
     for r in runs:  # a result of another config (a default changed since) is rerun, never reused
         problem = stale_result(r) if status(r["dir"]) == "done" else None
         if problem:
@@ -269,35 +287,45 @@ def run_local(runs: list[dict], jobs: int = 1, keep_checkpoints: bool = False, l
     outcome = {r["id"]: "done" for r in runs if status(r["dir"]) == "done"}
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
     t0 = time.perf_counter()
+    units = [[r] for r in todo]
+    if vectorize > 1:
+        from maxscale.train import vectorized
+
+        units = vectorized.packs(todo, vectorize, log)
     if jobs == 1:
         from maxscale.train import data as data_lib
 
         corpora = {}
-        for i, r in enumerate(todo):
-            key = json.dumps(r["config"].data.to_dict(), sort_keys=True)
+        for i, unit in enumerate(units):
+            key = json.dumps(unit[0]["config"].data.to_dict(), sort_keys=True)
             if key not in corpora:
-                corpora = {key: data_lib.load_corpus(r["config"])}
-            log(f"sweep: [{i + 1}/{len(todo)}] {r['id']} {_short(r['overrides'])} ({status(r['dir'])})")
+                corpora = {key: data_lib.load_corpus(unit[0]["config"])}
+            names = "; ".join(f"{r['id']} {_short(r['overrides'])} ({status(r['dir'])})" for r in unit)
+            log(f"sweep: [{i + 1}/{len(units)}] {names}")
             try:
-                res = run_one(r["dir"], keep_checkpoints, corpus=corpora[key], mesh=mesh)
-                outcome[r["id"]] = res["status"]
-                log(f"sweep: {r['id']} {res['status']} eval_loss={res['eval_loss']} in {res['wall_s']:.0f}s")
+                results = run_pack([r["dir"] for r in unit], keep_checkpoints, corpora[key], mesh, log)
+                for r, res in zip(unit, results):
+                    outcome[r["id"]] = res["status"]
+                    log(f"sweep: {r['id']} {res['status']} eval_loss={res['eval_loss']} in {res['wall_s']:.0f}s")
             except Exception as e:  # one failed run must not stop the sweep
-                outcome[r["id"]] = "failed"
-                log(f"sweep: {r['id']} failed: {type(e).__name__}: {e}")
+                for r in unit:
+                    outcome[r["id"]] = "failed"
+                    log(f"sweep: {r['id']} failed: {type(e).__name__}: {e}")
     else:
         tool = os.path.join(REPO, "tools", "sweep.py")
 
-        def launch(r):
-            cmd = [sys.executable, tool, f"--run_dir={r['dir']}"] + (["--keep_checkpoints"] if keep_checkpoints else [])
-            with open(os.path.join(r["dir"], "log.txt"), "a") as fh:
+        def launch(unit):
+            dirs = ",".join(r["dir"] for r in unit)
+            cmd = [sys.executable, tool, f"--run_dir={dirs}"] + (["--keep_checkpoints"] if keep_checkpoints else [])
+            with open(os.path.join(unit[0]["dir"], "log.txt"), "a") as fh:
                 rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-            return r, rc
+            return unit, rc
 
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            for r, rc in pool.map(launch, todo):
-                outcome[r["id"]] = _read_result(r["dir"]).get("status", "failed") if rc == 0 else "failed"
-                log(f"sweep: {r['id']} {outcome[r['id']]} (log {os.path.join(r['dir'], 'log.txt')})")
+            for unit, rc in pool.map(launch, units):
+                for r in unit:
+                    outcome[r["id"]] = _read_result(r["dir"]).get("status", "failed") if rc == 0 else "failed"
+                    log(f"sweep: {r['id']} {outcome[r['id']]} (log {os.path.join(unit[0]['dir'], 'log.txt')})")
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
     log(f"sweep: finished in {(time.perf_counter() - t0) / 60:.1f} min: {counts}")
     return outcome
@@ -353,14 +381,14 @@ def _short(overrides: dict) -> str:
 
 USAGE = (
     "usage: python tools/sweep.py SWEEP_FILE[:ARG] [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
-    "[--dry_run] [--keep_checkpoints]\n"
-    "       python tools/sweep.py --run_dir=DIR   (one run; what SLURM tasks call)"
+    "[--dry_run] [--keep_checkpoints] [--vectorize=K]\n"
+    "       python tools/sweep.py --run_dir=DIR[,DIR...]   (one run, or runs as one vectorized program)"
 )
 
 
 def _parse(argv: list[str]) -> tuple[list[str], dict]:
     pos, flags = [], {}
-    valid = {"jobs", "root", "slurm", "partition", "time", "dry_run", "keep_checkpoints", "run_dir"}
+    valid = {"jobs", "root", "slurm", "partition", "time", "dry_run", "keep_checkpoints", "run_dir", "vectorize"}
     for a in argv:
         if a.startswith("--"):
             name, eq, value = a[2:].partition("=")
@@ -380,20 +408,19 @@ def main(argv: list[str]) -> int:
     try:
         pos, flags = _parse(argv)
         if "run_dir" in flags:
-            run_dir = flags["run_dir"]
-            if not isinstance(run_dir, str) or not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
+            run_dir, keep = flags["run_dir"], bool(flags.get("keep_checkpoints"))
+            dirs = run_dir.split(",") if isinstance(run_dir, str) else [""]
+            if not all(os.path.isfile(os.path.join(d, RUN_FILE)) for d in dirs):
                 raise ConfigError(f"--run_dir={run_dir}: no {RUN_FILE} there; expand the sweep first")
-            result = run_one(run_dir, keep_checkpoints=bool(flags.get("keep_checkpoints")))
-            print(json.dumps(result))
+            print(json.dumps(run_one(run_dir, keep) if len(dirs) == 1 else run_pack(dirs, keep)))
             return 0
         if len(pos) != 1:
             raise ConfigError("expected one sweep file, e.g. python tools/sweep.py configs/sweeps/width.py")
-        try:
-            jobs = int(flags.get("jobs", 1))
-        except ValueError:
-            jobs = 0
-        if jobs < 1:
-            raise ConfigError(f"--jobs={flags.get('jobs')}: expected a positive integer")
+        counts = {name: str(flags.get(name, 1)).strip() for name in ("jobs", "vectorize")}
+        for name, value in counts.items():
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--{name}={flags.get(name)}: expected a positive integer")
+        jobs, vectorize = int(counts["jobs"]), int(counts["vectorize"])
         root = flags.get("root", "runs")
         if not isinstance(root, str) or not root:
             raise ConfigError("--root needs a directory, e.g. --root=runs")
@@ -419,5 +446,5 @@ def main(argv: list[str]) -> int:
         )
         print(f"wrote {path} ({len(runs)} array tasks, {jobs} at a time); submit with: sbatch {path}")
         return 0
-    outcome = run_local(runs, jobs=jobs, keep_checkpoints=bool(flags.get("keep_checkpoints")))
+    outcome = run_local(runs, jobs=jobs, keep_checkpoints=bool(flags.get("keep_checkpoints")), vectorize=vectorize)
     return 0 if all(s in ("done", "diverged") for s in outcome.values()) else 1

@@ -11,6 +11,7 @@ Weight decay, two explicit modes:
 
 from __future__ import annotations
 
+import types
 from typing import NamedTuple
 
 import jax
@@ -74,9 +75,16 @@ def factor_tree(cfg, spec_tree) -> dict:
     return jax.tree.map(par.factors, spec_tree, is_leaf=lambda x: hasattr(x, "axes"))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, spec_tree) -> optax.GradientTransformation:
-    """The optax chain for params shaped like `spec_tree` (a tree of ParamSpec)."""
-    o = cfg.optimizer
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, spec_tree, hparams: dict | None = None
+) -> optax.GradientTransformation:
+    """The optax chain for params shaped like `spec_tree` (a tree of ParamSpec). `hparams`: {field of
+    cfg.optimizer: scalar array} replacing those values, traced (train/vectorized.py: one compiled step for many
+    values); with weight_decay among them the decay is always in the chain (a zero adds exactly 0 x p), so every
+    member's state has one structure."""
+    o, hparams = cfg.optimizer, hparams or {}
+    if hparams:
+        o = types.SimpleNamespace(**{**o.to_dict(), **hparams})
     sched = schedule(cfg)
     factors = factor_tree(cfg, spec_tree)
     is_factor = lambda x: isinstance(x, dict) and set(x) == {"lr", "wd", "eps"}
@@ -89,13 +97,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, spec_tree) -> optax.GradientT
         lr = lambda t: -o.lr * f["lr"] * sched(t)
         parts = [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps * f["eps"])]
         wd = o.weight_decay * f["wd"]
+        decay = "weight_decay" in hparams or wd != 0
         if o.weight_decay_mode == "coupled":
-            if wd:
+            if decay:
                 parts.append(optax.add_decayed_weights(wd))
             parts.append(optax.scale_by_schedule(lr))
         else:
             parts.append(optax.scale_by_schedule(lr))
-            if wd:
+            if decay:
                 parts.append(_independent_decay(lambda t: wd * sched(t)))
         return optax.chain(*parts)
 
