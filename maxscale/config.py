@@ -204,7 +204,9 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if v < 0:
             raise ConfigError(f"{field}={v} must be >= 0 (0 means derived/off)")
     o = cfg.optimizer
-    if o.grad_clip_mode == "auto":  # a fixed threshold does not transfer across widths under muP: docs/training.md
+    # a fixed threshold does not transfer across widths under muP (docs/training.md); with clipping off the mode
+    # stays as given, so it neither changes a run id nor makes two unclipped runs look different
+    if o.grad_clip_mode == "auto" and o.grad_clip > 0:
         o.grad_clip_mode = "global" if cfg.parameterization.name == "sp" else "relative"
     if not o.grad_clip_ratio > 1:
         raise ConfigError(f"optimizer.grad_clip_ratio={o.grad_clip_ratio} must be > 1 (clip at ratio x running norm)")

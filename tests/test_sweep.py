@@ -78,6 +78,18 @@ def test_run_id_ignores_logging_and_mesh_but_not_hyperparameters():
     assert sweep.run_id(config_lib.resolve(other)) == sweep.run_id(cfg)
     lr = sweep.apply_overrides(cfg, {"optimizer.lr": 1e-4})
     assert sweep.run_id(config_lib.resolve(lr)) != sweep.run_id(cfg)
+    # a section added later at its defaults (here: one more, empty) leaves ids alone; so does switching clipping
+    # off under muP, whose auto clip mode then stays unresolved
+    grown = config_lib.resolve(config_lib.defaults())
+    grown.unlock()
+    grown.new_section = {"knob": 1}
+    default = json.loads(config_lib.to_json(config_lib.defaults()))
+    default["new_section"] = {"knob": 1}
+    assert sweep._strip(json.loads(config_lib.to_json(grown)), default) == sweep._strip(
+        json.loads(config_lib.to_json(cfg)), json.loads(config_lib.to_json(config_lib.defaults()))
+    )
+    mup = {"parameterization.name": "mup", "optimizer.grad_clip": 0.0}
+    assert config_lib.resolve(sweep.apply_overrides(config_lib.defaults(), mup)).optimizer.grad_clip_mode == "auto"
 
 
 def test_bad_sweeps_are_one_line_errors(tmp_path):

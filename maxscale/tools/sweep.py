@@ -118,7 +118,7 @@ def _strip(d: dict, default: dict, prefix: str = "") -> dict:
             out[k] = _strip(v, default.get(k) or {}, field + ".")
         elif k not in default or json.dumps(default[k]) != json.dumps(v):
             out[k] = v
-    return out
+    return {k: v for k, v in out.items() if v != {}}  # a section at its defaults (or added since) adds nothing
 
 
 def run_id(cfg: ml_collections.ConfigDict) -> str:
