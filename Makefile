@@ -4,28 +4,35 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: install train test test-fast lint format bench clean
+.PHONY: install install-all train test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Training needs the package and the analysis tools; the suite also checks the optional integrations (tokenizer
+# libraries, the Hugging Face export against transformers + CPU torch, W&B), so it installs every extra.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,analysis]'
+	touch $@
+
+$(VENV)/.installed-all: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test,analysis,data,hf,wandb]'
 	touch $@
 
 install: $(VENV)/.installed
+install-all: $(VENV)/.installed-all
 
 ## Train the default model on the embedded corpus (the Python standard library's sources).
 train: install
 	$(BIN)/python -m maxscale.train --config=configs/stdlib.py --workdir=runs/stdlib $(ARGS)
 
 ## The whole suite, heavy cases included.
-test: install
+test: install-all
 	$(BIN)/python -m pytest -q $(ARGS)
 
 ## Everything but the cases marked slow.
-test-fast: install
+test-fast: install-all
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 ## One style everywhere: ruff lint + format check (configured in pyproject.toml).
