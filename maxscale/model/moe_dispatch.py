@@ -165,6 +165,20 @@ def capacity(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul, 
     return y_GSD.reshape(T, D), _dropped_fraction(slot_GP, E * C)
 
 
+def _ep_layout(p: dict, h_TD, moe: MoEConfig, mesh, axis: str, token_axes: tuple[str, ...]):
+    """(E, ep ranks, E/ep local experts, token shards, the routed experts' params): what both expert-parallel
+    paths shard by; ConfigError (one line) when the mesh cannot split the experts or the tokens evenly."""
+    E, ep = moe.num_experts, mesh.shape[axis]
+    groups = math.prod(mesh.shape[a] for a in token_axes)
+    if axis not in token_axes or E % ep or h_TD.shape[0] % groups:
+        raise ConfigError(
+            f"expert parallelism: need {axis!r} in token_axes={token_axes}, num_experts={E} divisible by "
+            f"mesh.{axis}={ep} and {h_TD.shape[0]} tokens divisible by the {groups} token shards"
+        )
+    p_e = {name: w for name, w in p.items() if name.endswith("_e")}  # only the routed experts enter the shard_map
+    return E, ep, E // ep, groups, p_e
+
+
 def capacity_dispatch_ep(
     p: dict,
     h_TD,
@@ -185,18 +199,10 @@ def capacity_dispatch_ep(
     sends each expert's slice to the rank that owns it, the rank runs its local experts on [E/ep, ep*C, D], and the
     reverse all_to_all brings the results home. Mesh axes not named are replicated inside (redundant compute).
     Returns (y_TD, dropped_fraction)."""
-    E, ep = moe.num_experts, mesh.shape[axis]
-    groups = math.prod(mesh.shape[a] for a in token_axes)
+    E, ep, El, groups, p_e = _ep_layout(p, h_TD, moe, mesh, axis, token_axes)
     S = h_TD.shape[0] // groups
     C = capacity_of(moe, S)
-    El = E // ep
-    if axis not in token_axes or E % ep or h_TD.shape[0] % groups:
-        raise ConfigError(
-            f"expert parallelism: need {axis!r} in token_axes={token_axes}, num_experts={E} divisible by "
-            f"mesh.{axis}={ep} and {h_TD.shape[0]} tokens divisible by the {groups} token shards"
-        )
     tok, wts = P(token_axes), P(axis)
-    p_e = {name: w for name, w in p.items() if name.endswith("_e")}  # only the routed experts enter the shard_map
 
     def local(p, h_SD, w_SK, e_SK):
         D = h_SD.shape[-1]
@@ -242,16 +248,8 @@ def dropless_dispatch_ep(
     XLA:CPU computes them, masked). `ragged_all_to_all` would send only the routed rows; it has no XLA:CPU lowering,
     so this path is the one that runs everywhere. Gradients flow through the collectives' transposes. Returns
     (y_TD, 0.0)."""
-    E, ep = moe.num_experts, mesh.shape[axis]
-    groups = math.prod(mesh.shape[a] for a in token_axes)
-    El = E // ep
-    if axis not in token_axes or E % ep or h_TD.shape[0] % groups:
-        raise ConfigError(
-            f"expert parallelism: need {axis!r} in token_axes={token_axes}, num_experts={E} divisible by "
-            f"mesh.{axis}={ep} and {h_TD.shape[0]} tokens divisible by the {groups} token shards"
-        )
+    E, ep, El, _, p_e = _ep_layout(p, h_TD, moe, mesh, axis, token_axes)
     tok, wts = P(token_axes), P(axis)
-    p_e = {name: w for name, w in p.items() if name.endswith("_e")}
 
     def local(p, h_SD, w_SK, e_SK):
         gather = lambda a: jax.lax.all_gather(a, axis, tiled=True)  # noqa: E731
