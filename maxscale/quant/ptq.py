@@ -167,19 +167,26 @@ def one_device_mesh(cfg: ml_collections.ConfigDict):
     return sharding.make_mesh(cfg, jax.devices()[:1])
 
 
+def dense_run_config(run_dir: str, what: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved (config.json); ConfigError (one line) if there is none or the run is an MoE
+    model, which `what` (a tool that reads dense blocks) does not cover."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--run={run_dir}: no config.json; pass a run directory written by the trainer")
+    cfg = config_lib.from_json(paths.read_text(path))
+    if cfg.model.moe.num_experts:
+        raise ConfigError(
+            f"--run={run_dir}: {what} covers dense models; this run has "
+            f"model.moe.num_experts={cfg.model.moe.num_experts}"
+        )
+    return cfg
+
+
 def load_run(run_dir: str, step: int | None = None, mesh=None, corpus=None) -> Run:
     """Config, checkpoint (newest or `step`) and eval batches of a run; ConfigError (one line) if any is missing."""
     if not os.path.isdir(run_dir):
         raise ConfigError(f"--run={run_dir}: no such run directory; pass a run dir such as runs/<sweep>/<id>")
-    cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ConfigError(f"--run={run_dir}: no config.json; is it a run directory written by the trainer?")
-    cfg = config_lib.from_json(paths.read_text(cfg_path))
-    if cfg.model.moe.num_experts:
-        raise ConfigError(
-            f"--run={run_dir}: post-training quantization covers dense models; this run has "
-            f"model.moe.num_experts={cfg.model.moe.num_experts} (MoE experts are not quantized by PTQ yet)"
-        )
+    cfg = dense_run_config(run_dir, "post-training quantization")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = ckpt_lib.committed_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
     if not steps:

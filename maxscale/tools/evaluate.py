@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import jax
@@ -25,8 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from maxscale import config as config_lib
-from maxscale import paths
 from maxscale.errors import EXIT_USAGE, ConfigError
 from maxscale.parallel import sharding
 from maxscale.quant import ptq
@@ -37,17 +34,8 @@ SPLITS = ("auto", "all", "train", "eval")
 
 
 def run_config(run_dir: str, what: str = "tools/eval.py") -> ml_collections.ConfigDict:
-    """The resolved config a run saved (config.json); ConfigError (one line) if there is none or it is MoE."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--run={run_dir}: no config.json; pass a run directory written by the trainer")
-    cfg = config_lib.from_json(paths.read_text(path))
-    if cfg.model.moe.num_experts:
-        raise ConfigError(
-            f"--run={run_dir}: {what} covers dense models; this run has model.moe.num_experts="
-            f"{cfg.model.moe.num_experts}"
-        )
-    return cfg
+    """The resolved config a run saved; ConfigError (one line) if there is none or it is MoE."""
+    return ptq.dense_run_config(run_dir, what)
 
 
 def load(run_dir: str, step: int | None, tokens: np.ndarray | None = None) -> ptq.Run:
