@@ -148,3 +148,11 @@ def test_width_tuned_transfers_the_best_confirmed_point(tmp_path):
     assert {c.parameterization.base_width for c in mup} == {64}
     with pytest.raises(ConfigError, match="tuned=DIR"):
         sweep_lib.load_sweep("configs/sweeps/width_tuned.py")
+    family = sweep_lib.expand(
+        sweep_lib.load_sweep(f"configs/sweeps/width_family.py:series=mup,tuned={root}"), root=str(tmp_path / "r")
+    )
+    assert len(family) == 8 and {r["config"].optimizer.lr for r in family} == {2.0**-6}
+    assert {tuple(r["config"].checkpoint.keep_steps) for r in family} == {(25, 50, 100, 200)}
+    assert {r["config"].data.seed for r in family} == {0} and {r["config"].train.seed for r in family} == {0, 1}
+    with pytest.raises(ConfigError, match="series=sp, or series=mup with tuned=DIR"):
+        sweep_lib.load_sweep("configs/sweeps/width_family.py:series=mup")

@@ -22,14 +22,6 @@ import os
 from maxscale import config, parameterization
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
-TUNED_FIELDS = [
-    "optimizer.lr",
-    "parameterization.output_mult",
-    "parameterization.input_mult",
-    "parameterization.init_std",
-    "parameterization.embed_init_std",
-    "parameterization.attn_mult",
-]
 SERIES = ("mup", "sp", "sp_tuned")
 
 
@@ -51,7 +43,7 @@ def get_sweep(arg: str = ""):
     from maxscale.analysis import tune
 
     a = _args(arg)
-    best = tune.best_points(a["tuned"], TUNED_FIELDS, k=1, min_seeds=int(a["seeds"]))[0]["point"]
+    best = tune.best_tuned(a["tuned"], min_seeds=int(a["seeds"]))
     lr0 = best.pop("optimizer.lr")
     base = config.resolve(config.load(BASE))
     points = []

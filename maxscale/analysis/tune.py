@@ -17,6 +17,21 @@ from maxscale.analysis import runs as runs_lib
 from maxscale.analysis import transfer
 from maxscale.errors import ConfigError
 
+# The base model's tuned hyperparameters (configs/sweeps/base_tune.py): the LR and the muP multipliers.
+TUNED_FIELDS = (
+    "optimizer.lr",
+    "parameterization.output_mult",
+    "parameterization.input_mult",
+    "parameterization.init_std",
+    "parameterization.embed_init_std",
+    "parameterization.attn_mult",
+)
+
+
+def best_tuned(sweep_dir: str, min_seeds: int = 3) -> dict:
+    """The best point of TUNED_FIELDS in a base-tuning sweep among those with `min_seeds` finished seeds."""
+    return best_points(sweep_dir, list(TUNED_FIELDS), k=1, min_seeds=min_seeds)[0]["point"]
+
 
 def best_points(sweep_dir: str, fields: list[str], k: int = 0, min_seeds: int = 1) -> list[dict]:
     """[{point: {field: value}, mean, std, losses, seeds}] over the distinct settings of `fields`, best mean loss
