@@ -5,7 +5,7 @@ multipliers applied as they are at every width (SP's best shot without a per-wid
 
   muP (tuned)  the tuned point, LR x 2^-2 .. 2^2 around the tuned LR (5 LRs)
   SP           multipliers 1, init std 0.02, 5 LRs centred on SP's measured optimum 2^-8 x (64/width)
-  SP (tuned)   the tuned multipliers under SP, the same 5 LRs per width as SP
+  SP (tuned)   the tuned multipliers under SP, 5 LRs centred on the tuned LR x 64/width (SP's LR ~ 1/width)
 
 Every point with `seeds` seeds (train and data order). Arguments (comma-separated key=value):
   tuned=DIR    the base-tuning sweep (required), e.g. runs/base_tune
@@ -54,9 +54,12 @@ def get_sweep(arg: str = ""):
             if name == "mup":
                 lrs = [lr0 * 2.0**e for e in range(-2, 3)]
                 extra = {"parameterization.name": "mup", **best}
-            elif name in ("sp", "sp_tuned"):
+            elif name == "sp":
                 lrs = [2.0 ** (sp_centre + e) for e in range(-2, 3)]
-                extra = {"parameterization.name": "sp", **(best if name == "sp_tuned" else {})}
+                extra = {"parameterization.name": "sp"}
+            elif name == "sp_tuned":
+                lrs = [lr0 * 64 / w * 2.0**e for e in range(-2, 3)]
+                extra = {"parameterization.name": "sp", **best}
             else:
                 raise ValueError(f"width_tuned.py: unknown series {name!r}; choose from {', '.join(SERIES)}")
             points += [{**shape, **extra, "optimizer.lr": lr} for lr in lrs]
