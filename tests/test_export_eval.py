@@ -2,7 +2,10 @@
 byte = loss / ln 2 for the byte model, and a text source and its token file give the same numbers. tools/export_hf.py:
 the transformers model computes maxscale's logits (rtol 1e-4) under SP, muP and CompleteP, GQA, tied and untied
 embeddings and qk-norm (Qwen3 layout), with every forward multiplier away from 1; a run exports end to end with a
-byte-level tokenizer.json; what Llama cannot express is refused in one line. The export checks need torch and
+byte-level tokenizer.json; what Llama cannot express is refused in one line. MoE runs export as Mixtral (softmax top-k
+renormalised routing, every block MoE) with the same logits under dropless and capacity dispatch (nothing dropped),
+and what Mixtral cannot express (sigmoid or mean_k routing, shared experts, dense blocks, a routing bias, qk-norm) is
+refused in one line naming the field. The export checks need torch and
 transformers (the `hf` extra) and are skipped without them."""
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ def test_export_of_a_run_with_its_tokenizer(byte_run, tmp_path):
 @pytest.mark.parametrize(
     "field,value,words",
     [
-        ("model.moe.num_experts", 4, "MoE export"),
+        ("model.moe.num_experts", 4, "Mixtral model: model.moe.score=sigmoid"),
         ("model.mlp", "gelu", "SwiGLU"),
         ("model.norm", "layernorm", "RMSNorm"),
     ],
@@ -189,5 +192,79 @@ def test_what_llama_cannot_express_is_refused_in_one_line(field, value, words):
         node = node[part]
     node[rest[-1]] = value
     with pytest.raises(ConfigError, match=words) as e:
+        export_hf.check_exportable(cfg)
+    assert "\n" not in str(e.value)
+
+
+MOE = {
+    "data.seq_len": 32,
+    "model.width": 32,
+    "model.num_heads": 2,
+    "model.norm_eps": 1e-5,
+    "model.moe.num_experts": 4,
+    "model.moe.num_active": 2,
+    "model.moe.expert_ffn_size": 24,
+    "model.moe.score": "softmax",
+    "model.moe.combine": "renorm",
+    "model.moe.balance": "aux",
+}
+MOE_CASES = {
+    "dropless-mup-gqa": {**MUP, "parameterization.base_width": 16, "parameterization.output_mult": 4.0}
+    | {"model.num_kv_heads": 1, "model.moe.dispatch": "dropless"},
+    "capacity-sp-tied": {"model.tie_embeddings": True, "parameterization.input_mult": 2.0}
+    | {"model.moe.capacity_factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_exported_mixtral_logits_equal_maxscale(case, tmp_path):
+    pytest.importorskip("torch")
+    cfg = tiny_config(**{**MOE, "model.moe.dispatch": "capacity", **MOE_CASES[case]})
+    export_hf.check_exportable(cfg)
+    params = _perturbed(cfg)
+    tokens = np.random.default_rng(1).integers(0, 256, (2, 32)).astype(np.int32)
+    export_hf.save_safetensors(str(tmp_path / "model.safetensors"), export_hf.hf_weights(cfg, params))
+    (tmp_path / "config.json").write_text(json.dumps(export_hf.hf_config(cfg, tok_lib.get("byte"))))
+    logits, aux = transformer.ModelDef(cfg).apply_aux(params, tokens)
+    assert not np.asarray(aux["moe"]["moe_dropped_fraction"]).any()  # capacity: no pair dropped at this factor
+    ours = np.asarray(logits)
+    theirs = _hf_logits(tmp_path, tokens)
+    scale = np.abs(ours).max()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * scale)
+    print(f"{case}: max |diff| {np.abs(theirs - ours).max():.2e} of max |logit| {scale:.2e}")
+
+
+def test_export_of_an_moe_run(tmp_path):
+    pytest.importorskip("torch")
+    cfg = tiny_config(**{**RUN, **MOE, "model.moe.dispatch": "capacity", "model.moe.capacity_factor": 2.0})
+    cfg.train.update(steps=2, eval_steps=0)
+    cfg.checkpoint.every = 2
+    with redirect_stdout(io.StringIO()):
+        loop.Trainer(cfg, str(tmp_path / "run"), mesh=one_device_mesh(cfg)).run()
+        assert export_hf.main([f"--run={tmp_path}/run", f"--out={tmp_path}/hf"]) == 0
+    _, step, params, bias = export_hf.load_run(str(tmp_path / "run"), None)
+    assert step == 2 and not np.any(bias)
+    tokens = np.asarray(tok_lib.get("byte").encode("def moe(x):\n    return x\n"), np.int32)[None]
+    ours = np.asarray(transformer.ModelDef(cfg).apply(params, tokens))
+    np.testing.assert_allclose(_hf_logits(tmp_path / "hf", tokens), ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("score", "sigmoid"),
+        ("combine", "mean_k"),
+        ("num_shared", 1),
+        ("first_dense", 1),
+        ("every", 2),
+        ("balance", "bias"),
+        ("qk_norm", True),
+    ],
+)
+def test_what_mixtral_cannot_express_is_refused_in_one_line(field, value):
+    cfg = tiny_config(**MOE)
+    (cfg.model if field == "qk_norm" else cfg.model.moe)[field] = value
+    with pytest.raises(ConfigError, match=f"Mixtral model: model.{'' if field == 'qk_norm' else 'moe.'}{field}=") as e:
         export_hf.check_exportable(cfg)
     assert "\n" not in str(e.value)

@@ -181,3 +181,67 @@ def test_bpe_corpus_trains_end_to_end_with_sample(trained_tokenizers, tmp_path):
     assert sample.startswith(cfg.train.sample_prompt) and len(sample) > len(cfg.train.sample_prompt) + 10
     saved = config_lib.from_json(open(tmp_path / "run" / "config.json").read())
     assert saved.data.tokenizer == bpe and saved.model.vocab_size == 512
+
+
+def _shards(directory) -> dict:
+    return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory))}
+
+
+def test_arrayrecord_trains_like_the_token_file_and_resumes(tmp_path, monkeypatch):
+    from maxscale.train import step as step_lib
+
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 64 << 10)  # several work units
+    monkeypatch.setattr(data, "RECORD_TOKENS", 1000)  # windows of 33 tokens that cross records
+    monkeypatch.setattr(data, "SHARD_RECORDS", 64)  # several shards per split
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, text in enumerate(_stdlib_texts(300_000)):
+        (src / f"{i:03d}.py").write_text(text)
+    kw = dict(tokenizer="byte", eval_fraction=0.1, processes=1)
+    prepare.prepare(str(src), str(tmp_path / "tok"), **kw)
+    whole = prepare.prepare(str(src), str(tmp_path / "rec"), fmt="arrayrecord", **kw)
+    assert len(whole["train"]["files"]) > 1 and whole["train"]["records"] > 64 and whole["eval"]["tokens"] > 0
+    # an earlier complete output stays usable while a new run is interrupted, in tokenizing or in converting
+    prepare.prepare(str(src), str(tmp_path / "cut"), "byte", 0.5, processes=1, fmt="arrayrecord")
+    before = _shards(tmp_path / "cut")
+    with pytest.raises(RuntimeError, match="fail_after"):
+        prepare.prepare(str(src), str(tmp_path / "cut"), fail_after=2, fmt="arrayrecord", **kw)
+    assert _shards(tmp_path / "cut") == before
+    options = data.RECORD_OPTIONS
+    monkeypatch.setattr(data, "RECORD_OPTIONS", "no_such_option:1")  # the conversion fails (as a full disk would)
+    with pytest.raises(Exception):  # noqa: B017 - whatever array_record raises
+        prepare.prepare(str(src), str(tmp_path / "cut"), fmt="arrayrecord", **kw)
+    assert _shards(tmp_path / "cut") == before and os.path.exists(f"{tmp_path}/cut.progress.json")
+    monkeypatch.setattr(data, "RECORD_OPTIONS", options)
+    monkeypatch.setattr(prepare, "_work", None)  # resumed from the journal: nothing is tokenized again
+    resumed = prepare.prepare(str(src), str(tmp_path / "cut"), fmt="arrayrecord", **kw)
+    assert _shards(tmp_path / "cut") == _shards(tmp_path / "rec") and resumed == whole
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("cut.")]  # no journal, partial files or directory
+    assert prepare.prepare(str(src), str(tmp_path / "cut"), fmt="arrayrecord", **kw).get("up_to_date")
+    # the same batches, so the same losses, as the token file: from the directory and from a glob of its shards
+    cfg = tiny_config(**{"data.source": f"{tmp_path}/tok.json", "model.width": 32, "data.seq_len": 32})
+    setup = step_lib.Setup.build(cfg, one_device_mesh(cfg))
+
+    def losses(corpus, steps=3):
+        state, it, out = setup.init_state(), iter(data.train_dataset(corpus, cfg)), []
+        for _ in range(steps):
+            state, metrics = setup.train_step(state, setup.global_batch(next(it)["tokens"]))
+            out.append(float(metrics["train/loss"]))
+        return out
+
+    expected = losses(data.load_corpus(cfg))
+    for source in (f"{tmp_path}/rec", f"{tmp_path}/rec/*.array_record"):
+        corpus = data.load_corpus(tiny_config(**{"data.source": source, "data.seq_len": 32}))
+        assert isinstance(corpus.train, data.RecordTokens) and corpus.description.startswith("ArrayRecord")
+        assert losses(corpus) == expected and np.isfinite(expected).all()
+    # a damaged shard, shards without their manifest (also as a directory: never read as text files): one line
+    with open(tmp_path / "cut" / whole["eval"]["files"][0], "r+b") as fh:
+        fh.truncate(1000)
+    with pytest.raises(ConfigError, match="unreadable ArrayRecord corpus .*re-run") as e:
+        data.load_corpus(tiny_config(**{"data.source": f"{tmp_path}/cut"}))
+    assert "\n" not in str(e.value)
+    os.remove(tmp_path / "rec" / data.RECORD_MANIFEST)
+    for source in (f"{tmp_path}/rec/*.array_record", f"{tmp_path}/rec"):
+        with pytest.raises(ConfigError) as e:
+            data.load_corpus(tiny_config(**{"data.source": source}))
+        assert "\n" not in str(e.value) and data.RECORD_MANIFEST in str(e.value)

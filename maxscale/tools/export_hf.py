@@ -3,8 +3,9 @@
   python tools/export_hf.py --run=DIR [--step=S] --out=DIR [--dtype=float32|bfloat16]
 
 Writes OUT/config.json and OUT/model.safetensors for LlamaForCausalLM (Qwen3ForCausalLM when model.qk_norm: the same
-block with RMSNorm on each query and key head), and the tokenizer's files beside them, so that
-`AutoModelForCausalLM.from_pretrained(OUT)` computes the logits maxscale computes (a test checks it to rtol 1e-4).
+block with RMSNorm on each query and key head; MixtralForCausalLM for MoE runs, below), and the tokenizer's files
+beside them, so that `AutoModelForCausalLM.from_pretrained(OUT)` computes the logits maxscale computes (tests check
+it to rtol 1e-4). tools/import_hf.py is the inverse (maxscale/tools/import_hf.py).
 Every forward multiplier of the parameterization is folded into the weights:
   input multiplier      -> the embedding table (and 1/input_mult into the final norm's gain when tied)
   residual multiplier   -> o_proj and down_proj (each branch's last matrix)
@@ -12,10 +13,15 @@ Every forward multiplier of the parameterization is folded into the weights:
                            the query is multiplied by attn_scale * head_dim^1/2 (muP's 1/d, attn_mult, ...)
   output multiplier     -> lm_head (untied) or the final norm's gain (tied: the table stays shared)
 Norm gains are the model's own (they start at one and multiply), rms_norm_eps is model.norm_eps, rope_theta is
-model.rope_theta, and both rotate halves of each head (HF's rotate_half). Refused in one line: MoE runs, GELU MLPs
-and LayerNorm (not Llama blocks). Tokenizer files: hf -> tokenizer.json + tokenizer_config.json; sentencepiece ->
-tokenizer.model; tiktoken -> tokenizer.json via transformers' converter (if installed); byte -> a byte-level
-tokenizer.json whose ids are the UTF-8 bytes (end of document: id 0). docs/data.md: lm-evaluation-harness usage.
+model.rope_theta, and both rotate halves of each head (HF's rotate_half). MoE runs become MixtralForCausalLM (the
+hub's layout: block_sparse_moe.gate, experts.<j>.w1/w3/w2 = gate/up/down, the residual multiplier in w2) when that is
+exactly their function: every block MoE, score=softmax, combine=renorm (top-k of the softmax, renormalised), no
+shared expert, no routing bias (balance=aux or none), no qk_norm. Mixtral computes every token-expert pair, so it
+equals maxscale's dropless (or dense) dispatch, and capacity dispatch whenever no pair is dropped. Refused in one
+line, naming the field: anything else, GELU MLPs and LayerNorm. Tokenizer files: hf -> tokenizer.json +
+tokenizer_config.json; sentencepiece -> tokenizer.model; tiktoken -> tokenizer.json via transformers' converter (if
+installed); byte -> a byte-level tokenizer.json whose ids are the UTF-8 bytes (end of document: id 0). docs/data.md:
+lm-evaluation-harness usage.
 """
 
 from __future__ import annotations
@@ -37,19 +43,34 @@ DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 
 
 def check_exportable(cfg) -> None:
-    m = cfg.model
-    for ok, what in (
-        (not m.moe.num_experts, f"model.moe.num_experts={m.moe.num_experts} (MoE export is not written yet)"),
-        (m.mlp == "swiglu", f"model.mlp={m.mlp} (Llama blocks are SwiGLU)"),
-        (m.norm == "rmsnorm", f"model.norm={m.norm} (Llama blocks use RMSNorm)"),
-    ):
+    """ConfigError (one line, naming the field) unless the run's function is exactly a Llama/Qwen3 or Mixtral one."""
+    m, e = cfg.model, cfg.model.moe
+    checks = [
+        (m.mlp == "swiglu", f"model.mlp={m.mlp} (Llama and Mixtral blocks are SwiGLU)"),
+        (m.norm == "rmsnorm", f"model.norm={m.norm} (Llama and Mixtral blocks use RMSNorm)"),
+    ]
+    if e.num_experts:  # Mixtral: every block MoE, softmax over all experts, top-k, weights renormalised, no bias
+        checks += [
+            (e.score == "softmax", f"model.moe.score={e.score} (Mixtral routes by a softmax over the experts)"),
+            (e.combine == "renorm", f"model.moe.combine={e.combine} (Mixtral renormalises the top-k weights: renorm)"),
+            (not e.num_shared, f"model.moe.num_shared={e.num_shared} (Mixtral has no shared expert)"),
+            (not e.first_dense, f"model.moe.first_dense={e.first_dense} (every Mixtral block is MoE)"),
+            (e.every == 1, f"model.moe.every={e.every} (every Mixtral block is MoE)"),
+            (not (e.balance == "bias" and e.bias_rate), "model.moe.balance=bias (the routing bias chooses experts; "
+             "Mixtral's router has none: use balance=aux or none)"),
+            (not m.qk_norm, "model.qk_norm=true (Mixtral has no query/key norm)"),
+        ]  # fmt: skip
+    arch = "Mixtral" if e.num_experts else "Llama"
+    for ok, what in checks:
         if not ok:
-            raise ConfigError(f"export_hf: this run cannot be a Llama model: {what}")
+            raise ConfigError(f"export_hf: this run cannot be a {arch} model: {what}")
 
 
 def hf_config(cfg, tok) -> dict:
-    m = cfg.model
+    m, e = cfg.model, cfg.model.moe
     arch, model_type = ("Qwen3ForCausalLM", "qwen3") if m.qk_norm else ("LlamaForCausalLM", "llama")
+    if e.num_experts:
+        arch, model_type = "MixtralForCausalLM", "mixtral"
     config = {
         "architectures": [arch],
         "model_type": model_type,
@@ -76,6 +97,11 @@ def hf_config(cfg, tok) -> dict:
     }
     if m.qk_norm:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.depth)
+    if e.num_experts:
+        del config["attention_bias"], config["mlp_bias"]
+        config.update(intermediate_size=e.expert_ffn_size, num_local_experts=e.num_experts, sliding_window=None)
+        aux = e.aux_loss_weight if e.balance == "aux" else 0.0
+        config.update(num_experts_per_tok=e.num_active, router_aux_loss_coef=aux, router_jitter_noise=0.0)
     return config
 
 
@@ -95,7 +121,8 @@ def hf_weights(cfg, params: dict) -> dict[str, np.ndarray]:
     else:
         out["lm_head.weight"] = (f32(params["unembed"]) * mults["output"]).T
     out["model.norm.weight"] = final
-    b = {k: f32(v) for k, v in params["blocks"].items()}
+    moe = bool(m.moe.num_experts)  # Mixtral: every block MoE (check_exportable), one stack "moe_blocks"
+    b = {k: f32(v) for k, v in params["moe_blocks" if moe else "blocks"].items()}
     for i in range(m.depth):
         pre = f"model.layers.{i}."
         wq = b["wq"][i] * (1.0 if m.qk_norm else q_fold)
@@ -108,6 +135,14 @@ def hf_weights(cfg, params: dict) -> dict[str, np.ndarray]:
             out[pre + "self_attn.q_norm.weight"] = b["q_norm"][i] * q_fold
             out[pre + "self_attn.k_norm.weight"] = b["k_norm"][i]
         out[pre + "post_attention_layernorm.weight"] = b["mlp_norm"][i]
+        if moe:  # the hub's Mixtral layout (transformers 5 fuses the experts when loading it)
+            out[pre + "block_sparse_moe.gate.weight"] = b["router"][i].T
+            for j in range(m.moe.num_experts):
+                ex = f"{pre}block_sparse_moe.experts.{j}."
+                out[ex + "w1.weight"] = b["w_gate_e"][i, j].T
+                out[ex + "w3.weight"] = b["w_up_e"][i, j].T
+                out[ex + "w2.weight"] = (b["w_down_e"][i, j] * res).T
+            continue
         out[pre + "mlp.gate_proj.weight"] = b["w_gate"][i].T
         out[pre + "mlp.up_proj.weight"] = b["w_up"][i].T
         out[pre + "mlp.down_proj.weight"] = (b["w_down"][i] * res).T
@@ -185,22 +220,50 @@ def write_tokenizer(cfg, out_dir: str) -> str:
         return f"no tokenizer files ({e.name} is not installed; see docs/data.md)"
 
 
+def load_run(run_dir: str, step: int | None) -> tuple:
+    """(resolved config, step, params, MoE routing bias or None) of a kept checkpoint (newest or `step`), dense or
+    MoE, on one device; ConfigError (one line) if the run, a checkpoint or the step is missing, or not exportable."""
+    from maxscale import config as config_lib
+    from maxscale.quant import ptq
+    from maxscale.train import checkpoint as ckpt_lib
+    from maxscale.train import step as step_lib
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--run={run_dir}: no config.json; pass a run directory written by the trainer")
+    with open(path) as fh:
+        cfg = config_lib.from_json(fh.read())
+    check_exportable(cfg)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    steps = ckpt_lib.committed_steps(ckpt_dir)
+    if not steps or (step is not None and step not in steps):
+        kept = f"its steps are {steps}" if steps else "there is none"
+        raise ConfigError(f"--run={run_dir}: no committed checkpoint{f' at step {step}' if steps else ''}; {kept}")
+    build = config_lib.from_json(config_lib.to_json(cfg))
+    build.model.attention_impl = "xla"  # reading the state needs its layout only, on this machine's first device
+    setup = step_lib.Setup.build(build, ptq.one_device_mesh(build))
+    step, state = ckpt_lib.load_state(ckpt_dir, setup.abstract_state(), step)
+    return cfg, step, state["params"], state.get("moe_bias")
+
+
 def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "float32") -> dict:
     """Writes the model (see the module doc); returns {step, architecture, tokenizer, parameters}."""
-    from maxscale.tools import evaluate
-
-    check_exportable(evaluate.run_config(run_dir, "export_hf"))
-    run = evaluate.load(run_dir, step)
-    tok = tok_lib.of_config(run.cfg)
+    cfg, step, params, bias = load_run(run_dir, step)
+    if bias is not None and np.any(bias):  # e.g. balance=bias with bias_rate=0 never moves it; any other is refused
+        raise ConfigError(
+            f"export_hf: this run cannot be a Mixtral model: its routing bias is nonzero (max |b| "
+            f"{np.abs(bias).max():.3g}, model.moe.balance={cfg.model.moe.balance}) and Mixtral's router has none"
+        )
+    tok = tok_lib.of_config(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = hf_weights(run.cfg, run.params)
+    tensors = hf_weights(cfg, params)
     save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, dtype)
-    config = {**hf_config(run.cfg, tok), "torch_dtype": dtype}
+    config = {**hf_config(cfg, tok), "torch_dtype": dtype}
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
-    written = write_tokenizer(run.cfg, out_dir)
+    written = write_tokenizer(cfg, out_dir)
     n = sum(a.size for a in tensors.values())
-    return {"step": run.step, "architecture": config["architectures"][0], "tokenizer": written, "parameters": n}
+    return {"step": step, "architecture": config["architectures"][0], "tokenizer": written, "parameters": n}
 
 
 def main(argv=None) -> int:

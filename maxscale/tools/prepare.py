@@ -1,7 +1,9 @@
-"""Tokenizes a corpus once into a token file (numpy memmaps + JSON header) for `data.source=<out>.json`.
+"""Tokenizes a corpus once into a token file (numpy memmaps + JSON header) for `data.source=<out>.json`, or into
+ArrayRecord shards (--format=arrayrecord: the directory OUT/, for `data.source=<out>`).
 
   python tools/prepare_data.py --source=stdlib|FILE|DIR|GLOB --out=data/corpus [--tokenizer=byte]
          [--text_field=text] [--text_column=text] [--eval_fraction=0.02] [--max_bytes=0] [--processes=0]
+         [--format=tokens|arrayrecord]
 
 Sources: text files (each file a document; a file over 8 MB is encoded in 8 MB pieces cut at line ends), JSONL
 files (*.jsonl, *.jsonl.gz is not read: one document per line, the string at --text_field) and Parquet files
@@ -13,6 +15,9 @@ Safe to interrupt: the token files are written as OUT.{train,eval}.bin.partial w
 (pieces done, lengths), renamed into place and the header OUT.json written last, so only a complete corpus has a
 header, and an earlier complete OUT stays usable until the new one replaces it. The same command resumes from the
 journal (a changed source, tokenizer or option restarts from scratch); a complete OUT of the same inputs is kept.
+--format=arrayrecord: the same tokens, journal and resumption; at the end the token streams are cut into records of
+data.RECORD_TOKENS tokens, written as OUT.partial/{train,eval}-*.array_record with the manifest maxscale_tokens.json
+last, and renamed to OUT/ (data.write_record_dir). An interrupted conversion is redone from the journal.
 """
 
 from __future__ import annotations
@@ -177,11 +182,13 @@ def _plan_id(units: list, options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _is_complete(out: str, plan_id: str, tokenizer: str) -> dict | None:
-    if not os.path.isfile(f"{out}.json"):
+def _is_complete(out: str, plan_id: str, tokenizer: str, fmt: str = "tokens") -> dict | None:
+    records = fmt == "arrayrecord"
+    path = os.path.join(out, data_lib.RECORD_MANIFEST) if records else f"{out}.json"
+    if not os.path.isfile(path):
         return None
     try:
-        header = data_lib.read_token_header(f"{out}.json", tokenizer)
+        header = (data_lib.read_record_manifest if records else data_lib.read_token_header)(path, tokenizer)
     except ConfigError:
         return None
     return header if header.get("plan") == plan_id else None
@@ -234,16 +241,18 @@ def prepare(
     processes: int = 0,
     log=None,
     fail_after: int = 0,
+    fmt: str = "tokens",
 ) -> dict:
     """Writes OUT.json / OUT.train.bin / OUT.eval.bin (see the module doc); returns the header. `processes` 0 =
-    one per CPU. `log(line)` gets progress lines. `fail_after` > 0 (tests): raise after that many units."""
+    one per CPU. `log(line)` gets progress lines. `fail_after` > 0 (tests): raise after that many units. `fmt`:
+    tokens | arrayrecord (the directory OUT/ instead)."""
     itemsize = np.dtype(tok_lib.dtype_for(tok_lib.get(tokenizer).vocab_size)).itemsize  # a bad spec fails here
     units = plan(source, max_bytes, text_column)
     options = {"tokenizer": tok_lib.fingerprint(tokenizer), "eval_fraction": eval_fraction, "field": text_field}
     options["column"] = text_column
     plan_id = _plan_id(units, options)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    header = _is_complete(out, plan_id, tokenizer)
+    header = _is_complete(out, plan_id, tokenizer, fmt)
     if header is not None:
         return {**header, "up_to_date": True}
     journal = _resume(out, plan_id, itemsize)
@@ -283,11 +292,11 @@ def prepare(
         if pool is not None:
             pool.terminate()
     log(_progress(journal["units"], len(units), journal, started, start_bytes, final=True))
-    return _finish(out, tokenizer, source, eval_fraction, journal, plan_id)
+    return _finish(out, tokenizer, source, eval_fraction, journal, plan_id, fmt)
 
 
-def _finish(out: str, tokenizer: str, source: str, eval_fraction: float, journal: dict, plan_id: str) -> dict:
-    """Renames the partial files into place and writes the header last."""
+def _finish(out: str, tokenizer: str, source: str, eval_fraction: float, journal: dict, plan_id: str, fmt: str) -> dict:
+    """Renames the partial files into place (or converts them to ArrayRecord) and writes the header last."""
     tok = tok_lib.get(tokenizer)
     if journal["train_docs"] + journal["eval_docs"] == 0:
         raise ConfigError(f"--source={source!r}: no documents (empty files, or no --text_field / --text_column text)")
@@ -303,9 +312,19 @@ def _finish(out: str, tokenizer: str, source: str, eval_fraction: float, journal
     description = f"{docs} documents, {journal['bytes'] / 1e6:.1f} MB, {tok.name}"
     header = data_lib.token_header(tokenizer, tok.vocab_size, source, description)
     header["plan"] = plan_id
+    splits = ("train", "eval")
+    if fmt == "arrayrecord":
+        header.update({s: {"documents": int(journal[f"{s}_docs"])} for s in splits}, bytes=int(journal["bytes"]))
+        header["skipped_records"] = int(journal["skipped"])
+        streams = {s: np.memmap(f"{out}.{s}.bin.partial", dtype, "r", shape=(journal[s],)) for s in splits}
+        header = data_lib.write_record_dir(out, header, streams)
+        for split in splits:
+            os.remove(f"{out}.{split}.bin.partial")
+        os.remove(f"{out}.progress.json")
+        return header
     if os.path.exists(f"{out}.json"):
         os.remove(f"{out}.json")  # the old header must not describe the new files for a moment
-    for split in ("train", "eval"):
+    for split in splits:
         os.replace(f"{out}.{split}.bin.partial", f"{out}.{split}.bin")
         header[split] = {
             "file": os.path.basename(f"{out}.{split}.bin"),
@@ -380,6 +399,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_fraction", type=float, default=0.02)
     parser.add_argument("--max_bytes", type=int, default=0, help="stop after the file that reaches this many bytes")
     parser.add_argument("--processes", type=int, default=0, help="worker processes; 0 = one per CPU")
+    parser.add_argument("--format", default="tokens", choices=("tokens", "arrayrecord"), help="OUT.json + .bin | OUT/")
     parser.add_argument("--fail_after", type=int, default=0, help=argparse.SUPPRESS)  # tests: interrupt
     args = parser.parse_args(argv)
     tty = sys.stderr.isatty()
@@ -398,6 +418,7 @@ def main(argv=None) -> int:
             args.processes,
             log,
             args.fail_after,
+            args.format,
         )
     except ConfigError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
@@ -405,8 +426,9 @@ def main(argv=None) -> int:
     if tty:
         print(file=sys.stderr)
     state = "up to date" if header.get("up_to_date") else "wrote"
+    where = f"{args.out}/ (ArrayRecord)" if args.format == "arrayrecord" else f"{args.out}.json"
     print(
-        f"{state} {args.out}.json: {header['train']['tokens']:,} train and {header['eval']['tokens']:,} eval "
+        f"{state} {where}: {header['train']['tokens']:,} train and {header['eval']['tokens']:,} eval "
         f"tokens ({header['dtype']}, vocab {header['vocab_size']}, {header['tokenizer']})"
     )
     return 0

@@ -6,6 +6,9 @@ Sources (`data.source`):
   a path/glob/dir    text files; each file is a document, encoded with `data.tokenizer` when the run starts
   *.json             a token file header written by tools/prepare_data.py (numpy memmaps beside it); its tokenizer
                      must be `data.tokenizer` (checked by content, not path)
+  an ArrayRecord dir a directory written by tools/prepare_data.py --format=arrayrecord (or a glob of its
+                     *.array_record shards), recognised by its manifest maxscale_tokens.json; the same token streams
+                     as a token file, in records of RECORD_TOKENS tokens read by random access (RecordTokens)
 
 The split is by document (a stable hash of the document's name), so eval text never appears in training. A corpus
 of a single document falls back to holding out its tail. Training batches are a pure function of (seed, step):
@@ -20,6 +23,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import sysconfig
 import zlib
 from typing import TYPE_CHECKING
@@ -38,6 +42,14 @@ if TYPE_CHECKING:
 
 EOS = ByteTokenizer.eos_id  # the byte tokenizer separates documents with NUL, which text files do not contain
 TOKEN_FILE_FORMAT = "maxscale-tokens-v1"
+# ArrayRecord corpora: each split's token stream cut into records of RECORD_TOKENS tokens (the last one shorter),
+# written with one record per chunk (group_size:1: a read decodes only the record asked for) and uncompressed (token
+# ids hardly compress, and decompression would cost the input pipeline CPU on every random read)
+RECORD_FORMAT = "maxscale-arrayrecord-v1"
+RECORD_MANIFEST = "maxscale_tokens.json"  # written last: only a complete directory has one
+RECORD_TOKENS = 4096
+SHARD_RECORDS = 16384  # records per shard file: 64M tokens
+RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 @dataclasses.dataclass
@@ -187,8 +199,98 @@ def _read_token_file(header_path: str, tokenizer: str) -> Corpus:
     )
 
 
+class RecordTokens:
+    """One split's token stream in ArrayRecord shards, read through grain's ArrayRecordDataSource: `len`, slices
+    and `read(starts, length)` (a batch of windows: each record they span is read once)."""
+
+    def __init__(self, files: list, tokens: int, record_tokens: int, dtype: str):
+        self.files, self.tokens, self.record_tokens, self.dtype = files, tokens, record_tokens, np.dtype(dtype)
+        self._source = None
+
+    @property
+    def source(self):
+        if self._source is None:
+            import grain
+
+            self._source = grain.sources.ArrayRecordDataSource([os.fspath(f) for f in self.files])
+        return self._source
+
+    def __len__(self) -> int:
+        return self.tokens
+
+    def read(self, starts, length: int) -> np.ndarray:
+        """[len(starts), length] tokens: row i is the stream's tokens [starts[i], starts[i] + length)."""
+        C, starts = self.record_tokens, np.asarray(starts, np.int64)
+        first, last = starts // C, (starts + length - 1) // C
+        keys = sorted({int(k) for a, b in zip(first, last) for k in range(a, b + 1)})
+        records = {k: self.source[k] for k in keys}  # one by one: __getitems__ starts a thread pool per call
+        out = np.empty((len(starts), length), self.dtype)
+        for row, (s, a, b) in enumerate(zip(starts, first, last)):
+            span = np.concatenate([np.frombuffer(records[k], self.dtype) for k in range(a, b + 1)])
+            out[row] = span[s - a * C : s - a * C + length]
+        return out
+
+    def __getitem__(self, index):
+        start, stop, _ = index.indices(self.tokens)  # slices only (what the pipeline and the tools take)
+        return self.read([start], stop - start)[0] if stop > start else np.zeros(0, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:], dtype)
+
+
+def record_manifest(source: str) -> str | None:
+    """The manifest path of an ArrayRecord corpus that `source` names (its directory, or a glob or file of its
+    *.array_record shards); None for any other source. Shards without a manifest: ConfigError (one line)."""
+    shards = ".array_record" in os.path.basename(source)
+    if not shards and (source == "stdlib" or source.endswith(".json") or glob.has_magic(source)):
+        return None
+    base = os.path.dirname(source) if shards else source
+    path = paths.join(base, RECORD_MANIFEST)
+    local_shards = not paths.is_url(source) and glob.glob(os.path.join(glob.escape(source), "*.array_record"))
+    if not shards and not path.is_file() and not local_shards:
+        return None  # a directory of text files
+    if glob.has_magic(base) or not path.is_file():
+        raise ConfigError(
+            f"data.source={source!r}: no {RECORD_MANIFEST} in {base!r}; point data.source at a directory written by "
+            f"tools/prepare_data.py --format=arrayrecord (or at its *.array_record shards)"
+        )
+    return os.fspath(path)
+
+
+def read_record_manifest(path: str, tokenizer: str = "byte") -> dict:
+    """An ArrayRecord corpus's manifest, checked: format, tokenizer (one line if another) and the shards' record
+    counts (grain's data source reads each shard's footer)."""
+    base = os.path.dirname(path)
+    try:
+        header = json.loads(paths.read_text(path))
+        if not isinstance(header, dict) or header.get("format") != RECORD_FORMAT:
+            raise ValueError(f"not a {RECORD_FORMAT} manifest")
+        for split in ("train", "eval"):
+            n, expected = len(record_tokens(header, split, base).source), header[split]["records"]
+            if n != expected:
+                raise ValueError(f"the {split} shards hold {n} records, not {expected}")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: array_record's
+        raise ConfigError(
+            f"data.source={base!r}: unreadable ArrayRecord corpus ({' '.join(str(e).split())}); "
+            f"re-run tools/prepare_data.py --format=arrayrecord"
+        ) from None
+    tok_lib.check_header(tokenizer, header, base)
+    return header
+
+
+def record_tokens(header: dict, split: str, base: str) -> RecordTokens:
+    files = [paths.join(base, name) for name in header[split]["files"]]
+    return RecordTokens(files, header[split]["tokens"], header["record_tokens"], header["dtype"])
+
+
 def read_corpus(cfg_data) -> Corpus:
-    """The train and eval token streams of `data.source` (text, stdlib or a token file), unchecked."""
+    """The train and eval token streams of `data.source` (text, stdlib, a token file or ArrayRecord), unchecked."""
+    manifest = record_manifest(cfg_data.source)
+    if manifest is not None:
+        header, base = read_record_manifest(manifest, cfg_data.tokenizer), os.path.dirname(manifest)
+        train, evals = (record_tokens(header, split, base) for split in ("train", "eval"))
+        what = f"ArrayRecord {base} ({header['train']['tokens'] / 1e6:.1f}M train tokens, {header['tokenizer']})"
+        return Corpus(train, evals, header["vocab_size"], what)
     if cfg_data.source.endswith(".json"):
         return _read_token_file(cfg_data.source, cfg_data.tokenizer)
     tok = tok_lib.get(cfg_data.tokenizer)
@@ -232,6 +334,8 @@ class _Windows:
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         T = self.seq_len
+        if isinstance(self.tokens, RecordTokens):  # one read for the batch's records
+            return self.tokens.read(np.asarray(indices) * T, T + 1).astype(np.int32)
         return np.stack([np.asarray(self.tokens[i * T : i * T + T + 1], dtype=np.int32) for i in indices])
 
 
@@ -305,4 +409,34 @@ def write_token_file(cfg: ml_collections.ConfigDict, out: str) -> dict:
         os.replace(path + ".tmp", path)
         header[split] = {"file": os.path.basename(path), "tokens": int(len(tokens))}
     write_header(out, header)
+    return header
+
+
+def write_record_dir(out: str, header: dict, splits: dict[str, np.ndarray]) -> dict:
+    """Writes the token streams `splits` as the ArrayRecord corpus `out/`: shards, then the manifest (`header` plus
+    format, record size and per split its files, tokens and records), into `out.partial/`, which then replaces
+    `out` (an earlier `out` is moved aside first and deleted after). Returns the manifest."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp, old, C = f"{out}.partial", f"{out}.old", RECORD_TOKENS
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(tmp)
+    header = {**header, "format": RECORD_FORMAT, "record_tokens": C}
+    for split, tokens in splits.items():
+        records = -(-len(tokens) // C)
+        shards = max(1, -(-records // SHARD_RECORDS))
+        files = [f"{split}-{i:05d}-of-{shards:05d}.array_record" for i in range(shards)]
+        for i, name in enumerate(files):
+            writer = ArrayRecordWriter(os.path.join(tmp, name), RECORD_OPTIONS)
+            for r in range(i * SHARD_RECORDS, min((i + 1) * SHARD_RECORDS, records)):
+                writer.write(np.ascontiguousarray(tokens[r * C : (r + 1) * C]).tobytes())
+            writer.close()
+        header[split] = {**header.get(split, {}), "files": files, "tokens": int(len(tokens)), "records": records}
+    with open(os.path.join(tmp, RECORD_MANIFEST), "w") as fh:
+        json.dump(header, fh, indent=2)
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return header
