@@ -153,6 +153,9 @@ def defaults() -> ml_collections.ConfigDict:
         eval_every=200,
         eval_steps=4,
         log_every=10,
+        # training-dynamics metrics (dyn/ in metrics.jsonl, docs/analysis.md) every this many steps, which are
+        # then logged: per-group weight/gradient/update RMS, feature change per layer, attention entropy; 0 = off
+        dyn_every=0,
         sample_tokens=200,  # generated at the end of the run; 0 = none
         sample_prompt="def ",
         peak_flops=0.0,  # per-device peak for MFU; 0 = known table, else a matmul measured at start

@@ -27,6 +27,7 @@ from maxscale.quant import qat
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import checkpoint_tiers, faults, sample
 from maxscale.train import data as data_lib
+from maxscale.train import dyn as dyn_lib
 from maxscale.train import metrics as metrics_lib
 from maxscale.train import step as step_lib
 
@@ -36,6 +37,7 @@ RESUMABLE_FIELDS = (
     "train.eval_every",
     "train.eval_steps",
     "train.log_every",
+    "train.dyn_every",
     "train.sample_tokens",
     "train.sample_prompt",
     "train.peak_flops",
@@ -143,6 +145,10 @@ class Trainer:
         for record in logged:
             if "train/loss" in record:
                 spikes.observe(record["train/loss"])
+        dyn = None  # training-dynamics probe (train/dyn.py): dispatched after the step on dyn steps only
+        if cfg.train.dyn_every:
+            dyn = dyn_lib.Dynamics(setup, dyn_lib.probe_batch(setup, self.corpus, eval_data, pid, pcount))
+            dyn.begin(state, start)
         nonfinite = faults.NonFiniteWatch(cfg.train.nan_policy, seen=int(jax.device_get(state["nonfinite_steps"])))
 
         n_params = transformer.count_params(cfg)
@@ -212,9 +218,11 @@ class Trainer:
                     stop = done < cfg.train.steps and preempt.requested(done, cfg.train.log_every)
                     tier = checkpoint_tiers.save_tier(cfg, done, stop)  # persistent, local or None
                     save = tier is not None
-                    if done % cfg.train.log_every == 0 or save or step == start:
+                    if done % cfg.train.log_every == 0 or save or step == start or dyn_lib.is_dyn_step(cfg, done):
                         if quant_errors is not None:  # dispatched now, fetched with the step's metrics
                             dev_metrics = {**dev_metrics, **quant_errors(state["params"], batch[:, :-1])}
+                        if dyn is not None:  # dyn/ metrics on dyn steps only
+                            dev_metrics = dyn.add(dev_metrics, state, done)
                         pending = (done, dev_metrics)
                     if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                         if pending is not None:

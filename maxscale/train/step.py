@@ -22,6 +22,7 @@ from maxscale.model import attention, transformer
 from maxscale.model import moe as moe_lib
 from maxscale.parallel import sharding
 from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import dyn as dyn_lib
 from maxscale.train import optim
 
 
@@ -54,6 +55,7 @@ class Setup:
                 f"multiple of the data-parallel size {dp}; use a batch size that is a multiple of {k * dp}"
             )
         attention.check(cfg, attention.platform_of(mesh))
+        dyn_lib.check(cfg)
         model = transformer.ModelDef(cfg)
         shapes = {path: tuple(leaf.shape) for path, leaf in _flat(model.abstract_params)}
         sharding.check_divisible(model.specs, shapes, mesh)
@@ -129,6 +131,7 @@ class Setup:
         sched = optim.schedule(self.cfg)
         peak_lr = self.cfg.optimizer.lr
         nan_at = self.cfg.train.debug_nan_at_step
+        dyn_every = self.cfg.train.dyn_every
 
         def step(state, tokens_BT1):
             loss, grads, aux = self._gradients(state["params"], tokens_BT1, state.get("moe_bias"))
@@ -164,6 +167,8 @@ class Setup:
                 "nonfinite_steps": new["nonfinite_steps"],
                 "last_nonfinite_step": new["last_nonfinite_step"],
             }
+            if dyn_every:  # per-group RMS of weights, gradients, updates (train/dyn.py); fetched on dyn steps only
+                metrics.update(dyn_lib.weight_metrics(self.model.specs, new["params"], grads, updates))
             return new, metrics
 
         rep = sharding.replicated(self.mesh)
@@ -173,6 +178,11 @@ class Setup:
             out_shardings=(self.state_shardings, rep),
             donate_argnums=0,
         )
+
+    @functools.cached_property
+    def dyn_probe(self):
+        """The training-dynamics probe (train/dyn.py), compiled once per Setup."""
+        return dyn_lib.probe_fn(self)
 
     def _gradients(self, params, tokens_BT1, moe_bias, mults=None):
         """(cross-entropy, gradients, aux) of the batch. With train.microbatches = k > 1 the batch runs as k slices
