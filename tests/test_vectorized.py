@@ -1,6 +1,7 @@
 """Vectorized runs (train/vectorized.py): K configs that differ in hyperparameters trained as one compiled program
 give each member the losses of the same config run alone; a diverging member stops alone; run ids do not depend
-on packing; a killed pack resumes exactly."""
+on packing; a killed pack resumes exactly; the member axis split over devices (mesh.members) gives the replicated
+pack's losses; MoE members equal their runs alone; --slurm --vectorize runs a pack per array task."""
 
 import json
 import shutil
@@ -134,3 +135,128 @@ def test_sweep_vectorize_matches_unpacked_runs(tmp_path):
     logged = []
     sweep.run_local(packed, mesh=mesh, vectorize=2, log=logged.append)
     assert "4 finished, 0 to run" in logged[0]
+
+
+LRS = (1e-2, 3e-3, 5e-3, 2e-3)
+
+
+def _pack_losses(tmp_path, tag, cfgs, mesh, corpus):
+    dirs = [str(tmp_path / tag / f"m{i}") for i in range(len(cfgs))]
+    run = vectorized.VectorizedRun(cfgs, dirs, str(tmp_path / tag / "pack"), mesh=mesh, corpus=corpus)
+    run.run(log=lambda line: None)
+    return [[losses(d)[s] for s in sorted(losses(d))] for d in dirs], run
+
+
+@pytest.mark.slow
+def test_member_axis_sharded_over_devices_equals_replicated(tmp_path, tiny_corpus):
+    """mesh.members = n splits the member axis over n groups of devices (vectorized_mesh.py): the same losses as
+    the replicated pack, each device holding only its members; members = 1 with data = 2 shards each member."""
+    import jax
+
+    from maxscale.train import vectorized_mesh as vmesh
+
+    steps = {"train.steps": 5, "train.eval_every": 5, "train.eval_steps": 0}  # eval: the MoE test
+
+    def pack(members, data=1):
+        cfgs = [cfg_of(**steps, **{"optimizer.lr": lr, "data.seed": i, "mesh.data": data}) for i, lr in enumerate(LRS)]
+        for c in cfgs:  # set after resolve: mesh.members is read with a default (1)
+            c.mesh.members = members
+        return cfgs
+
+    ref, _ = _pack_losses(tmp_path, "ref", pack(1), one_device_mesh(cfg_of()), tiny_corpus)
+    for members, data in ((4, 1), (2, -1), (1, 2)):  # -1: each of the 2 groups fills its 2 devices with data
+        cfgs = pack(members, data)
+        mesh = vmesh.make_mesh(cfgs[0], len(cfgs), jax.devices()[: 2 if members == 1 else 4])
+        got, run = _pack_losses(tmp_path, f"m{members}", cfgs, mesh, tiny_corpus)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"members={members} data={data}")
+        leaf = run.init_state()["members"]["params"]["blocks"]["w_up"]
+        assert leaf.shape[0] == 4 and len(leaf.sharding.device_set) == len(mesh.devices.flat)
+        per_device = {s.data.shape[0] for s in leaf.addressable_shards}
+        assert per_device == {4 // members}, (members, per_device)  # each device holds its M/n members
+        batch = run.batch_sh.shard_shape((4, 4, 33))  # [M, B, T+1]: members, then rows over the member's data
+        assert batch == (4 // members, 4 // mesh.shape["data"], 33)
+
+
+def test_member_mesh_choices_and_refusals():
+    import jax
+
+    from maxscale.parallel import sharding
+    from maxscale.train import vectorized_mesh as vmesh
+
+    cfg = cfg_of(**{"mesh.data": -1})
+    cfg.mesh.members = 4
+    mesh = vmesh.make_mesh(cfg, 8, jax.devices())  # 8 devices: 4 groups of 2, data fills each group
+    assert dict(mesh.shape) == {"members": 4, "data": 2, "fsdp": 1, "tensor": 1, "expert": 1}
+    logged = []
+    small = vmesh.make_mesh(cfg, 2, jax.devices(), log=logged.append)  # a sweep's last pack of 2: gcd(2, 4) groups
+    assert small.shape["members"] == 2 and small.size == 4 and "stay idle" in logged[0]
+    assert vmesh.members_of(cfg_of()) == 1  # configs without the field: every member on the whole mesh
+    with pytest.raises(ConfigError, match=r"mesh.members=4; use a pack size"):
+        vmesh.check(mesh, 6)
+    cfg.mesh.members = 3
+    with pytest.raises(ConfigError, match="mesh.members=3 does not divide the 8 devices"):
+        vmesh.make_mesh(cfg, 6, jax.devices())
+    ep = cfg_of(**{"mesh.expert": 2})
+    with pytest.raises(ConfigError, match=r"expert parallelism \(mesh.expert=2\)"):
+        vmesh.check(sharding.make_mesh(ep, jax.devices()[:2]), 2)
+
+
+def test_moe_members_equal_their_runs_alone(tmp_path, tiny_corpus):
+    """MoE members (balance=bias: each member's routing bias is stacked state) equal their runs alone: losses,
+    routing metrics and moe_load.jsonl; here with the member axis split over 2 devices."""
+    import jax
+    from test_moe import moe_config
+
+    from maxscale.train import vectorized_mesh as vmesh
+
+    small = {k: v for k, v in SMALL.items() if k != "model.ffn_size"}
+    base = {**small, "model.depth": 2, "model.moe.expert_ffn_size": 32, "train.steps": 10, "train.eval_every": 10}
+    members = [{"optimizer.lr": 1e-2}, {"optimizer.lr": 3e-3, "data.seed": 1, "train.seed": 2}]
+    cfgs = [moe_config(**{**base, **m}) for m in members]
+    assert cfgs[0].model.moe.balance == "bias"
+    for c in cfgs:
+        c.mesh.members = 2
+    dirs = [str(tmp_path / f"m{i}") for i in range(2)]
+    mesh = vmesh.make_mesh(cfgs[0], 2, jax.devices()[:2])
+    vectorized.VectorizedRun(cfgs, dirs, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus).run()
+    for i, cfg in enumerate(cfgs):
+        out = loop.Trainer(cfg, str(tmp_path / f"alone{i}"), mesh=one_device_mesh(cfg), corpus=tiny_corpus).run()
+        assert np.abs(np.asarray(out["state"]["moe_bias"])).max() > 0  # the bias moved: it is in the comparison
+        for key in ("train/loss", "moe/load_max", "moe/router_entropy", "eval/loss"):
+            a, v = losses(tmp_path / f"alone{i}", key), losses(dirs[i], key)
+            assert sorted(a) == sorted(v) and a, key
+            np.testing.assert_allclose([v[s] for s in a], [a[s] for s in a], rtol=1e-5, err_msg=f"{i} {key}")
+        rows = [[json.loads(line) for line in open(f"{d}/moe_load.jsonl")] for d in (tmp_path / f"alone{i}", dirs[i])]
+        assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+        np.testing.assert_allclose([r["moe_load"] for r in rows[1]], [r["moe_load"] for r in rows[0]], atol=1e-6)
+
+
+def test_slurm_array_runs_one_pack_per_task(tmp_path, capsys):
+    """--slurm --vectorize=K: packs.txt holds a pack a line (its run directories joined by commas) and the array has
+    one task per pack, each running `tools/sweep.py --run_dir=DIR,DIR,...` (the local --jobs path's command)."""
+    from test_sweep import write_sweep
+
+    from maxscale.tools import sweep
+
+    path = write_sweep(
+        tmp_path,
+        """
+        return {"config": BASE, "grid": {"optimizer.lr": [1e-3, 2e-3, 4e-3]},
+                "points": [{"parameterization.name": "sp"}, {"parameterization.name": "mup"}]}
+        """,
+    )
+    root = tmp_path / "runs"
+    assert sweep.main([path, "--slurm", "--vectorize=2", "--jobs=3", f"--root={root}"]) == 0
+    assert "(4 array tasks, 3 at a time)" in capsys.readouterr().out  # sp: 2 + 1, mup: 2 + 1
+    script = (root / "demo" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-3%3" in script and f"{root / 'demo'}/packs.txt)" in script
+    assert 'tools/sweep.py --run_dir="$RUN_DIR"' in script
+    lines = (root / "demo" / "packs.txt").read_text().split()
+    runs = {r["dir"]: r for r in sweep.expand(sweep.load_sweep(path), str(root))}
+    assert sorted(d for line in lines for d in line.split(",")) == sorted(runs)  # every run in one pack
+    assert [len(line.split(",")) for line in lines] == [2, 1, 2, 1]
+    for line in lines:
+        keys = {vectorized.pack_key(runs[d]["config"]) for d in line.split(",")}
+        assert len(keys) == 1  # a pack's members differ only in vectorizable fields
+    assert sweep.main([path, "--slurm", f"--root={root}"]) == 0  # without --vectorize: a run per task, as before
+    assert "runs.txt)" in (root / "demo" / "sweep.sbatch").read_text()

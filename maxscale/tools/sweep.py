@@ -52,6 +52,7 @@ NOT_HASHED = (
 RESULT_FILE = "result.json"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/sweep.py lives there
 RUN_FILE = "sweep_run.json"
+RUNS = "runs.txt"  # the run directories, one a line (the --slurm array's tasks)
 
 
 def load_sweep(spec: str) -> dict:
@@ -201,7 +202,7 @@ def write_plan(sweep: dict, runs: list[dict], root: str) -> str:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     index = [{"id": r["id"], "overrides": r["overrides"]} for r in runs]
     paths.write_text_atomic(sweep_dir / "sweep.json", json.dumps({"name": sweep["name"], "runs": index}, indent=1))
-    paths.write_text_atomic(sweep_dir / "runs.txt", "".join(r["dir"] + "\n" for r in runs))
+    paths.write_text_atomic(sweep_dir / RUNS, "".join(r["dir"] + "\n" for r in runs))
     for r in runs:
         paths.as_path(r["dir"]).mkdir(parents=True, exist_ok=True)
         paths.write_text_atomic(
@@ -331,10 +332,8 @@ def run_local(
     return outcome
 
 
-def slurm_script(
-    sweep_dir: str, n_runs: int, jobs: int, python: str = "python", partition: str = "", time_limit: str = ""
-) -> str:
-    """An sbatch job-array script: task i runs line i+1 of runs.txt (`%jobs` at a time)."""
+def slurm_script(sweep_dir: str, n_runs: int, jobs: int, python="python", partition="", time_limit="", listing=RUNS):
+    """An sbatch job-array script: task i runs line i+1 of `listing` (a run, or a --vectorize pack), %jobs at once."""
     name = os.path.basename(os.path.normpath(sweep_dir))
     lines = [
         "#!/bin/bash",
@@ -351,7 +350,7 @@ def slurm_script(
     lines += [
         "set -euo pipefail",
         f"cd {shlex.quote(REPO)}",
-        f'RUN_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(sweep_dir))}/runs.txt)',
+        f'RUN_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(sweep_dir))}/{listing})',
         f'exec {python} tools/sweep.py --run_dir="$RUN_DIR"',
         "",
     ]
@@ -437,14 +436,14 @@ def main(argv: list[str]) -> int:
         return 0
     sweep_dir = write_plan(sweep, runs, root)
     if flags.get("slurm"):
-        path = os.path.join(sweep_dir, "sweep.sbatch")
-        paths.write_text_atomic(
-            path,
-            slurm_script(
-                sweep_dir, len(runs), jobs, partition=flags.get("partition", ""), time_limit=flags.get("time", "")
-            ),
-        )
-        print(f"wrote {path} ({len(runs)} array tasks, {jobs} at a time); submit with: sbatch {path}")
+        path, tasks, listing = os.path.join(sweep_dir, "sweep.sbatch"), len(runs), RUNS
+        if vectorize > 1:  # one array task per vectorized pack (its directories on one line of packs.txt)
+            from maxscale.train import vectorized
+
+            tasks, listing = vectorized.write_pack_list(runs, vectorize, sweep_dir), vectorized.PACK_LIST
+        opts = {"partition": flags.get("partition", ""), "time_limit": flags.get("time", ""), "listing": listing}
+        paths.write_text_atomic(path, slurm_script(sweep_dir, tasks, jobs, **opts))
+        print(f"wrote {path} ({tasks} array tasks, {jobs} at a time); submit with: sbatch {path}")
         return 0
     outcome = run_local(runs, jobs=jobs, keep_checkpoints=bool(flags.get("keep_checkpoints")), vectorize=vectorize)
     return 0 if all(s in ("done", "diverged") for s in outcome.values()) else 1

@@ -13,8 +13,11 @@ What may differ between members (VECTORIZABLE), and how each is kept exact:
   parameterization.init_std embed_init_std, train.seed
                                         init only: each member is initialised from its own config and seed
   data.seed                             each member reads its own batch stream (stacked [M, B, T+1])
-Anything else that differs is a ConfigError naming the field. MoE models and train.debug_nan_at_step are not
-supported (a follow-up). Members are replicated on every device of the mesh (the member axis is not sharded).
+Anything else that differs is a ConfigError naming the field; train.debug_nan_at_step is not supported. MoE models
+are: each member's routing bias (balance=bias) is stacked with its state and updated from its own load, and its
+moe/ metrics and moe_load.jsonl are those of its run alone; expert parallelism (mesh.expert > 1) is refused. Where
+the members live: each on the whole mesh (mesh.members = 1, the default) or split over groups of devices
+(mesh.members = n; vectorized_mesh.py says when to choose which).
 
 Each member writes its run directory as a single run does (config.json, metrics.jsonl and TensorBoard with the
 same records at the same steps; tokens_per_s and mfu are per member, the pack's are K times these); the caller
@@ -39,18 +42,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from maxscale import config as config_lib
 from maxscale import paths
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
-from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import checkpoint_tiers, faults, optim
 from maxscale.train import data as data_lib
 from maxscale.train import metrics as metrics_lib
 from maxscale.train import step as step_lib
+from maxscale.train import vectorized_mesh as vmesh
 
 OPT_FIELDS = ("lr", "weight_decay", "b1", "b2", "eps")
 MULT_FIELDS = ("output_mult", "input_mult", "attn_mult")
@@ -90,6 +95,17 @@ def packs(runs: list[dict], k: int, log=print) -> list[list[dict]]:
     return out
 
 
+PACK_LIST = "packs.txt"
+
+
+def write_pack_list(runs: list[dict], k: int, sweep_dir: str, log=print) -> int:
+    """Writes <sweep_dir>/packs.txt, a pack a line (its run directories joined by commas, as `tools/sweep.py
+    --run_dir=` takes them) for the --slurm array of --vectorize=K: one task per pack. Returns the number of packs."""
+    lines = "".join(",".join(r["dir"] for r in unit) + "\n" for unit in packs(runs, k, log))
+    paths.write_text_atomic(paths.join(sweep_dir, PACK_LIST), lines)
+    return lines.count("\n")
+
+
 def check_members(cfgs: list) -> None:
     """ConfigError (one line) unless the resolved configs differ only in VECTORIZABLE fields and are supported."""
     if not cfgs:
@@ -103,8 +119,6 @@ def check_members(cfgs: list) -> None:
                     f"{flat.get(field)!r}), which is not vectorizable; only {', '.join(VECTORIZABLE)} may differ"
                 )
     cfg = cfgs[0]
-    if transformer.is_moe(cfg):
-        raise ConfigError("vectorized run: MoE models (model.moe.num_experts > 0) are not supported; run them alone")
     if cfg.train.debug_nan_at_step:
         raise ConfigError("vectorized run: train.debug_nan_at_step is not supported; set it to 0")
 
@@ -135,52 +149,63 @@ class VectorizedRun:
             raise ConfigError(f"vectorized run: {len(cfgs)} configs but {len(run_dirs)} run directories")
         self.cfgs, self.run_dirs, self.pack_dir = list(cfgs), list(run_dirs), pack_dir
         cfg = self.cfg = cfgs[0]
-        self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg)
+        M = self.M = len(cfgs)
+        self.mesh = mesh if mesh is not None else vmesh.make_mesh(cfg, M)
+        vmesh.check(self.mesh, M)
         self.setup = step_lib.Setup.build(cfg, self.mesh)
-        self.rep = sharding.replicated(self.mesh)  # members replicated: the member axis is not sharded (yet)
+        self.axis = vmesh.member_axis(self.mesh)  # None: every member on the whole mesh
         self.corpus = corpus if corpus is not None else data_lib.load_corpus(cfg)
-        M = len(cfgs)
+        self.member_sh = NamedSharding(self.mesh, P(self.axis))  # [M, ...] per-member values
+        put = lambda v: jax.device_put(jnp.asarray(v, jnp.float32), self.member_sh)  # noqa: E731
         opt = {f: [float(c.optimizer[f]) for c in cfgs] for f in OPT_FIELDS}
-        self.opt_hp = {f: jnp.asarray(v, jnp.float32) for f, v in opt.items() if _differing(v)}
-        self.peak_lr = jnp.asarray(opt["lr"], jnp.float32)
+        self.opt_values = {f: v for f, v in opt.items() if _differing(v)}
+        self.opt_hp = {f: put(v) for f, v in self.opt_values.items()}
+        self.peak_lr = put(opt["lr"])
         mults = [Parameterization(c).multipliers() for c in cfgs]
-        self.mults = {
-            k: jnp.asarray([m[k] for m in mults], jnp.float32) for k in mults[0] if _differing([m[k] for m in mults])
-        }
+        self.mults = {k: put([m[k] for m in mults]) for k in mults[0] if _differing([m[k] for m in mults])}
         self.per_member_data = _differing([c.data.seed for c in cfgs])
-        self.M = M
+        bs = self.setup.batch_sharding
+        self.batch_sh = vmesh.stacked(bs, self.axis) if self.per_member_data else bs
+        one = jax.eval_shape(lambda p: self._member(0, p), self.setup.model.abstract_params)
+        self.state_sh = vmesh.state_shardings(self.setup, one)
+        stack = lambda s: jax.ShapeDtypeStruct((M, *s.shape), s.dtype)  # noqa: E731
+        self.shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "members": jax.tree.map(stack, one)}
 
     # -- state -------------------------------------------------------------------------------------------------------
+    def _member(self, i: int, params) -> dict:
+        """Member i's initial state around its `params` (its optimizer state, RNG, counters, MoE routing bias)."""
+        hp = {f: jnp.asarray(v[i], jnp.float32) for f, v in self.opt_values.items()}
+        tx = optim.make_optimizer(self.cfg, self.setup.model.spec_tree(), hp or None)
+        out = {
+            "params": params,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(self.cfgs[i].train.seed)),
+            "nonfinite_steps": jnp.zeros([], jnp.int32),
+            "last_nonfinite_step": jnp.zeros([], jnp.int32),
+            "active": jnp.ones([], jnp.bool_),
+        }
+        if self.setup.moe_bias_shape:  # [MoE blocks, experts]: state beside the params, as in a single run
+            out["moe_bias"] = jnp.zeros(self.setup.moe_bias_shape, jnp.float32)
+        return out
+
     def init_state(self) -> dict:
-        """The stacked initial state: each member's params from its own config and seed."""
-        spec_tree = self.setup.model.spec_tree()
+        """The stacked initial state: each member's params from its own config and seed, sharded as the pack's."""
         inits, members = {}, []
         for i, c in enumerate(self.cfgs):
             p = c.parameterization
             key = (p.init_std, p.embed_init_std)
             if key not in inits:  # one compile per distinct init config; the seed is traced
-                inits[key] = jax.jit(transformer.ModelDef(c).init)
-            params = inits[key](c.train.seed)
-            tx = optim.make_optimizer(self.cfg, spec_tree, {f: v[i] for f, v in self.opt_hp.items()} or None)
-            members.append(
-                {
-                    "params": params,
-                    "opt_state": tx.init(params),
-                    "rng": jax.random.key_data(jax.random.key(c.train.seed)),
-                    "nonfinite_steps": jnp.zeros([], jnp.int32),
-                    "last_nonfinite_step": jnp.zeros([], jnp.int32),
-                    "active": jnp.ones([], jnp.bool_),
-                }
-            )
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
-        return jax.device_put({"step": jnp.zeros([], jnp.int32), "members": stacked}, self.rep)
+                inits[key] = jax.jit(transformer.ModelDef(c).init, out_shardings=self.setup.state_shardings["params"])
+            members.append(self._member(i, inits[key](c.train.seed)))
+        stack = jax.jit(lambda ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=self.state_sh["members"])
+        return {"step": jax.device_put(jnp.zeros([], jnp.int32), self.state_sh["step"]), "members": stack(members)}
 
     # -- the step ----------------------------------------------------------------------------------------------------
     def _member_step(self, state, step, tokens_BT1, opt_hp, mults, peak_lr):
         """One member's update (vmapped over the members); `step`: the steps done so far, shared."""
         setup, cfg = self.setup, self.cfg
         tx = optim.make_optimizer(cfg, setup.model.spec_tree(), opt_hp or None)
-        loss, grads, _ = setup._gradients(state["params"], tokens_BT1, None, mults or None)
+        loss, grads, aux = setup._gradients(state["params"], tokens_BT1, state.get("moe_bias"), mults or None)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         apply = finite & state["active"]  # a stopped member is frozen
@@ -204,31 +229,46 @@ class VectorizedRun:
             "nonfinite_steps": new["nonfinite_steps"],
             "last_nonfinite_step": new["last_nonfinite_step"],
         }
+        if "moe" in aux:  # the routing bias follows this member's own load (step.Setup.train_step's rule)
+            new["moe_bias"] = keep(setup._updated_bias(state["moe_bias"], aux["moe"]), state["moe_bias"])
+            metrics.update(step_lib.moe_step_metrics(aux["moe"]))
         return new, metrics
 
     def train_step(self, state, tokens):
         if not hasattr(self, "_train_step"):
             data_axis = 0 if self.per_member_data else None
-            vstep = jax.vmap(self._member_step, in_axes=(0, None, data_axis, 0, 0, 0))
+            # spmd_axis_name: the model's sharding constraints keep the member axis on its devices
+            vstep = jax.vmap(self._member_step, in_axes=(0, None, data_axis, 0, 0, 0), spmd_axis_name=self.axis)
 
             def step(state, tokens, opt_hp, mults, peak_lr):
                 members, metrics = vstep(state["members"], state["step"], tokens, opt_hp, mults, peak_lr)
                 return {"step": state["step"] + 1, "members": members}, metrics
 
-            self._train_step = jax.jit(step, donate_argnums=0)
+            ms = self.member_sh
+            self._train_step = jax.jit(
+                step,
+                in_shardings=(self.state_sh, self.batch_sh, ms, ms, ms),
+                out_shardings=(self.state_sh, ms),
+                donate_argnums=0,
+            )
         return self._train_step(state, tokens, self.opt_hp, self.mults, self.peak_lr)
 
-    def eval_losses(self, params, tokens_BT1) -> np.ndarray:
-        """[M] cross-entropy of one eval batch (the same batch for every member)."""
+    def eval_losses(self, members: dict, tokens_BT1) -> jax.Array:
+        """[M] cross-entropy of one eval batch (the same batch for every member; each with its routing bias)."""
         if not hasattr(self, "_eval"):
-            one = lambda p, m, t: self.setup.loss_and_aux(p, t, None, m or None)[1]["ce"]  # noqa: E731
-            self._eval = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
-        return self._eval(params, self.mults, tokens_BT1)
+            one = lambda p, b, m, t: self.setup.loss_and_aux(p, t, b, m or None)[1]["ce"]  # noqa: E731
+            ms, sh = self.member_sh, self.state_sh["members"]
+            self._eval = jax.jit(
+                jax.vmap(one, in_axes=(0, 0, 0, None), spmd_axis_name=self.axis),
+                in_shardings=(sh["params"], ms, ms, self.setup.batch_sharding),
+                out_shardings=ms,
+            )
+        return self._eval(members["params"], members.get("moe_bias"), self.mults, tokens_BT1)
 
     def _batch(self, iterators):
         if self.per_member_data:
-            return jax.device_put(np.stack([next(it)["tokens"] for it in iterators]), self.rep)
-        return jax.device_put(next(iterators[0])["tokens"], self.rep)
+            return jax.device_put(np.stack([next(it)["tokens"] for it in iterators]), self.batch_sh)
+        return jax.device_put(next(iterators[0])["tokens"], self.batch_sh)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def run(self, log=print) -> list[dict]:
@@ -240,10 +280,10 @@ class VectorizedRun:
             paths.write_text_atomic(paths.join(d, "config.json"), config_lib.to_json(c))
         n_iters = M if self.per_member_data else 1
         iterators = [iter(data_lib.train_dataset(self.corpus, c)) for c in self.cfgs[:n_iters]]
-        eval_data = [jax.device_put(b["tokens"], self.rep) for b in data_lib.eval_batches(self.corpus, cfg)]
+        eval_sh = self.setup.batch_sharding
+        eval_data = [jax.device_put(b["tokens"], eval_sh) for b in data_lib.eval_batches(self.corpus, cfg)]
         checkpointer = ckpt_lib.Checkpointer(self.pack_dir, cfg)
-        shapes = jax.eval_shape(self.init_state)
-        abstract = ckpt_lib.abstract_with_shardings(shapes, jax.tree.map(lambda _: self.rep, shapes))
+        abstract = ckpt_lib.abstract_with_shardings(self.shapes, self.state_sh)
         start, state = checkpointer.restore_latest(abstract, _Iterators(iterators), report=log)
         if start is None:
             start, state = 0, self.init_state()
@@ -272,6 +312,7 @@ class VectorizedRun:
         def flush(step, dev_metrics):
             nonlocal last_time, last_step, state
             values = jax.device_get(dev_metrics)
+            load_MLE = values.pop("moe/load", None)  # per member, layer and expert: moe_load.jsonl, as alone
             now = time.perf_counter()
             rate = 0.0 if last_time is None else tokens_per_step / ((now - last_time) / max(step - last_step, 1))
             last_time, last_step = now, step
@@ -288,6 +329,8 @@ class VectorizedRun:
                 if spike is not None:
                     v["loss_spike"] = spike
                 writers[i].write(step, v)
+                if load_MLE is not None:
+                    writers[i].write_array(step, "moe_load", load_MLE[i])
                 results[i].update(v, step=step)
                 try:
                     watches[i].check(step, int(v["nonfinite_steps"]), last_nonfinite, checkpointer.newest_step())
@@ -297,7 +340,8 @@ class VectorizedRun:
                     stop.append(i)
                     log(f"vectorized: member {i} ({self.run_dirs[i]}) stopped: {e}")
             if stop:
-                members = {**state["members"], "active": jax.device_put(np.asarray(active), self.rep)}
+                on = jax.device_put(np.asarray(active), self.state_sh["members"]["active"])
+                members = {**state["members"], "active": on}
                 state = {**state, "members": members}
 
         try:
@@ -311,7 +355,7 @@ class VectorizedRun:
                     flush(done, dev_metrics)
                 if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     losses = np.mean(
-                        np.stack(jax.device_get([self.eval_losses(state["members"]["params"], b) for b in eval_data])),
+                        np.stack(jax.device_get([self.eval_losses(state["members"], b) for b in eval_data])),
                         0,
                     )
                     for i in range(M):
