@@ -1,7 +1,9 @@
 """Multi-head scaling (Bordelon, Chaudhry, Pehlevan, "Infinite limits of multi-head transformer dynamics"): the two
 ways to grow attention with the width under muP, more heads at a fixed head dim (`heads`) or a larger head dim at
 fixed heads (`head_dim`), each with the 1/d_head logit scaling (muP's) and 1/sqrt(d_head) (SP's). Widths 64, 128,
-256 from the base's 4 heads of 16, 5 learning rates a factor of 2 apart: 60 runs. The base is docs/transfer.md's.
+256 from the base's 4 heads of 16, 5 learning rates a factor of 2 apart. The base is docs/transfer.md's. Growing
+heads keeps d_head = d0, where the logit scale d0^(a - 1/2) d_head^-a is d0^-1/2 for every exponent a: the two
+scalings are one model there, so that combination runs once (as 1/d): 45 runs, not 60.
 
   python tools/sweep.py configs/sweeps/heads.py
   python tools/transfer_report.py runs/heads
@@ -24,5 +26,11 @@ def get_sweep():
         for grows in ("heads", "head_dim")
         for w in WIDTHS
     ]
-    points = [{"parameterization.attn_exponent": e, "optimizer.lr": lr} for e in SCALINGS.values() for lr in LRS]
-    return {"config": BASE, "fixed": {"parameterization.name": "mup"}, "grid": {"shape": shapes}, "points": points}
+    points = [
+        {**shape, "parameterization.attn_exponent": e, "optimizer.lr": lr}
+        for shape in shapes
+        for e in SCALINGS.values()
+        if shape["parameterization.width_grows"] == "head_dim" or e == 1.0  # heads: one model for every exponent
+        for lr in LRS
+    ]
+    return {"config": BASE, "fixed": {"parameterization.name": "mup"}, "points": points}
