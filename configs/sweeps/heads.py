@@ -5,7 +5,8 @@ fixed heads (`head_dim`), each with the 1/d_head logit scaling (muP's) and 1/sqr
 heads keeps d_head = d0, where the logit scale d0^(a - 1/2) d_head^-a is d0^-1/2 for every exponent a: the two
 scalings are one model there, so that combination runs once (as 1/d): 45 runs, not 60.
 
-  python tools/sweep.py configs/sweeps/heads.py
+  python tools/sweep.py configs/sweeps/heads.py              # one seed
+  python tools/sweep.py configs/sweeps/heads.py:3            # 3 seeds (train and data order): 135 runs
   python tools/transfer_report.py runs/heads
 """
 
@@ -19,7 +20,7 @@ LRS = [2.0**e for e in range(-9, -4)]  # 2^-9 .. 2^-5
 SCALINGS = {"1/d": 1.0, "1/sqrt(d)": 0.5}  # parameterization.attn_exponent
 
 
-def get_sweep():
+def get_sweep(seeds: str = "1"):
     base = config.resolve(config.load(BASE))
     shapes = [
         {**parameterization.scale_shapes(base, width=w, grows=grows), "parameterization.width_grows": grows}
@@ -33,4 +34,5 @@ def get_sweep():
         if shape["parameterization.width_grows"] == "head_dim" or e == 1.0  # heads: one model for every exponent
         for lr in LRS
     ]
-    return {"config": BASE, "fixed": {"parameterization.name": "mup"}, "points": points}
+    grid = {"seed": [{"train.seed": s, "data.seed": s} for s in range(int(seeds))]}
+    return {"config": BASE, "fixed": {"parameterization.name": "mup"}, "grid": grid, "points": points}
