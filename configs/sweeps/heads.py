@@ -1,12 +1,12 @@
 """Multi-head scaling (Bordelon, Chaudhry, Pehlevan, "Infinite limits of multi-head transformer dynamics"): the two
 ways to grow attention with the width under muP, more heads at a fixed head dim (`heads`) or a larger head dim at
 fixed heads (`head_dim`), each with the 1/d_head logit scaling (muP's) and 1/sqrt(d_head) (SP's). Widths 64, 128,
-256 from the base's 4 heads of 16, 5 learning rates a factor of 2 apart. The base is docs/transfer.md's. Growing
+256 from the base's 4 heads of 16, 6 learning rates a factor of 2 apart (2^-10 .. 2^-5). The base is docs/transfer.md's. Growing
 heads keeps d_head = d0, where the logit scale d0^(a - 1/2) d_head^-a is d0^-1/2 for every exponent a: the two
-scalings are one model there, so that combination runs once (as 1/d): 45 runs, not 60.
+scalings are one model there, so that combination runs once (as 1/d): 54 runs per seed, not 72.
 
   python tools/sweep.py configs/sweeps/heads.py              # one seed
-  python tools/sweep.py configs/sweeps/heads.py:3            # 3 seeds (train and data order): 135 runs
+  python tools/sweep.py configs/sweeps/heads.py:3            # 3 seeds (train and data order): 162 runs
   python tools/transfer_report.py runs/heads
 """
 
@@ -16,7 +16,7 @@ from maxscale import config, parameterization
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
 WIDTHS = (64, 128, 256)
-LRS = [2.0**e for e in range(-9, -4)]  # 2^-9 .. 2^-5
+LRS = [2.0**e for e in range(-10, -4)]  # 2^-10 .. 2^-5
 SCALINGS = {"1/d": 1.0, "1/sqrt(d)": 0.5}  # parameterization.attn_exponent
 
 
