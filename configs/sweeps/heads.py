@@ -1,9 +1,10 @@
 """Multi-head scaling (Bordelon, Chaudhry, Pehlevan, "Infinite limits of multi-head transformer dynamics"): the two
 ways to grow attention with the width under muP, more heads at a fixed head dim (`heads`) or a larger head dim at
-fixed heads (`head_dim`), each with the 1/d_head logit scaling (muP's) and 1/sqrt(d_head) (SP's). Widths 64, 128,
-256 from the base's 4 heads of 16, 6 learning rates a factor of 2 apart (2^-10 .. 2^-5). The base is docs/transfer.md's. Growing
-heads keeps d_head = d0, where the logit scale d0^(a - 1/2) d_head^-a is d0^-1/2 for every exponent a: the two
-scalings are one model there, so that combination runs once (as 1/d): 54 runs per seed, not 72.
+fixed heads (`head_dim`), each with the 1/d_head logit scaling (muP's) and 1/sqrt(d_head) (SP's).
+Widths 64, 128, 256 from the base's 4 heads of 16, 6 learning rates a factor of 2 apart (2^-10 .. 2^-5). The base is
+docs/transfer.md's. Growing heads keeps d_head = d0, where the logit scale d0^(a - 1/2) d_head^-a is d0^-1/2 for
+every exponent a: the two scalings are one model there, so that combination runs once (as 1/d): 54 runs per seed,
+not 72.
 
   python tools/sweep.py configs/sweeps/heads.py              # one seed
   python tools/sweep.py configs/sweeps/heads.py:3            # 3 seeds (train and data order): 162 runs
