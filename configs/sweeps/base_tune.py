@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from maxscale.analysis import tune
+
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
 SPACE = {  # field: (log2 low, log2 high)
     "optimizer.lr": (-10, -5),
@@ -50,12 +52,7 @@ def latin_hypercube(n: int, seed: int = 0) -> list[dict]:
 
 
 def _args(arg: str) -> dict:
-    out = {"n": "64", "k": "6", "seeds": "3", "top": "", "corpus": ""}
-    for item in filter(None, arg.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in out:
-            raise ValueError(f"base_tune.py: unknown argument {item!r}; use n=, top=, k=, seeds=, corpus=")
-        out[key] = value
+    out = tune.sweep_arguments(arg, {"n": "64", "k": "6", "seeds": "3", "top": "", "corpus": ""}, "base_tune.py")
     return out
 
 
@@ -70,8 +67,6 @@ def get_sweep(arg: str = ""):
     if not a["top"]:
         sweep["points"] = latin_hypercube(int(a["n"])) + DEFAULTS
         return sweep
-    from maxscale.analysis import tune
-
     best = tune.best_points(a["top"], list(SPACE), k=int(a["k"]))
     seeds = [{"train.seed": s, "data.seed": s} for s in range(int(a["seeds"]))]
     sweep["grid"] = {"seed": seeds}

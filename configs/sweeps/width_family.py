@@ -17,6 +17,7 @@ Runs land in width_family_<series>[_<corpus stem>]; run the sweep with --keep_ch
 import os
 
 from maxscale import config, parameterization
+from maxscale.analysis import tune
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
 KEEP = (25, 50, 100, 200)
@@ -24,14 +25,8 @@ SP_LR = 2.0**-9
 
 
 def _args(arg: str) -> dict:
-    out = {"series": "", "tuned": "", "seeds": "2", "widths": "64+128+256+512", "corpus": ""}
-    for item in filter(None, arg.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in out:
-            raise ValueError(
-                f"width_family.py: unknown argument {item!r}; use series=, tuned=, seeds=, widths=, corpus="
-            )
-        out[key] = value
+    defaults = {"series": "", "tuned": "", "seeds": "2", "widths": "64+128+256+512", "corpus": ""}
+    out = tune.sweep_arguments(arg, defaults, "width_family.py")
     if out["series"] not in ("mup", "sp") or (out["series"] == "mup" and not out["tuned"]):
         raise ValueError("width_family.py needs series=sp, or series=mup with tuned=DIR (a base_tune sweep)")
     return out
@@ -41,8 +36,6 @@ def get_sweep(arg: str = ""):
     a = _args(arg)
     fixed = {"checkpoint.keep_steps": KEEP, "checkpoint.every": 50}
     if a["series"] == "mup":
-        from maxscale.analysis import tune
-
         fixed.update({"parameterization.name": "mup", **tune.best_tuned(a["tuned"])})
     else:
         fixed.update({"parameterization.name": "sp", "optimizer.lr": SP_LR})

@@ -20,28 +20,21 @@ import math
 import os
 
 from maxscale import config, parameterization
+from maxscale.analysis import tune
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_base.py")
 SERIES = ("mup", "sp", "sp_tuned")
 
 
 def _args(arg: str) -> dict:
-    out = {"tuned": "", "seeds": "3", "widths": "64+128+256+512", "series": "mup+sp", "corpus": ""}
-    for item in filter(None, arg.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in out:
-            raise ValueError(
-                f"width_tuned.py: unknown argument {item!r}; use tuned=, seeds=, widths=, series=, corpus="
-            )
-        out[key] = value
+    defaults = {"tuned": "", "seeds": "3", "widths": "64+128+256+512", "series": "mup+sp", "corpus": ""}
+    out = tune.sweep_arguments(arg, defaults, "width_tuned.py")
     if not out["tuned"]:
         raise ValueError("width_tuned.py needs tuned=DIR, the base_tune sweep directory (e.g. :tuned=runs/base_tune)")
     return out
 
 
 def get_sweep(arg: str = ""):
-    from maxscale.analysis import tune
-
     a = _args(arg)
     best = tune.best_tuned(a["tuned"], min_seeds=int(a["seeds"]))
     lr0 = best.pop("optimizer.lr")

@@ -28,6 +28,18 @@ TUNED_FIELDS = (
 )
 
 
+def sweep_arguments(arg: str, defaults: dict, prog: str) -> dict:
+    """The `FILE.py:key=value,...` argument of the tuning sweep files: `defaults` updated by it (values stay
+    strings); ValueError naming `prog` and the keys it takes on an unknown key or an item without `=`."""
+    out = dict(defaults)
+    for item in filter(None, arg.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in out:
+            raise ValueError(f"{prog}: unknown argument {item!r}; use {', '.join(k + '=' for k in out)}")
+        out[key] = value
+    return out
+
+
 def best_tuned(sweep_dir: str, min_seeds: int = 3) -> dict:
     """The best point of TUNED_FIELDS in a base-tuning sweep among those with `min_seeds` finished seeds."""
     return best_points(sweep_dir, list(TUNED_FIELDS), k=1, min_seeds=min_seeds)[0]["point"]
