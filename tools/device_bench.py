@@ -4,16 +4,17 @@ machine's accelerators, set up for speed: bfloat16 compute with float32 master w
 flash attention, the readout and loss in chunks, and the lightest remat policy that fits. Prints one line per model
 and writes JSON: tokens/s, MFU against the bf16 peak (989 TFLOP/s dense for H100/H200 SXM), device memory.
 
-    tools/device_bench.sh [args]     # makes .venv-gpu (maxscale + jax[cuda12]) when missing, then runs this file
+    tools/device_bench.sh [args]     # picks a Python with CUDA JAX (or makes .venv-gpu), then runs this file
     python tools/device_bench.py [--models=dense,moe] [--steps=10] [--batch_per_device=4] [--seq_len=4096]
-        [--remat=none,save_attn_out,dots_no_batch,full] [--attention=cudnn] [--loss_chunk=1024]
+        [--remat=none,save_attn_out,dots_no_batch,full] [--attention=cudnn] [--loss_chunk=4096]
+        [--moe_dispatch=capacity] [--check_attention]
         [--peak_tflops=989] [--out=runs/device_bench.json] [--config.<section>.<field>=<value> ...]
 
-Budget on one H100/H200: about a minute of compile per model and policy, seconds for the timed steps; a policy
-that runs out of memory costs one more compile (the next policy in --remat is tried), so the default run ends well
-under 8 minutes. `mfu` counts attention as PaLM does (the full T x T, as the trainer logs it); `mfu_causal` counts
-only the causal half, as MaxText reports. XLA's GPU flags (maxscale/launch/common.py) are set unless XLA_FLAGS
-already holds them; XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.92 here.
+Measured on one H200 (docs/performance.md): each model took 25-40 s in all (JAX start-up, compile, autotuning, 11
+steps); a policy that runs out of memory costs one more compile (the next policy in --remat is tried). The whole
+default run ends in about 2 minutes. `mfu` counts attention as PaLM does (the full T x T, as the trainer logs
+it); `mfu_causal` counts only the causal half, as MaxText reports. XLA's GPU flags (maxscale/launch/common.py)
+are set unless XLA_FLAGS already holds them; XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.92 here.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--seq_len", type=int, default=4096)
     ap.add_argument("--remat", default=REMAT_ORDER, help="policies to try in order; the first that fits is kept")
     ap.add_argument("--attention", default="cudnn", help="model.attention_impl (auto, cudnn, chunked, xla, ...)")
-    ap.add_argument("--loss_chunk", type=int, default=1024, help="model.loss_chunk_size (positions; 0 = off)")
+    ap.add_argument("--loss_chunk", type=int, default=4096, help="model.loss_chunk_size (positions; 0 = off)")
+    ap.add_argument(
+        "--moe_dispatch", default="capacity", help="model.moe.dispatch of the MoE model (capacity, dropless, dense)"
+    )
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device bf16 peak; 0 = the device table")
     ap.add_argument("--out", default="runs/device_bench.json")
+    ap.add_argument("--check_attention", action="store_true", help="first compare the attention kernels' numbers")
     args, rest = ap.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--config.") and "=" in a)]
     if bad:
@@ -74,7 +79,8 @@ def model_config(name: str, args: argparse.Namespace, num_devices: int = 1):
         c.model.moe.update(
             num_experts=32, num_active=4, expert_ffn_size=768, num_shared=1, shared_ffn_size=1536, first_dense=1
         )
-        c.model.moe.dispatch = "dropless"
+        # capacity: on one H200 (jax 0.11.2) dropless's jax.lax.ragged_dot ran 5.2x slower (docs/performance.md)
+        c.model.moe.dispatch = args.moe_dispatch
     c.data.seq_len = args.seq_len  # random tokens: the bench reads no corpus
     c.train.update(batch_size=args.batch_per_device * num_devices, peak_flops=args.peak_tflops * 1e12)
     for key, value in args.overrides:
@@ -123,6 +129,62 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     return {"model": name, "remat_tried": tried, "error": "no policy in --remat ran; see remat_tried"}
 
 
+def measured_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """bf16 TFLOP/s of one n x n x n matmul on random data (zeros run faster and would flatter the ceiling), the
+    median of `repeats` after a warm-up: the ceiling this device really reaches, beside the datasheet's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def check_attention(B: int = 2, T: int = 2048, H: int = 16, G: int = 8, K: int = 128) -> dict:
+    """Each attention kernel this backend has, on bfloat16 operands, against the XLA path on the same operands in
+    float32: ||x - ref|| / ||ref|| of the output and of dq, dk, dv (causal, GQA). bf16 operands land near 1e-2;
+    a wrong kernel lands near 1."""
+    import jax
+    import jax.numpy as jnp
+
+    from maxscale.model import kernels
+
+    kq, kk, kv, kg = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (B, T, H, K), jnp.float32)
+    k = jax.random.normal(kk, (B, T, G, K), jnp.float32)
+    v = jax.random.normal(kv, (B, T, G, K), jnp.float32)
+    g = jax.random.normal(kg, (B, T, H, K), jnp.float32)
+    scale = K**-0.5
+
+    def out_and_grads(fn, dtype):
+        args = [x.astype(dtype) for x in (q, k, v)]
+        out, vjp = jax.vjp(lambda *a: fn(*a, scale), *args)
+        return [x.astype(jnp.float32) for x in (out, *vjp(g.astype(dtype)))]
+
+    ref = jax.jit(lambda: out_and_grads(kernels.xla_attention, jnp.float32))()
+    impls = {"xla": kernels.xla_attention, "chunked": kernels.chunked_attention}
+    if jax.devices()[0].platform == "gpu":
+        impls["cudnn"] = kernels.cudnn_attention
+    result = {}
+    for name, fn in impls.items():
+        try:
+            got = jax.jit(lambda fn=fn: out_and_grads(fn, jnp.bfloat16))()
+            errs = [float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(got, ref)]
+            result[name] = dict(zip(("out", "dq", "dk", "dv"), (round(e, 5) for e in errs)))
+        except Exception as e:  # noqa: BLE001 - reported, the benchmark goes on
+            result[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    return result
+
+
 def summary(result: dict) -> str:
     if "error" in result:
         return f"{result['model']}: failed ({result['remat_tried'][-1]['error'] if result['remat_tried'] else ''})"
@@ -145,8 +207,17 @@ def main(argv) -> int:
 
     out = {"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "models": {}}
     print(f"device_bench: {len(jax.devices())} x {out['devices'][0]}, jax {jax.__version__}", flush=True)
+    if jax.devices()[0].platform == "gpu":
+        out["measured_matmul_tflops"] = round(measured_matmul_tflops(), 1)
+        print(f"bf16 8192^3 matmul, random data: {out['measured_matmul_tflops']} TFLOP/s", flush=True)
+    if args.check_attention:
+        out["attention_check"] = check_attention()
+        print(f"attention vs float32 XLA (relative error, bf16 operands): {out['attention_check']}", flush=True)
     for name in args.models:
         out["models"][name] = result = bench_model(name, args)
+        if "measured_matmul_tflops" in out and "error" not in result:  # MFU against the ceiling measured here
+            ratio = result["peak_flops_per_device"] / (out["measured_matmul_tflops"] * 1e12)
+            result["mfu_of_measured_matmul"] = round(result["mfu"] * ratio, 4)
         print(summary(result), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
 # Device benchmark on a GPU machine (tools/device_bench.py; its arguments pass through):
 #   tools/device_bench.sh [--models=dense,moe] [--steps=10] [--out=runs/device_bench.json] ...
-# Makes .venv-gpu with maxscale and jax[cuda12] (the repo's JAX version) the first time (needs the package index),
-# then runs the benchmark. VENV=path uses another environment, e.g. one already holding a CUDA jaxlib.
+# Which Python runs it:
+#   - VENV=path: that environment's python (e.g. one already holding a CUDA jaxlib);
+#   - else, when `python3` (or $PYTHON) already imports a JAX with a GPU backend (an image with CUDA JAX, offline
+#     machines included), that python, with maxscale's other dependencies taken from it and, where missing, from
+#     wheel files in WHEELS=dir (installed with --no-index into a temporary folder: nothing is downloaded);
+#   - else .venv-gpu, made the first time with maxscale and jax[cuda12] (needs the package index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv-gpu}
-if [ ! -x "$VENV/bin/python" ]; then
-  "${PYTHON:-python3}" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e . "jax[cuda12]>=0.10,<0.11"
+PY=${PYTHON:-python3}
+if [ -n "${VENV:-}" ]; then
+  PY="$VENV/bin/python"
+elif "$PY" -c "import jax, sys; sys.exit(0 if any(d.platform == 'gpu' for d in jax.devices()) else 1)" 2>/dev/null; then
+  if [ -n "${WHEELS:-}" ]; then
+    site=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('flax', 'optax', 'orbax.checkpoint', \
+'ml_collections', 'tensorboardX', 'numpy') if u.find_spec(m.split('.')[0]) is None))")
+  if [ -n "$missing" ]; then
+    echo "device_bench.sh: $PY lacks: $missing; pass WHEELS=dir with their wheel files (or VENV=path)" >&2
+    exit 2
+  fi
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  PY=.venv-gpu/bin/python
+  if [ ! -x "$PY" ]; then
+    python3 -m venv .venv-gpu
+    .venv-gpu/bin/python -m pip install -q --upgrade pip
+    .venv-gpu/bin/python -m pip install -q -e . "jax[cuda12]>=0.10,<0.11"
+  fi
 fi
-exec "$VENV/bin/python" tools/device_bench.py "$@"
+exec "$PY" tools/device_bench.py "$@"
