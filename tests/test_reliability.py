@@ -134,6 +134,12 @@ def test_crashes_and_a_sigterm_resume_to_a_bitwise_identical_run(tmp_path, tiny_
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "24"]
     assert os.path.exists(tmp_path / "checkpoints" / "24" / ckpt_lib.MANIFEST)
 
+    # The same command once more: the run is complete, nothing changes, and it reports the run's final numbers
+    # (once "final train/loss nan": the values came only from steps this process ran).
+    again = make_trainer(tmp_path, tiny_corpus).run()
+    assert again["train/loss"] == result["train/loss"] and again["eval/loss"] == result["eval/loss"]
+    assert_same_run(tmp_path, again, reference)
+
 
 def test_rewind_metrics_keeps_one_run(tmp_path):
     lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2, 3, 4)]

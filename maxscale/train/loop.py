@@ -170,6 +170,8 @@ class Trainer:
         pending = None  # (step, device metrics) fetched after the next step is dispatched
         last_time, last_step = None, start
         result = {"preempted": False}
+        for record in logged:  # a resumed run reports the last values logged before it (all of them when complete)
+            result.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
 
         def flush(entry):
             nonlocal last_time, last_step, result
