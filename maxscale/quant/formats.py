@@ -7,7 +7,10 @@ the quantized value and the gradient w.r.t. x is the identity (scales get no gra
 Integers (Kumar et al. appendix D): Q_p = 2^(b-1) - 1, Q_n = -2^(b-1), step = absmax / Q_p,
 x_hat = step * clamp(round(x / step), Q_n, Q_p) with round-half-to-even. `bits` may be a traced int32 scalar, so one
 compiled step serves a whole bit-width sweep. Optional: asymmetric (min/max with a zero point, 2^b levels, the range
-always includes 0) and stochastic rounding.
+always includes 0) and stochastic rounding. With a Python-constant width XLA rewrites amax / Q_p as amax * (1 / Q_p)
+(the reciprocal rounded to float32), which can differ from the true quotient in the last ulp; `match_constant=True`
+computes that product with a traced width, so a traced width gives the constant width's result bit for bit (the
+members of a vectorized run, train/vectorized.py, equal their runs alone). Likewise for floats' amax / format_max.
 
 Floats: IEEE-like, bias 2^(x-1) - 1, subnormals, round-half-to-even, saturation at the largest finite value (finite
 inputs never give inf/NaN; NaN stays NaN). The emulation is exact in float32 because x <= 7 keeps every value of
@@ -239,23 +242,28 @@ def _round(v, stochastic: bool, key):
     return jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
 
 
-def _int_sym(x, amax, bits, stochastic=False, key=None):
+def _over(a, q, match_constant: bool):
+    """a / q; match_constant: a * (1 / q), the form XLA gives a / q when q is a compile-time constant."""
+    return a * (1.0 / q) if match_constant else a / q
+
+
+def _int_sym(x, amax, bits, stochastic=False, key=None, match_constant=False):
     q_n, q_p = _int_levels(bits)
-    step = jnp.where(amax > 0, amax / q_p, 1.0)  # an all-zero group stays zero instead of 0/0
+    step = jnp.where(amax > 0, _over(amax, q_p, match_constant), 1.0)  # an all-zero group stays zero, not 0/0
     return jnp.clip(_round(x / step, stochastic, key), q_n, q_p) * step
 
 
-def _int_asym(x, lo, hi, bits, stochastic=False, key=None):
+def _int_asym(x, lo, hi, bits, stochastic=False, key=None, match_constant=False):
     levels = (jnp.left_shift(jnp.int32(1), jnp.asarray(bits, jnp.int32)) - 1).astype(jnp.float32)
     lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # keep 0 exactly representable
-    scale = jnp.where(hi > lo, (hi - lo) / levels, 1.0)
+    scale = jnp.where(hi > lo, _over(hi - lo, levels, match_constant), 1.0)
     zero = jnp.round(-lo / scale)
     return (jnp.clip(_round(x / scale, stochastic, key) + zero, 0.0, levels) - zero) * scale
 
 
-def _float_scaled(x, amax, exp_bits, man_bits):
+def _float_scaled(x, amax, exp_bits, man_bits, match_constant=False):
     fmax = _float_params(exp_bits, man_bits)[1]
-    scale = jnp.where(amax > 0, amax / fmax, 1.0)
+    scale = jnp.where(amax > 0, _over(amax, fmax, match_constant), 1.0)
     return _float_round(x / scale, exp_bits, man_bits) * scale
 
 
@@ -270,15 +278,18 @@ def fake_quant_int(
     stochastic: bool = False,
     key=None,
     straight_through: bool = True,
+    match_constant: bool = False,
 ):
-    """Integer fake quant of x (any shape). `bits` (2..16) may be a traced int32 scalar. Returns x's shape/dtype."""
+    """Integer fake quant of x (any shape). `bits` (2..16) may be a traced int32 scalar (with match_constant: the
+    result of the same Python-constant bits, bit for bit). Returns x's shape/dtype."""
     xf = jnp.asarray(x).astype(jnp.float32)
     view, red, unview = _grouped_view(xf, granularity, axis, block)
     if asymmetric:
         lo, hi = jnp.min(view, axis=red, keepdims=True), jnp.max(view, axis=red, keepdims=True)
-        q = _int_asym(view, lo, hi, bits, stochastic, key)
+        q = _int_asym(view, lo, hi, bits, stochastic, key, match_constant)
     else:
-        q = _int_sym(view, jnp.max(jnp.abs(view), axis=red, keepdims=True), bits, stochastic, key)
+        amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
+        q = _int_sym(view, amax, bits, stochastic, key, match_constant)
     q = jax.lax.stop_gradient(unview(q).astype(jnp.asarray(x).dtype))
     return _straight_through(x, q) if straight_through else q
 
@@ -293,14 +304,16 @@ def fake_quant_float(
     *,
     scaled: bool = True,
     straight_through: bool = True,
+    match_constant: bool = False,
 ):
     """ExMy fake quant of x (any shape). exp_bits/man_bits may be Python ints or traced int32 scalars (the
-    emulation is exact either way; the caller guarantees a valid format). scaled=False: raw saturating cast, no
-    scale (granularity unused). Returns x's shape/dtype."""
+    emulation is exact either way; the caller guarantees a valid format; match_constant: the scale as with Python
+    ints, bit for bit). scaled=False: raw saturating cast, no scale (granularity unused). Returns x's shape/dtype."""
     xf = jnp.asarray(x).astype(jnp.float32)
     if scaled:
         view, red, unview = _grouped_view(xf, granularity, axis, block)
-        q = unview(_float_scaled(view, jnp.max(jnp.abs(view), axis=red, keepdims=True), exp_bits, man_bits))
+        amax = jnp.max(jnp.abs(view), axis=red, keepdims=True)
+        q = unview(_float_scaled(view, amax, exp_bits, man_bits, match_constant))
     else:
         q = _float_round(xf, exp_bits, man_bits)
     q = jax.lax.stop_gradient(q.astype(jnp.asarray(x).dtype))

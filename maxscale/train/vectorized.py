@@ -13,6 +13,10 @@ What may differ between members (VECTORIZABLE), and how each is kept exact:
   parameterization.init_std embed_init_std, train.seed
                                         init only: each member is initialised from its own config and seed
   data.seed                             each member reads its own batch stream (stacked [M, B, T+1])
+  quant.weights activations kv          the width within one family (int3 int4 int8, or e4m3 e5m2 e2m1: exponent
+                                        and mantissa bits): int32 per member into the fake quantizer (qat.traced_bits,
+                                        match_constant: the bits of a constant width); kinds the same in every member
+                                        stay constants. On vs off and int vs float are refused (qat.member_bits)
 Anything else that differs is a ConfigError naming the field; train.debug_nan_at_step is not supported. MoE models
 are: each member's routing bias (balance=bias) is stacked with its state and updated from its own load, and its
 moe/ metrics and moe_load.jsonl are those of its run alone; expert parallelism (mesh.expert > 1) is refused. Where
@@ -20,10 +24,11 @@ the members live: each on the whole mesh (mesh.members = 1, the default) or spli
 (mesh.members = n; vectorized_mesh.py says when to choose which).
 
 Each member writes its run directory as a single run does (config.json, metrics.jsonl and TensorBoard with the
-same records at the same steps; tokens_per_s and mfu are per member, the pack's are K times these); the caller
-writes result.json (tools/sweep.py --vectorize). Exactness: a member equals its run alone up to float32 rounding
-(batched matmuls may sum in another order); at LRs near the edge of stability such differences grow over hundreds
-of steps as they would between two devices (docs/transfer.md, "Vectorized sweeps"). A member whose
+same records at the same steps, quant/*_rel_err of quantized runs included; tokens_per_s and mfu are per member,
+the pack's are K times these); the caller writes result.json (tools/sweep.py --vectorize). Exactness: a member
+equals its run alone up to float32 rounding (batched matmuls may sum in another order); at LRs near the edge of
+stability such differences grow over hundreds of steps as they would between two devices (docs/transfer.md,
+"Vectorized sweeps"), sooner in quantized runs, where one ulp can flip a quantization level. A member whose
 non-finite count rises at a logged step (train.nan_policy=stop) is stopped exactly where a single run would
 stop: its state is frozen (a mask in the state), its metrics end there, and the others go on. One orbax
 checkpoint of the stacked state (checkpoint.Checkpointer, in `pack_dir`) resumes the pack exactly after a kill.
@@ -50,6 +55,8 @@ from maxscale import paths
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
 from maxscale.parameterization import Parameterization
+from maxscale.quant import metrics as quant_metrics
+from maxscale.quant import qat
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import checkpoint_tiers, faults, optim
 from maxscale.train import data as data_lib
@@ -66,6 +73,7 @@ VECTORIZABLE = (
     "parameterization.embed_init_std",
     "train.seed",
     "data.seed",
+    *(f"quant.{k}" for k in qat.KINDS),  # the bit width within one format family (qat.member_bits)
 )
 
 
@@ -80,9 +88,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def pack_key(cfg: ml_collections.ConfigDict) -> str:
-    """Configs with the same key may share one vectorized run: the resolved config less the VECTORIZABLE fields."""
+    """Configs with the same key may share one vectorized run: the resolved config less the VECTORIZABLE fields
+    (of quant.weights/activations/kv only the width: the family, none, int or float, stays in the key)."""
     flat = _flat(json.loads(config_lib.to_json(cfg)))
-    return json.dumps({k: v for k, v in flat.items() if k not in VECTORIZABLE}, sort_keys=True)
+    key = {k: v for k, v in flat.items() if k not in VECTORIZABLE}
+    key.update({f"quant.{k}": qat.family(flat[f"quant.{k}"]) for k in qat.KINDS if f"quant.{k}" in flat})
+    return json.dumps(key, sort_keys=True)
 
 
 def packs(runs: list[dict], k: int, log=print) -> list[list[dict]]:
@@ -118,6 +129,7 @@ def check_members(cfgs: list) -> None:
                     f"vectorized run: member {i} differs from member 0 in {field} ({flats[0].get(field)!r} vs "
                     f"{flat.get(field)!r}), which is not vectorizable; only {', '.join(VECTORIZABLE)} may differ"
                 )
+    qat.member_bits(cfgs)  # quant formats: the same family (on/off, int/float) in every member
     cfg = cfgs[0]
     if cfg.train.debug_nan_at_step:
         raise ConfigError("vectorized run: train.debug_nan_at_step is not supported; set it to 0")
@@ -163,6 +175,8 @@ class VectorizedRun:
         self.peak_lr = put(opt["lr"])
         mults = [Parameterization(c).multipliers() for c in cfgs]
         self.mults = {k: put([m[k] for m in mults]) for k in mults[0] if _differing([m[k] for m in mults])}
+        self.qbits = {k: jax.device_put(v, self.member_sh) for k, v in qat.member_bits(cfgs).items()}  # int32
+        self.quantized = qat.make_quantizer(cfg) is not None
         self.per_member_data = _differing([c.data.seed for c in cfgs])
         bs = self.setup.batch_sharding
         self.batch_sh = vmesh.stacked(bs, self.axis) if self.per_member_data else bs
@@ -201,11 +215,12 @@ class VectorizedRun:
         return {"step": jax.device_put(jnp.zeros([], jnp.int32), self.state_sh["step"]), "members": stack(members)}
 
     # -- the step ----------------------------------------------------------------------------------------------------
-    def _member_step(self, state, step, tokens_BT1, opt_hp, mults, peak_lr):
+    def _member_step(self, state, step, tokens_BT1, opt_hp, mults, peak_lr, qbits):
         """One member's update (vmapped over the members); `step`: the steps done so far, shared."""
         setup, cfg = self.setup, self.cfg
         tx = optim.make_optimizer(cfg, setup.model.spec_tree(), opt_hp or None)
-        loss, grads, aux = setup._gradients(state["params"], tokens_BT1, state.get("moe_bias"), mults or None)
+        with qat.traced_bits(qbits):  # this member's quant widths, where they differ between members
+            loss, grads, aux = setup._gradients(state["params"], tokens_BT1, state.get("moe_bias"), mults or None)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         apply = finite & state["active"]  # a stopped member is frozen
@@ -238,32 +253,54 @@ class VectorizedRun:
         if not hasattr(self, "_train_step"):
             data_axis = 0 if self.per_member_data else None
             # spmd_axis_name: the model's sharding constraints keep the member axis on its devices
-            vstep = jax.vmap(self._member_step, in_axes=(0, None, data_axis, 0, 0, 0), spmd_axis_name=self.axis)
+            in_axes = (0, None, data_axis, 0, 0, 0, 0)
+            vstep = jax.vmap(self._member_step, in_axes=in_axes, spmd_axis_name=self.axis)
 
-            def step(state, tokens, opt_hp, mults, peak_lr):
-                members, metrics = vstep(state["members"], state["step"], tokens, opt_hp, mults, peak_lr)
+            def step(state, tokens, opt_hp, mults, peak_lr, qbits):
+                members, metrics = vstep(state["members"], state["step"], tokens, opt_hp, mults, peak_lr, qbits)
                 return {"step": state["step"] + 1, "members": members}, metrics
 
             ms = self.member_sh
             self._train_step = jax.jit(
                 step,
-                in_shardings=(self.state_sh, self.batch_sh, ms, ms, ms),
+                in_shardings=(self.state_sh, self.batch_sh, ms, ms, ms, ms),
                 out_shardings=(self.state_sh, ms),
                 donate_argnums=0,
             )
-        return self._train_step(state, tokens, self.opt_hp, self.mults, self.peak_lr)
+        return self._train_step(state, tokens, self.opt_hp, self.mults, self.peak_lr, self.qbits)
 
     def eval_losses(self, members: dict, tokens_BT1) -> jax.Array:
         """[M] cross-entropy of one eval batch (the same batch for every member; each with its routing bias)."""
         if not hasattr(self, "_eval"):
-            one = lambda p, b, m, t: self.setup.loss_and_aux(p, t, b, m or None)[1]["ce"]  # noqa: E731
+
+            def one(p, b, m, q, t):
+                with qat.traced_bits(q):
+                    return self.setup.loss_and_aux(p, t, b, m or None)[1]["ce"]
+
             ms, sh = self.member_sh, self.state_sh["members"]
             self._eval = jax.jit(
-                jax.vmap(one, in_axes=(0, 0, 0, None), spmd_axis_name=self.axis),
-                in_shardings=(sh["params"], ms, ms, self.setup.batch_sharding),
+                jax.vmap(one, in_axes=(0, 0, 0, 0, None), spmd_axis_name=self.axis),
+                in_shardings=(sh["params"], ms, ms, ms, self.setup.batch_sharding),
                 out_shardings=ms,
             )
-        return self._eval(members["params"], members.get("moe_bias"), self.mults, tokens_BT1)
+        return self._eval(members["params"], members.get("moe_bias"), self.mults, self.qbits, tokens_BT1)
+
+    def quant_errors(self, members: dict, tokens) -> dict:
+        """{"quant/<kind>_rel_err": [M]} of each member on its step's batch, as a single run logs them."""
+        if not hasattr(self, "_quant_errors"):
+
+            def one(p, q, t):
+                with qat.traced_bits(q):
+                    return quant_metrics.quant_errors(self.cfg, p, t[:, :-1])
+
+            ms = self.member_sh
+            data_axis = 0 if self.per_member_data else None
+            self._quant_errors = jax.jit(
+                jax.vmap(one, in_axes=(0, 0, data_axis), spmd_axis_name=self.axis),
+                in_shardings=(self.state_sh["members"]["params"], ms, self.batch_sh),
+                out_shardings=ms,
+            )
+        return self._quant_errors(members["params"], self.qbits, tokens)
 
     def _batch(self, iterators):
         if self.per_member_data:
@@ -348,10 +385,13 @@ class VectorizedRun:
             for step in range(start, cfg.train.steps):
                 if not any(active):
                     break
-                state, dev_metrics = self.train_step(state, self._batch(iterators))
+                batch = self._batch(iterators)
+                state, dev_metrics = self.train_step(state, batch)
                 done = step + 1
                 save = checkpoint_tiers.save_tier(cfg, done, False) is not None
                 if done % cfg.train.log_every == 0 or save or step == start:
+                    if self.quantized:  # relative quantization errors per kind, as a single run logs them
+                        dev_metrics = {**dev_metrics, **self.quant_errors(state["members"], batch)}
                     flush(done, dev_metrics)
                 if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     losses = np.mean(
