@@ -182,7 +182,9 @@ def defaults() -> ml_collections.ConfigDict:
     # network) that axis spans, a divisor of its size; the rest of it stays inside a slice (ICI). docs/sharding.md
     # members: vectorized packs only (train/vectorized_mesh.py): the member axis is split over this many groups of
     # devices, the axes above describing one group; 1 = every member uses the whole mesh. Single runs ignore it.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1, members=1)
+    # member_batch: members a pack's step computes side by side (0 = auto: 1 on CPU, one after another; else all).
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1)
+    c.mesh.update(members=1, member_batch=0)
 
     c.distributed = dict(
         coordinator_address="",

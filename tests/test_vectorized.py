@@ -48,7 +48,11 @@ def alone(cfg, run_dir, corpus):
     return "done"
 
 
-def test_each_member_equals_its_run_alone(tmp_path, tiny_corpus):
+_ALONE = {}  # member index -> (status, its run directory): the runs alone, shared by the member_batch cases
+
+
+@pytest.mark.parametrize("member_batch", [0, 4, 6])  # auto (1 on CPU: one after another), lax.map by 4 + 2, vmap
+def test_each_member_equals_its_run_alone(member_batch, tmp_path, tmp_path_factory, tiny_corpus):
     members = [
         {"optimizer.lr": 1e-2},
         {"optimizer.lr": 3e-3, "optimizer.weight_decay": 0.3, "optimizer.b2": 0.99},
@@ -57,26 +61,32 @@ def test_each_member_equals_its_run_alone(tmp_path, tiny_corpus):
         {"parameterization.init_std": 0.05, "parameterization.embed_init_std": 0.0},
         {"optimizer.lr": 1e30},  # overflows: stopped by train.nan_policy=stop, alone and packed alike
     ]
-    cfgs = [cfg_of(**m) for m in members]
+    cfgs = [cfg_of(**m, **{"mesh.member_batch": member_batch}) for m in members]
     dirs = [str(tmp_path / f"m{i}") for i in range(len(cfgs))]
     run = vectorized.VectorizedRun(
         cfgs, dirs, str(tmp_path / "pack"), mesh=one_device_mesh(cfgs[0]), corpus=tiny_corpus
     )
+    assert run.member_batch == (member_batch or 1)
     results = run.run(log=lambda line: None)
     for i, cfg in enumerate(cfgs):
-        status = alone(cfg, tmp_path / f"alone{i}", tiny_corpus)
-        a, v = losses(tmp_path / f"alone{i}"), losses(dirs[i])
+        if i not in _ALONE:
+            d = tmp_path_factory.mktemp(f"alone{i}")
+            _ALONE[i] = (alone(cfg, d, tiny_corpus), d)
+        status, alone_dir = _ALONE[i]
+        a, v = losses(alone_dir), losses(dirs[i])
         assert sorted(a) == sorted(v), i  # the same logged steps: a stopped member stops where it would alone
         finite = [s for s in sorted(a) if np.isfinite(a[s]) and a[s] < 1e3]  # not past an overflow
         np.testing.assert_allclose([v[s] for s in finite], [a[s] for s in finite], rtol=1e-5, err_msg=str(i))
-        assert losses(tmp_path / f"alone{i}", "eval/loss").keys() == losses(dirs[i], "eval/loss").keys()
+        assert losses(alone_dir, "eval/loss").keys() == losses(dirs[i], "eval/loss").keys()
         if status == "stopped":
             assert "stopped" in results[i] and np.isnan(results[i]["train/loss"])
         else:
             assert "stopped" not in results[i] and len(a) == STEPS, i
-            ev_a, ev_v = losses(tmp_path / f"alone{i}", "eval/loss"), losses(dirs[i], "eval/loss")
+            ev_a, ev_v = losses(alone_dir, "eval/loss"), losses(dirs[i], "eval/loss")
             np.testing.assert_allclose(ev_v[STEPS], ev_a[STEPS], rtol=1e-5)
-        assert json.load(open(f"{dirs[i]}/config.json")) == json.load(open(tmp_path / f"alone{i}" / "config.json"))
+        packed_cfg, alone_cfg = json.load(open(f"{dirs[i]}/config.json")), json.load(open(alone_dir / "config.json"))
+        alone_cfg["mesh"]["member_batch"] = member_batch  # the alone runs are shared by the three cases
+        assert packed_cfg == alone_cfg
     assert "stopped" in results[-1] and len(losses(dirs[-1])) < STEPS  # the diverging member did stop early
 
 
@@ -196,6 +206,13 @@ def test_member_mesh_choices_and_refusals():
     cfg.mesh.members = 3
     with pytest.raises(ConfigError, match="mesh.members=3 does not divide the 8 devices"):
         vmesh.make_mesh(cfg, 6, jax.devices())
+    assert vmesh.member_batch(cfg_of(), 7, "cpu") == 1 and vmesh.member_batch(cfg_of(), 7, "gpu") == 7  # auto
+    assert vmesh.member_batch(cfg_of(**{"mesh.member_batch": 3}), 7, "gpu") == 3
+    assert vmesh.member_batch(cfg, 6, "cpu") == 6  # split members are always vmapped
+    with pytest.raises(ConfigError, match="mesh.member_batch=2 needs mesh.members=1"):
+        vmesh.member_batch(cfg_of(**{"mesh.members": 2, "mesh.member_batch": 2}), 6, "cpu")
+    with pytest.raises(ConfigError, match=r"mesh.member_batch=-1 must be an integer >= 0"):
+        vmesh.member_batch(cfg_of(**{"mesh.member_batch": -1}), 6, "cpu")
     ep = cfg_of(**{"mesh.expert": 2})
     with pytest.raises(ConfigError, match=r"expert parallelism \(mesh.expert=2\)"):
         vmesh.check(sharding.make_mesh(ep, jax.devices()[:2]), 2)

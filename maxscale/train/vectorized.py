@@ -166,6 +166,7 @@ class VectorizedRun:
         vmesh.check(self.mesh, M)
         self.setup = step_lib.Setup.build(cfg, self.mesh)
         self.axis = vmesh.member_axis(self.mesh)  # None: every member on the whole mesh
+        self.member_batch = vmesh.member_batch(cfg, M, self.mesh.devices.flat[0].platform)  # side by side in a step
         self.corpus = corpus if corpus is not None else data_lib.load_corpus(cfg)
         self.member_sh = NamedSharding(self.mesh, P(self.axis))  # [M, ...] per-member values
         put = lambda v: jax.device_put(jnp.asarray(v, jnp.float32), self.member_sh)  # noqa: E731
@@ -254,7 +255,7 @@ class VectorizedRun:
             data_axis = 0 if self.per_member_data else None
             # spmd_axis_name: the model's sharding constraints keep the member axis on its devices
             in_axes = (0, None, data_axis, 0, 0, 0, 0)
-            vstep = jax.vmap(self._member_step, in_axes=in_axes, spmd_axis_name=self.axis)
+            vstep = vmesh.over_members(self._member_step, in_axes, self.axis, self.member_batch, self.M)
 
             def step(state, tokens, opt_hp, mults, peak_lr, qbits):
                 members, metrics = vstep(state["members"], state["step"], tokens, opt_hp, mults, peak_lr, qbits)
