@@ -157,10 +157,11 @@ def choose_axes(runs: list[dict], hp: str | None = None, scale: str | None = Non
         if field not in vary:
             raise ConfigError(f"{name}={field} does not vary in this sweep; varying fields: {', '.join(vary)}")
     # series: the other varying fields, less those that follow from the scale and the remaining series fields
-    # (e.g. num_heads and head_dim follow from the width and width_grows); model sizes go first, the name last
+    # (e.g. num_heads and head_dim follow from the width and width_grows); model sizes go first. The parameterization
+    # name always stays: it says the most (depth_mup's depth_alpha=-1, "the rule's", would not)
     series = [f for f in vary if f not in (hp, scale, *REPLICATE_FIELDS) and not f.startswith("parameterization.base_")]
-    for f in sorted(series, key=lambda f: (f == "parameterization.name", not f.startswith("model."), f)):
-        if _determined_by(runs, f, (scale, *[g for g in series if g != f])):
+    for f in sorted(series, key=lambda f: (not f.startswith("model."), f)):
+        if f != "parameterization.name" and _determined_by(runs, f, (scale, *[g for g in series if g != f])):
             series.remove(f)
     return hp, scale, series
 
