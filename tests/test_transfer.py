@@ -151,5 +151,7 @@ def test_seeds_are_replicates_with_bootstrap_intervals(tmp_path):
     width_of = lambda tab: np.diff(tab["series"]["all"]["scales"][64]["optimum"]["log2_opt_ci"])[0]  # noqa: E731
     assert width_of(tables[1.0]) > 5 * width_of(tables[0.1]) > 0
     assert t["series"]["all"]["drift_ci"][0] >= 0.0
+    lo, hi = t["series"]["all"]["slope_ci"]  # the optimum does not move with width here: the interval holds 0
+    assert lo <= 0.0 <= hi
     md = transfer.markdown(t)
     assert "Seeds per series: 3." in md and "[" in md

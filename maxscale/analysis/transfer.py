@@ -277,6 +277,11 @@ def _bootstrap(series: dict, grids: dict, n_seeds: int) -> None:
     if ok.any():
         drift_B = np.nanmax(opts_BS[ok], 1) - np.nanmin(opts_BS[ok], 1)
         series["drift_ci"] = [float(q) for q in np.percentile(drift_B, [2.5, 97.5])]
+    scales = list(series["scales"])
+    if series["log2_opt_vs_log2_scale"] is not None and np.isfinite(opts_BS).all(1).any():
+        x = np.log2(np.asarray(scales, np.float64))
+        slope_B = [np.polyfit(x, row, 1)[0] for row in opts_BS if np.isfinite(row).all()]
+        series["slope_ci"] = [float(q) for q in np.percentile(slope_B, [2.5, 97.5])]
 
 
 def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -> dict:
@@ -331,6 +336,8 @@ def markdown(table: dict) -> str:
         if ser.get("drift_ci"):
             drift += f" [{ser['drift_ci'][0]:.2f}, {ser['drift_ci'][1]:.2f}]"
         slope = "-" if ser["log2_opt_vs_log2_scale"] is None else f"{ser['log2_opt_vs_log2_scale']:+.2f}"
+        if ser.get("slope_ci"):
+            slope += f" [{ser['slope_ci'][0]:+.2f}, {ser['slope_ci'][1]:+.2f}]"
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {drift} | {slope} | {ser['diverged']} | {ser['unfinished']} |"
         )
