@@ -1,8 +1,9 @@
 """Vectorized runs: K small models that differ only in hyperparameters, trained as one compiled program.
 
-`VectorizedRun(cfgs, run_dirs)` stacks the K members' train states along a leading member axis M and trains them
-with `jax.vmap` of the single-member step (step.py's gradients, optim.py's chain): the hyperparameters that differ
-enter as [M] float32 arrays, so one compilation serves every member, and each step is one dispatch of M models.
+`VectorizedRun(cfgs, run_dirs)` stacks the K members' train states along a leading member axis M and applies the
+single-member step (step.py's gradients, optim.py's chain) over it: vmapped, or one member after another inside the
+step on CPU (mesh.member_batch, vectorized_mesh.over_members). The hyperparameters that differ enter as [M] float32
+arrays, so one compilation serves every member, and each step is one dispatch of M models.
 
 What may differ between members (VECTORIZABLE), and how each is kept exact:
   optimizer.lr weight_decay b1 b2 eps   traced into the optimizer chain (optim.make_optimizer(hparams=...)); only
@@ -26,7 +27,8 @@ the members live: each on the whole mesh (mesh.members = 1, the default) or spli
 Each member writes its run directory as a single run does (config.json, metrics.jsonl and TensorBoard with the
 same records at the same steps, quant/*_rel_err of quantized runs included; tokens_per_s and mfu are per member,
 the pack's are K times these); the caller writes result.json (tools/sweep.py --vectorize). Exactness: a member
-equals its run alone up to float32 rounding (batched matmuls may sum in another order); at LRs near the edge of
+equals its run alone up to float32 rounding (vmapped matmuls may sum in another order; one after another, as on
+CPU, the 28 runs of docs/transfer.md's benchmark agreed to 1e-7); at LRs near the edge of
 stability such differences grow over hundreds of steps as they would between two devices (docs/transfer.md,
 "Vectorized sweeps"), sooner in quantized runs, where one ulp can flip a quantization level. A member whose
 non-finite count rises at a logged step (train.nan_policy=stop) is stopped exactly where a single run would
@@ -217,7 +219,7 @@ class VectorizedRun:
 
     # -- the step ----------------------------------------------------------------------------------------------------
     def _member_step(self, state, step, tokens_BT1, opt_hp, mults, peak_lr, qbits):
-        """One member's update (vmapped over the members); `step`: the steps done so far, shared."""
+        """One member's update (applied over the members by vmesh.over_members); `step`: the steps done so far."""
         setup, cfg = self.setup, self.cfg
         tx = optim.make_optimizer(cfg, setup.model.spec_tree(), opt_hp or None)
         with qat.traced_bits(qbits):  # this member's quant widths, where they differ between members
