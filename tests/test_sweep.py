@@ -102,7 +102,11 @@ def test_bad_sweeps_are_one_line_errors(tmp_path):
     dup = write_sweep(tmp_path, 'return {"config": BASE, "grid": {"optimizer.lr": [1e-3, 0.001]}}', "dup")
     with pytest.raises(ConfigError, match="same config"):
         sweep.expand(sweep.load_sweep(dup))
-    for args in ([str(tmp_path / "missing.py")], [bad_field], [dup, "--jobs=0"], [dup, "--job=2"]):
+    no_corpus = write_sweep(
+        tmp_path, f'return {{"config": BASE, "fixed": {{"data.source": {str(tmp_path / "nope.txt")!r}}}}}', "no_corpus"
+    )
+    cases = ([str(tmp_path / "missing.py")], [bad_field], [dup, "--jobs=0"], [dup, "--job=2"], [no_corpus, "--root=r"])
+    for args in cases:
         out = subprocess.run(
             [sys.executable, str(REPO / "tools" / "sweep.py"), *args],
             capture_output=True,
@@ -112,6 +116,12 @@ def test_bad_sweeps_are_one_line_errors(tmp_path):
         )
         assert out.returncode == 2, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("sweep: error:"), out.stderr
+    assert "data.source=" in out.stderr and not (tmp_path / "r").exists()  # the missing corpus: no plan written
+
+
+def test_run_line_names_fields_whose_last_names_collide():
+    line = sweep._short({"train.seed": 1, "data.seed": 2, "optimizer.lr": 0.5})
+    assert line == "train.seed=1 data.seed=2 lr=0.5"
 
 
 def test_slurm_array_script(tmp_path):

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from maxscale import config as config_lib
 from maxscale import errors, paths
 from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
+from maxscale.tools.sweep_slurm import slurm_script
 
 # Fields that do not change what a run computes: left out of the run id.
 NOT_HASHED = (
@@ -157,6 +157,10 @@ def expand(sweep: dict, root: str = "runs") -> list[dict]:
         seen[rid] = i
         run_dir = os.fspath(paths.join(root, sweep["name"], rid))
         runs.append({"id": rid, "dir": run_dir, "overrides": overrides, "config": cfg})
+    from maxscale.train import data as data_lib
+
+    for source in sorted({r["config"].data.source for r in runs}):  # a missing corpus fails now, not in every run
+        data_lib.check_source(source)
     return runs
 
 
@@ -332,31 +336,6 @@ def run_local(
     return outcome
 
 
-def slurm_script(sweep_dir: str, n_runs: int, jobs: int, python="python", partition="", time_limit="", listing=RUNS):
-    """An sbatch job-array script: task i runs line i+1 of `listing` (a run, or a --vectorize pack), %jobs at once."""
-    name = os.path.basename(os.path.normpath(sweep_dir))
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name=sweep-{name}",
-        f"#SBATCH --array=0-{n_runs - 1}%{max(jobs, 1)}",
-        f"#SBATCH --output={os.path.abspath(sweep_dir)}/slurm-%A_%a.out",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
-    ]
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
-    if time_limit:
-        lines.append(f"#SBATCH --time={time_limit}")
-    lines += [
-        "set -euo pipefail",
-        f"cd {shlex.quote(REPO)}",
-        f'RUN_DIR=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(os.path.abspath(sweep_dir))}/{listing})',
-        f'exec {python} tools/sweep.py --run_dir="$RUN_DIR"',
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _read_result(run_dir: str) -> dict:
     try:
         return json.loads(paths.read_text(paths.join(run_dir, RESULT_FILE)))
@@ -372,7 +351,9 @@ def _version() -> str:
 
 
 def _short(overrides: dict) -> str:
-    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+    """`field=value` by the field's last name, or its whole name where two share one (train.seed, data.seed)."""
+    last = [k.split(".")[-1] for k in overrides]
+    return " ".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={v}" for k, v in overrides.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------

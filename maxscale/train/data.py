@@ -101,6 +101,12 @@ def _text_files(source: str) -> list:
     return files
 
 
+def check_source(source: str) -> None:
+    """The one-line ConfigError of a local data.source that matches nothing (URLs and stdlib are checked when read)."""
+    if source != "stdlib" and not paths.is_url(source) and not glob.glob(source, recursive=True):
+        _text_files(source)
+
+
 def source_files(source: str) -> tuple[list, str]:
     """(files in a fixed order, the root their document names are relative to) of a text source or 'stdlib'."""
     if source == "stdlib":
