@@ -11,6 +11,8 @@ Every point with `seeds` seeds (train and data order). Arguments (comma-separate
   tuned=DIR    the base-tuning sweep (required), e.g. runs/base_tune
   seeds=S      default 3;  widths=64+128+256+512 (default);  series=mup+sp (default; add sp_tuned)
   corpus=FILE  a text file instead of the stdlib corpus (runs land in width_tuned_<file stem>)
+  rank=K       transfer the K-th best tuned point instead of the best (default 1)
+  lrs=A:B      the LR offsets in octaves around each series' centre (default -2:2)
 
   python tools/sweep.py configs/sweeps/width_tuned.py:tuned=runs/base_tune --vectorize=8
   python tools/transfer_report.py runs/width_tuned
@@ -27,7 +29,15 @@ SERIES = ("mup", "sp", "sp_tuned")
 
 
 def _args(arg: str) -> dict:
-    defaults = {"tuned": "", "seeds": "3", "widths": "64+128+256+512", "series": "mup+sp", "corpus": ""}
+    defaults = {
+        "tuned": "",
+        "seeds": "3",
+        "widths": "64+128+256+512",
+        "series": "mup+sp",
+        "corpus": "",
+        "rank": "1",
+        "lrs": "-2:2",
+    }
     out = tune.sweep_arguments(arg, defaults, "width_tuned.py")
     if not out["tuned"]:
         raise ValueError("width_tuned.py needs tuned=DIR, the base_tune sweep directory (e.g. :tuned=runs/base_tune)")
@@ -36,8 +46,11 @@ def _args(arg: str) -> dict:
 
 def get_sweep(arg: str = ""):
     a = _args(arg)
-    best = tune.best_tuned(a["tuned"], min_seeds=int(a["seeds"]))
+    rank = int(a["rank"])
+    best = tune.best_points(a["tuned"], list(tune.TUNED_FIELDS), k=rank, min_seeds=int(a["seeds"]))[rank - 1]["point"]
     lr0 = best.pop("optimizer.lr")
+    lo, _, hi = a["lrs"].partition(":")
+    offsets = range(int(lo), int(hi or lo) + 1)
     base = config.resolve(config.load(BASE))
     points = []
     for w in (int(x) for x in a["widths"].split("+")):
@@ -45,13 +58,13 @@ def get_sweep(arg: str = ""):
         sp_centre = -8 - round(math.log2(w / 64))
         for name in a["series"].split("+"):
             if name == "mup":
-                lrs = [lr0 * 2.0**e for e in range(-2, 3)]
+                lrs = [lr0 * 2.0**e for e in offsets]
                 extra = {"parameterization.name": "mup", **best}
             elif name == "sp":
-                lrs = [2.0 ** (sp_centre + e) for e in range(-2, 3)]
+                lrs = [2.0 ** (sp_centre + e) for e in offsets]
                 extra = {"parameterization.name": "sp"}
             elif name == "sp_tuned":
-                lrs = [lr0 * 64 / w * 2.0**e for e in range(-2, 3)]
+                lrs = [lr0 * 64 / w * 2.0**e for e in offsets]
                 extra = {"parameterization.name": "sp", **best}
             else:
                 raise ValueError(f"width_tuned.py: unknown series {name!r}; choose from {', '.join(SERIES)}")
