@@ -119,6 +119,11 @@ def test_bad_sweeps_are_one_line_errors(tmp_path):
     assert "data.source=" in out.stderr and not (tmp_path / "r").exists()  # the missing corpus: no plan written
 
 
+def test_parallel_jobs_share_a_gpu_without_preallocating_it():
+    assert sweep.job_env({"PATH": "/bin"}) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PATH": "/bin"}
+    assert sweep.job_env({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
 def test_run_line_names_fields_whose_last_names_collide():
     line = sweep._short({"train.seed": 1, "data.seed": 2, "optimizer.lr": 0.5})
     assert line == "train.seed=1 data.seed=2 lr=0.5"

@@ -323,7 +323,7 @@ def run_local(
             dirs = ",".join(r["dir"] for r in unit)
             cmd = [sys.executable, tool, f"--run_dir={dirs}"] + (["--keep_checkpoints"] if keep_checkpoints else [])
             with open(os.path.join(unit[0]["dir"], "log.txt"), "a") as fh:
-                rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+                rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=job_env())
             return unit, rc
 
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -334,6 +334,12 @@ def run_local(
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
     log(f"sweep: finished in {(time.perf_counter() - t0) / 60:.1f} min: {counts}")
     return outcome
+
+
+def job_env(environ=None) -> dict:
+    """The environment of a --jobs=N subprocess: on a GPU, N processes share the device, so JAX's default of taking
+    75% of its memory at start-up is turned off (XLA_PYTHON_CLIENT_PREALLOCATE=false) unless the user set it."""
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **(os.environ if environ is None else environ)}
 
 
 def _read_result(run_dir: str) -> dict:
