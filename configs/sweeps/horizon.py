@@ -17,6 +17,7 @@ Arguments (`configs/sweeps/horizon.py:ARG`, comma-separated key=value):
                  get 95% bootstrap intervals over seeds; with one seed, xi gets the least-squares t interval.
                  data.seed stays fixed, so the seeds differ in the init only (set data.seed too for data order).
   schedules=A+B  schedules to compare (default constant+cosine+wsd; power adds eta0 (1 + t/t0)^-chi, chi 0.5).
+  corpus=FILE    a text file instead of the stdlib corpus (runs land in horizon_<file stem>)
 e.g. python tools/sweep.py configs/sweeps/horizon.py:seeds=3,schedules=constant+cosine+wsd+power
 """
 
@@ -32,21 +33,25 @@ SCHEDULES = ("constant", "cosine", "wsd")
 KNOWN = ("constant", "cosine", "wsd", "power")
 
 
-def _args(arg: str) -> tuple[int, tuple[str, ...]]:
-    seeds, schedules = 1, SCHEDULES
+def _args(arg: str) -> tuple[int, tuple[str, ...], str]:
+    seeds, schedules, corpus = 1, SCHEDULES, ""
     for item in filter(None, arg.split(",")):
         key, _, value = item.partition("=")
         if key == "seeds" and value.isdigit() and int(value) >= 1:
             seeds = int(value)
         elif key == "schedules" and value and all(s in KNOWN for s in value.split("+")):
             schedules = tuple(value.split("+"))
+        elif key == "corpus" and value:
+            corpus = value
         else:
-            raise ConfigError(f"horizon sweep argument {item!r}: use seeds=N (N >= 1) or schedules=A+B of {KNOWN}")
-    return seeds, schedules
+            raise ConfigError(
+                f"horizon sweep argument {item!r}: use seeds=N (N >= 1), schedules=A+B of {KNOWN} or corpus=FILE"
+            )
+    return seeds, schedules, corpus
 
 
 def get_sweep(arg: str = ""):
-    seeds, schedules = _args(arg)
+    seeds, schedules, corpus = _args(arg)
     base = config.resolve(config.load(BASE))
     base.parameterization.name = "mup"
     base.train.update(eval_steps=32, log_every=50)
@@ -58,4 +63,8 @@ def get_sweep(arg: str = ""):
         for T in HORIZONS
         for seed in range(seeds)
     ]
-    return {"name": "horizon", "config": base, "fixed": pinned, "grid": {"optimizer.lr": LRS}, "points": points}
+    name = "horizon"
+    if corpus:
+        pinned = {**pinned, "data.source": corpus}
+        name += "_" + os.path.splitext(os.path.basename(corpus))[0]
+    return {"name": name, "config": base, "fixed": pinned, "grid": {"optimizer.lr": LRS}, "points": points}
