@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from maxscale import defaults as schema
 from maxscale import parameterization
-from maxscale.defaults import defaults  # noqa: F401 - re-exported: config.defaults() is part of this module's API
+from maxscale.defaults import MESH_AXES, defaults  # noqa: F401 - re-exported: config.defaults() is part of the API
 from maxscale.errors import (  # noqa: F401 - re-exported: config.ConfigError etc. are part of this module's API
     EXIT_CHECKPOINT,
     EXIT_NONFINITE,
@@ -28,7 +29,6 @@ from maxscale.errors import (  # noqa: F401 - re-exported: config.ConfigError et
     ConfigError,
     HelpRequested,
 )
-from maxscale.model import moe_config
 from maxscale.quant import config as quant_config
 from maxscale.train import tokenizers
 
@@ -142,76 +142,75 @@ def check_known_fields(cfg: ml_collections.ConfigDict) -> None:
     """A config file may only set fields that `defaults()` knows: catches typos in experiment files."""
     known = set(_all_fields(defaults()))
     for field in _all_fields(cfg):
-        if field not in known:
+        if field not in known and field not in schema.REMOVED:
             raise ConfigError(f"config field {field!r} is unknown; {_closest(field, sorted(known))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 
-_CHOICES = {
-    "model.mlp": ("swiglu", "gelu"),
-    "model.norm": ("rmsnorm", "layernorm"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch", "save_attn_out", "offload"),
-    "model.attention_impl": ("auto", "xla", "chunked", "cudnn", "splash", "explicit"),
-    "optimizer.name": ("adamw",),
-    "optimizer.weight_decay_mode": ("coupled", "independent"),
-    "optimizer.grad_clip_mode": ("auto", "global", "relative"),
-    "schedule.name": ("constant", "cosine", "wsd", "power"),
-    "train.nan_policy": ("stop", "skip"),
-}
-_POSITIVE = """
-    model.width model.depth model.num_heads model.vocab_size data.seq_len train.batch_size train.steps
-    model.attention_chunk_size train.microbatches
-    train.eval_every train.log_every checkpoint.every checkpoint.max_to_keep checkpoint.local_max_to_keep
-    optimizer.lr optimizer.eps
-    parameterization.init_std
-""".split()
-_NON_NEGATIVE = """
-    model.num_kv_heads model.head_dim model.ffn_size optimizer.weight_decay optimizer.grad_clip
-    schedule.warmup_steps train.eval_steps train.sample_tokens data.max_bytes parameterization.base_width
-    parameterization.base_depth parameterization.base_num_heads parameterization.base_head_dim
-    parameterization.base_ffn_size parameterization.embed_init_std train.preempt_grace_s train.debug_nan_at_step
-    checkpoint.local_every model.loss_chunk_size model.output_z_loss
-""".split()
 
-
-def _get(cfg, field):
+def _get(cfg, field, missing=None):
+    """The value of a dotted field; `missing` where a section or the field is absent (a config saved before it)."""
     node = cfg
     for part in field.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return missing
         node = node[part]
     return node
 
 
+def _drop_removed(raw: dict) -> None:
+    """Removes the fields that `defaults.REMOVED` lists from a config dict (an old config.json may carry them): at
+    the value they always had they are no difference; another value was never possible, so it is refused."""
+    for field, value in schema.REMOVED.items():
+        *sections, leaf = field.split(".")
+        node = raw
+        for s in sections:
+            node = node.get(s) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            if node[leaf] != value:
+                raise ConfigError(f"{field}={node[leaf]!r}: the field was removed (only {value!r} existed); delete it")
+            del node[leaf]
+
+
+def check_fields(cfg: ml_collections.ConfigDict) -> None:
+    """Every field against its declaration (choices or range, maxscale/defaults.py); ConfigError on the first bad."""
+    for f in schema.FIELDS:
+        problem = f.problem(_get(cfg, f.name, f.default))
+        if problem:
+            raise ConfigError(problem)
+
+
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Validates `cfg` and returns a copy with derived sizes filled in. Raises ConfigError on the first bad field."""
+    """Validates `cfg` and returns a copy with derived sizes filled in. Raises ConfigError on the first bad field.
+    Every check that needs only the config is here (or in the resolvers it calls), so a bad value is refused before
+    anything is written; checks that need the mesh or the backend run when those exist (attention.check)."""
     check_known_fields(cfg)
     raw = cfg.to_dict()
+    _drop_removed(raw)
     raw["model"]["remat"] = _remat_name(raw["model"].get("remat", "none"))  # may change type: before ConfigDict
     cfg = ml_collections.ConfigDict(raw)
-    for field, choices in _CHOICES.items():
-        if _get(cfg, field) not in choices:
-            raise ConfigError(f"{field}={_get(cfg, field)!r} is not supported; choose one of {', '.join(choices)}")
+    check_fields(cfg)
     tokenizers.resolve_vocab(cfg)  # data.tokenizer is a tokenizer; model.vocab_size 0 = derived from it
-    for field in _POSITIVE:
-        v = _get(cfg, field)
-        if not v > 0:
-            raise ConfigError(f"{field}={v} must be positive; set --config.{field} to a value > 0")
-    for field in _NON_NEGATIVE:
-        v = _get(cfg, field)
-        if v < 0:
-            raise ConfigError(f"{field}={v} must be >= 0 (0 means derived/off)")
     o = cfg.optimizer
     # a fixed threshold does not transfer across widths under muP (docs/training.md); with clipping off the mode
     # stays as given, so it neither changes a run id nor makes two unclipped runs look different
     if o.grad_clip_mode == "auto" and o.grad_clip > 0:
         o.grad_clip_mode = "global" if cfg.parameterization.name == "sp" else "relative"
-    if not o.grad_clip_ratio > 1:
-        raise ConfigError(f"optimizer.grad_clip_ratio={o.grad_clip_ratio} must be > 1 (clip at ratio x running norm)")
+    _resolve_model(cfg.model)
+    _check_performance_fields(cfg)
+    _resolve_checkpoint(cfg.checkpoint)
+    _resolve_metrics(cfg.get("metrics"))
+    _check_mesh(cfg.mesh)
+    parameterization.resolve(cfg)
+    _resolve_moe(cfg)
+    quant_config.resolve(cfg)
+    return cfg
 
-    m = cfg.model
+
+def _resolve_model(m: ml_collections.ConfigDict) -> None:
+    """Head dim, kv heads and MLP size of 0 derived; the attention shapes must fit together."""
     if m.head_dim == 0:
         if m.width % m.num_heads:
             raise ConfigError(
@@ -230,49 +229,54 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if m.ffn_size == 0:
         m.ffn_size = 4 * m.width if m.mlp == "gelu" else 64 * math.ceil(8 * m.width / 3 / 64)
-    _check_performance_fields(cfg)
 
-    o = cfg.optimizer
-    for field in ("b1", "b2"):
-        if not 0.0 <= o[field] < 1.0:
-            raise ConfigError(f"optimizer.{field}={o[field]} must lie in [0, 1)")
-    s = cfg.schedule
-    if not 0.0 <= s.final_lr_fraction <= 1.0:
-        raise ConfigError(f"schedule.final_lr_fraction={s.final_lr_fraction} must lie in [0, 1]")
-    if not 0.0 <= s.decay_fraction <= 1.0:
-        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must lie in [0, 1]")
-    if s.power_t0 <= 0:
-        raise ConfigError(f"schedule.power_t0={s.power_t0} must be positive")
-    if not 0.0 < cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must lie in (0, 1)")
-    if cfg.train.spike_factor != 0 and not cfg.train.spike_factor > 1:
-        raise ConfigError(
-            f"train.spike_factor={cfg.train.spike_factor} must be > 1 (a multiple of the running "
-            f"mean loss) or 0 to turn spike logging off"
-        )
-    _resolve_checkpoint(cfg.checkpoint)
-    _resolve_metrics(cfg.get("metrics"))
 
-    for axis in ("data", "fsdp", "tensor", "expert"):
-        v = cfg.mesh[axis]
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1 (fill the remaining devices)")
-    if sum(cfg.mesh[a] == -1 for a in ("data", "fsdp", "tensor", "expert")) > 1:
+def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
+    """At most one axis fills the rest; each dcn size divides its axis (the sizes alone: the schema)."""
+    if sum(mesh[a] == -1 for a in MESH_AXES) > 1:
         raise ConfigError("mesh: at most one axis may be -1; give the others explicit sizes")
-    for axis in ("data", "fsdp", "tensor", "expert"):
-        v, size = cfg.mesh[f"dcn_{axis}"], cfg.mesh[axis]
-        if v < 1:
-            raise ConfigError(f"mesh.dcn_{axis}={v} must be >= 1 (1 = the axis stays inside one slice)")
+    for axis in MESH_AXES:
+        v, size = mesh[f"dcn_{axis}"], mesh[axis]
         if size != -1 and size % v:
             raise ConfigError(
                 f"mesh.dcn_{axis}={v} does not divide mesh.{axis}={size}; the axis is dcn x ici "
                 f"devices, so choose mesh.{axis} as a multiple of mesh.dcn_{axis}"
             )
 
-    parameterization.resolve(cfg)
-    moe_config.resolve(cfg)
-    quant_config.resolve(cfg)
-    return cfg
+
+def _resolve_moe(cfg: ml_collections.ConfigDict) -> None:
+    """The MoE layout and sizes (after the parameterization's base shapes): expert and shared sizes of 0 derived,
+    the MoE base shapes filled, and k/E checked against the base's."""
+    m, e, p = cfg.model, cfg.model.moe, cfg.parameterization
+    if e.num_experts == 0:
+        return
+    if not 1 <= e.num_active <= e.num_experts:
+        raise ConfigError(f"model.moe.num_active={e.num_active} must lie in [1, model.moe.num_experts={e.num_experts}]")
+    if e.first_dense >= m.depth:
+        raise ConfigError(
+            f"model.moe.first_dense={e.first_dense} leaves no MoE block in model.depth={m.depth}; "
+            f"make it smaller or set model.moe.num_experts=0 for a dense model"
+        )
+    if (m.depth - e.first_dense) % e.every:
+        raise ConfigError(
+            f"model.moe.every={e.every} must be >= 1 and divide the {m.depth - e.first_dense} blocks after "
+            f"model.moe.first_dense={e.first_dense} (groups of every - 1 dense blocks and one MoE block)"
+        )
+    if e.expert_ffn_size == 0:
+        e.expert_ffn_size = max(m.ffn_size // e.num_active, 1)  # the dense model's active FLOPs
+    if e.shared_ffn_size == 0:
+        e.shared_ffn_size = e.expert_ffn_size
+    for base, own in (("base_num_experts", "num_experts"), ("base_num_active", "num_active")):
+        if p[base] == 0:
+            p[base] = e[own]
+    if p.base_expert_ffn_size == 0:
+        p.base_expert_ffn_size = parameterization.follow_width(cfg, "base_expert_ffn_size", e.expert_ffn_size)
+    if p.check_kappa and e.num_active * p.base_num_experts != p.base_num_active * e.num_experts:
+        raise ConfigError(
+            f"model.moe: k/E = {e.num_active}/{e.num_experts} differs from the base's "
+            f"{p.base_num_active}/{p.base_num_experts}; hyperparameters do not transfer across k/E, so scale k with E "
+            f"(or set parameterization.check_kappa=false for a deliberate control)"
+        )
 
 
 def _remat_name(value) -> Any:
@@ -308,8 +312,6 @@ def _resolve_metrics(m: ml_collections.ConfigDict | None) -> None:
     """The optional writers: a known W&B mode, and wandb installed when a project is set."""
     if m is None:  # a config saved before the section existed
         return
-    if m.wandb_mode not in ("offline", "online"):
-        raise ConfigError(f"metrics.wandb_mode={m.wandb_mode!r} is not supported; choose one of offline, online")
     if m.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
             f"metrics.wandb_project={m.wandb_project!r} needs wandb: pip install wandb (or maxscale[wandb]), "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
+from maxscale.defaults import REMOVED
+
 _MISSING = object()
 
 
@@ -17,7 +19,8 @@ def diff_fields(
 
     `defaults` (the defaults as the same nested dict): a field that `old` lacks (it was written before the field
     existed) and whose new value is its default is no difference, the rule by which sweep run ids leave out fields
-    at their default; a field added with a default that changes behaviour in this config still differs."""
+    at their default; a field added with a default that changes behaviour in this config still differs. A field
+    removed since (`defaults.REMOVED`) that `old` holds at the only value it had and `new` lacks is no difference."""
     skip = tuple(skip)
     out = []
     for k in sorted(set(old) | set(new)):
@@ -25,6 +28,8 @@ def diff_fields(
         if any(field == f or field.startswith(f + ".") for f in skip):
             continue
         a, b = old.get(k, _MISSING), new.get(k)
+        if k not in new and field in REMOVED and json.dumps(a) == json.dumps(REMOVED[field]):
+            continue
         d = defaults.get(k, _MISSING) if isinstance(defaults, dict) else _MISSING
         if a is _MISSING and d is not _MISSING and json.dumps(b, default=str) == json.dumps(d, default=str):
             continue

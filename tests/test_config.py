@@ -51,7 +51,7 @@ BAD = [
     (["--config.mesh.tensor=8", "--config.mesh.data=1"], "does not divide over"),
     (["--config.data.source=/nonexistent/*.txt"], "no such file"),
     (["--config.data.seq_len=100000"], "longer than the"),
-    (["--bogus=1"], "unknown flag --bogus"),
+    (["--bogus=1"], "unknown flag '--bogus'"),
     (["--config.model=3"], "is a section"),
     (["--config.schedule.final_lr_fraction=2"], "must lie in [0, 1]"),
 ]

@@ -60,7 +60,7 @@ def test_every_parameterization_equals_sp_at_base_shapes(name):
     sp_par, specs = table(base_cfg())
     par, _ = table(base_cfg(parameterization__name=name))
     for path, (spec, _) in specs.items():
-        assert par.init_std(spec, path) == sp_par.init_std(spec, path), path
+        assert par.init_std(spec) == sp_par.init_std(spec), path
         assert par.lr_factor(spec) == 1.0, path
         assert par.eps_factor(spec) == 1.0, path
         assert par.wd_factor(spec) == sp_par.wd_factor(spec), path
@@ -76,10 +76,10 @@ def test_mup_doubling_width_halves_hidden_lr_and_init_variance_and_leaves_embedd
     for path in HIDDEN:
         s1, s2 = specs1[path][0], specs2[path][0]
         assert par2.lr_factor(s2) == pytest.approx(par1.lr_factor(s1) / 2), path
-        assert par2.init_std(s2, path) ** 2 == pytest.approx(par1.init_std(s1, path) ** 2 / 2), path
+        assert par2.init_std(s2) ** 2 == pytest.approx(par1.init_std(s1) ** 2 / 2), path
     for path in ("embed", "unembed"):
         s2 = specs2[path][0]
-        assert par2.lr_factor(s2) == 1.0 and par2.init_std(s2, path) == 0.02, path
+        assert par2.lr_factor(s2) == 1.0 and par2.init_std(s2) == 0.02, path
     assert par2.output_mult == pytest.approx(par1.output_mult / 2)  # readout x 1/m_N (TP-V Table 8)
     # 1/d attention: halves when the head dim doubles, unchanged when the heads double
     assert par2.attn_scale == pytest.approx(par1.attn_scale / (2 if grows == "head_dim" else 1))
@@ -90,7 +90,7 @@ def test_sp_doubling_width_changes_nothing_but_the_attention_head_dim():
     par2, specs2 = table(scaled("sp", width=128))
     for path in HIDDEN + ("embed", "unembed"):
         assert par2.lr_factor(specs2[path][0]) == 1.0
-        assert par2.init_std(specs2[path][0], path) == 0.02
+        assert par2.init_std(specs2[path][0]) == 0.02
     assert par2.output_mult == 1.0
     assert par2.attn_scale == pytest.approx(1 / math.sqrt(32))  # SP's 1/sqrt(d_head)
 
@@ -101,7 +101,7 @@ def test_completep_doubling_depth_halves_the_residual_multiplier_and_keeps_the_h
     assert par2.residual_mult == pytest.approx(par1.residual_mult / 2) == pytest.approx(0.5)
     for path in HIDDEN + ("blocks/attn_norm", "blocks/mlp_norm", "embed", "unembed", "final_norm"):
         assert par2.lr_factor(specs2[path][0]) == pytest.approx(par1.lr_factor(specs1[path][0])), path
-    assert par2.init_std(specs2["blocks/wq"][0], "blocks/wq") == 0.02  # no depth factor in the init
+    assert par2.init_std(specs2["blocks/wq"][0]) == 0.02  # no depth factor in the init
 
 
 def test_depth_mup_doubling_depth_scales_residual_and_block_lr_by_inverse_sqrt2():
@@ -173,9 +173,9 @@ def test_options_zero_init_multipliers_and_attention_exponent():
         parameterization__attn_exponent=0.5,
     )
     par, specs = table(cfg)
-    assert par.init_std(specs["unembed"][0], "unembed") == 0.0
-    assert par.init_std(specs["blocks/wq"][0], "blocks/wq") == 0.0
-    assert par.init_std(specs["blocks/wk"][0], "blocks/wk") == pytest.approx(0.02 / 2)
+    assert par.init_std(specs["unembed"][0]) == 0.0
+    assert par.init_std(specs["blocks/wq"][0]) == 0.0
+    assert par.init_std(specs["blocks/wk"][0]) == pytest.approx(0.02 / 2)
     assert par.multipliers()["input"] == 3.0
     assert par.output_mult == pytest.approx(8.0 / 4)
     assert par.attn_scale == pytest.approx(2.0 / math.sqrt(64))  # exponent 1/2: SP's 1/sqrt(d)
@@ -184,7 +184,7 @@ def test_options_zero_init_multipliers_and_attention_exponent():
 def test_tied_embeddings_keep_the_embedding_init_and_put_1_over_m_in_the_output():
     par, specs = table(scaled("mup", width=256, model__tie_embeddings=True))
     assert "unembed" not in specs
-    assert par.init_std(specs["embed"][0], "embed") == 0.02 and par.lr_factor(specs["embed"][0]) == 1.0
+    assert par.init_std(specs["embed"][0]) == 0.02 and par.lr_factor(specs["embed"][0]) == 1.0
     assert par.output_mult == pytest.approx(1 / 4)
 
 

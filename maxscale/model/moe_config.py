@@ -1,19 +1,17 @@
-"""The options of a mixture-of-experts layer, validated (`cfg.model.moe.*` plus `cfg.model.mlp`)."""
+"""The options of a mixture-of-experts layer (`cfg.model.moe.*` plus `cfg.model.mlp`); the config's values are
+validated and derived in `maxscale.config.resolve`."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from maxscale import parameterization
+from maxscale.defaults import CHOICES as _SCHEMA
 from maxscale.errors import ConfigError
 
-# Names of the implementations in moe.py's tables (moe.py asserts that they agree).
-CHOICES = {
-    "score": ("sigmoid", "softmax"),
-    "combine": ("mean_k", "renorm"),
-    "dispatch": ("dropless", "capacity", "dense"),
-    "mlp": ("swiglu", "gelu"),
-}
+# Names of the implementations in moe.py's tables, as the config schema declares them (moe.py asserts that they
+# agree). config.resolve validates the config's values; these guard a MoEConfig built directly.
+CHOICES = {**{k: _SCHEMA[f"model.moe.{k}"] for k in ("score", "combine", "dispatch")}, "mlp": _SCHEMA["model.mlp"]}
+CHOICES["grouped_impl"] = _SCHEMA["model.moe.grouped_impl"]  # moe_dispatch.grouped_impl: dropless's matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +27,7 @@ class MoEConfig:
     combine: str = "mean_k"  # mean_k | renorm
     dispatch: str = "dropless"  # dropless | capacity | dense
     capacity_factor: float = 1.25  # capacity path: slots per expert = ceil(cf * K * tokens / E)
+    grouped_impl: str = "auto"  # dropless's grouped matmul: auto | tiled | ragged_dot (moe_dispatch.grouped_impl)
     mlp: str = "swiglu"  # swiglu | gelu
 
     def __post_init__(self):
@@ -52,56 +51,3 @@ class MoEConfig:
     @property
     def shared_size(self) -> int:
         return self.num_shared * self.shared_ffn_size
-
-
-BALANCE = ("bias", "aux", "none")
-BIAS_RULES = ("linear", "sign")
-DOWN_INITS = ("mean_field", "fan_in")
-
-
-def resolve(cfg) -> None:
-    """Validates `model.moe.*` and the MoE base shapes in place, filling derived sizes (ConfigError, one line)."""
-    m, e, p = cfg.model, cfg.model.moe, cfg.parameterization
-    for field in ("num_experts", "num_active", "expert_ffn_size", "num_shared", "shared_ffn_size", "first_dense"):
-        if e[field] < 0:
-            raise ConfigError(f"model.moe.{field}={e[field]} must be >= 0")
-    for field, choices in (("balance", BALANCE), ("bias_rule", BIAS_RULES), *CHOICES.items()):
-        if field != "mlp" and e[field] not in choices:
-            raise ConfigError(f"model.moe.{field}={e[field]!r} is not supported; choose one of {', '.join(choices)}")
-    if p.expert_down_init not in DOWN_INITS:
-        raise ConfigError(
-            f"parameterization.expert_down_init={p.expert_down_init!r} is not supported; "
-            f"choose one of {', '.join(DOWN_INITS)}"
-        )
-    if e.num_experts == 0:
-        return
-    if not 1 <= e.num_active <= e.num_experts:
-        raise ConfigError(f"model.moe.num_active={e.num_active} must lie in [1, model.moe.num_experts={e.num_experts}]")
-    if e.first_dense >= m.depth:
-        raise ConfigError(
-            f"model.moe.first_dense={e.first_dense} leaves no MoE block in model.depth={m.depth}; "
-            f"make it smaller or set model.moe.num_experts=0 for a dense model"
-        )
-    if e.every < 1 or (m.depth - e.first_dense) % e.every:
-        raise ConfigError(
-            f"model.moe.every={e.every} must be >= 1 and divide the {m.depth - e.first_dense} blocks after "
-            f"model.moe.first_dense={e.first_dense} (groups of every - 1 dense blocks and one MoE block)"
-        )
-    if e.expert_ffn_size == 0:
-        e.expert_ffn_size = max(m.ffn_size // e.num_active, 1)  # the dense model's active FLOPs
-    if e.shared_ffn_size == 0:
-        e.shared_ffn_size = e.expert_ffn_size
-    for field in ("capacity_factor", "bias_rate", "aux_loss_weight", "z_loss_weight"):
-        if e[field] < 0 or (field == "capacity_factor" and e[field] == 0):
-            raise ConfigError(f"model.moe.{field}={e[field]} must be {'> 0' if field == 'capacity_factor' else '>= 0'}")
-    for base, own in (("base_num_experts", "num_experts"), ("base_num_active", "num_active")):
-        if p[base] == 0:
-            p[base] = e[own]
-    if p.base_expert_ffn_size == 0:
-        p.base_expert_ffn_size = parameterization.follow_width(cfg, "base_expert_ffn_size", e.expert_ffn_size)
-    if p.check_kappa and e.num_active * p.base_num_experts != p.base_num_active * e.num_experts:
-        raise ConfigError(
-            f"model.moe: k/E = {e.num_active}/{e.num_experts} differs from the base's "
-            f"{p.base_num_active}/{p.base_num_experts}; hyperparameters do not transfer across k/E, so scale k with E "
-            f"(or set parameterization.check_kappa=false for a deliberate control)"
-        )

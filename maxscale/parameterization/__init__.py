@@ -36,6 +36,9 @@ class ParamSpec:
     role: str
     axes: tuple[str, ...]  # logical axis names, one per dim, e.g. ('layers', 'embed', 'heads', 'head_dim')
     fan_in: tuple[str, ...]  # axes contracted in the forward pass; () for vectors
+    # what a matrix does in its block, where rules or tools treat matrices of one role apart (the query's zero
+    # init, dyn's groups): query, key, value, attn_out, mlp_in, mlp_out; "" for the rest
+    kind: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +78,12 @@ def follow_width(cfg: ml_collections.ConfigDict, field: str, own: int, scales: b
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> None:
-    """Fills base shapes of 0 and checks the name (in place). The base is one model: left at 0, the base depth is
+    """Fills base shapes of 0 (in place; every field was checked against its declaration in config.resolve,
+    maxscale/defaults.py). The base is one model: left at 0, the base depth is
     the model's own, and every width dimension follows base_width / width as the model's own sizes do
     (`width_grows` says whether heads or the head dim grow), so `--config.parameterization.base_width=64` alone
     describes the width-64 model, never a half-scaled one."""
     p, m = cfg.parameterization, cfg.model
-    if p.name not in RULES:
-        raise ConfigError(f"parameterization.name={p.name!r} is not supported; choose one of {', '.join(RULES)}")
-    if p.width_grows not in WIDTH_GROWS:
-        raise ConfigError(
-            f"parameterization.width_grows={p.width_grows!r} is not supported; choose one of {', '.join(WIDTH_GROWS)}"
-        )
     if p.base_width == 0:
         p.base_width = m.width
     if p.base_depth == 0:
@@ -97,12 +95,6 @@ def resolve(cfg: ml_collections.ConfigDict) -> None:
     ):
         if p[base] == 0:
             p[base] = follow_width(cfg, base, own, scales)
-    if p.depth_alpha != -1.0 and not 0.0 <= p.depth_alpha <= 2.0:
-        raise ConfigError(f"parameterization.depth_alpha={p.depth_alpha} must lie in [0, 2] (or -1 for the default)")
-    if p.attn_exponent != -1.0 and not 0.0 <= p.attn_exponent <= 2.0:
-        raise ConfigError(
-            f"parameterization.attn_exponent={p.attn_exponent} must lie in [0, 2] (or -1 for the default)"
-        )
     if p.embed_init_std == 0.0:
         p.embed_init_std = p.init_std
     for field, choices in (("eps_depth_scope", EPS_DEPTH_SCOPES),):
@@ -198,15 +190,15 @@ class Parameterization:
             return 1.0
         return self.m_depth ** (self.alpha - 1.0)
 
-    def init_std(self, spec: ParamSpec, name: str = "") -> float:
-        std = self._init_std(spec, name)
+    def init_std(self, spec: ParamSpec) -> float:
+        std = self._init_std(spec)
         if spec.role in ("expert_in", "expert_out") and self.cfg.parameterization.expert_init_counts_experts:
             # the control: MaxText's variance_scaling(fan_in, in_axis=experts) counts E as fan-in, so the
             # experts' init shrinks as (E/E0)^-1/2 (docs/moe.md); never the default
             std /= math.sqrt(self._ratio("experts"))
         return std
 
-    def _init_std(self, spec: ParamSpec, name: str) -> float:
+    def _init_std(self, spec: ParamSpec) -> float:
         p = self.cfg.parameterization
         if spec.role in ("norm", "bias"):
             return 0.0  # norms start at one (the model adds 1), biases at zero
@@ -214,7 +206,7 @@ class Parameterization:
             return p.embed_init_std
         if spec.role == "readout":
             return 0.0 if p.zero_init_readout else p.init_std
-        if name.endswith("wq") and p.zero_init_query:
+        if spec.kind == "query" and p.zero_init_query:
             return 0.0
         if not self.rule.width:
             return p.init_std
@@ -309,4 +301,4 @@ def scale_shapes(
 def spec_of(variable: Any) -> ParamSpec:
     """The ParamSpec stored as metadata on an nnx.Param."""
     meta = variable.get_metadata()
-    return ParamSpec(role=meta["role"], axes=tuple(meta["axes"]), fan_in=tuple(meta["fan_in"]))
+    return ParamSpec(role=meta["role"], axes=tuple(meta["axes"]), fan_in=tuple(meta["fan_in"]), kind=meta["kind"])

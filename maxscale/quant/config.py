@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maxscale.errors import ConfigError
-from maxscale.quant.formats import GRANULARITIES, parse_format
+from maxscale.quant.formats import parse_format
 
 KINDS = ("weights", "activations", "kv")
 
@@ -13,10 +13,5 @@ def resolve(cfg) -> None:
     for kind in KINDS:
         fmt = parse_format(q[kind], field=f"quant.{kind}")
         q[kind] = "none" if fmt is None else fmt.name  # canonical spelling: e4m3, int8, none
-        field = f"{kind}_granularity"
-        if q[field] not in GRANULARITIES:
-            raise ConfigError(f"quant.{field}={q[field]!r} is not supported; choose one of {', '.join(GRANULARITIES)}")
-    if q.block_size < 1:
-        raise ConfigError(f"quant.block_size={q.block_size} must be >= 1")
     if q.whole_attention and q.kv == "none":
         raise ConfigError("quant.whole_attention=true needs a format in quant.kv (e.g. --config.quant.kv=int8)")

@@ -19,51 +19,64 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from maxscale.errors import ConfigError
 from maxscale.parameterization import Parameterization
+
+
+def _constant(s, total: int, warm):
+    return lambda t: warm(jnp.asarray(t, jnp.float32)) * jnp.ones([], jnp.float32)
+
+
+def _cosine(s, total: int, warm):
+    warmup, floor = s.warmup_steps, s.final_lr_fraction
+
+    def cosine(t):
+        t = jnp.asarray(t, jnp.float32)
+        progress = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        return warm(t) * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+    return cosine
+
+
+def _wsd(s, total: int, warm):
+    floor, decay_steps = s.final_lr_fraction, s.decay_fraction * total
+    decay_start = total - decay_steps
+
+    def wsd(t):
+        t = jnp.asarray(t, jnp.float32)
+        progress = jnp.clip((t - decay_start) / max(decay_steps, 1.0), 0.0, 1.0)
+        return warm(t) * (1.0 - (1.0 - floor) * progress)
+
+    return wsd
+
+
+def _power(s, total: int, warm):
+    t0, chi, delta = s.power_t0, s.power_chi, s.power_delta
+
+    def power(t):
+        t = jnp.asarray(t, jnp.float32)
+        tail = jnp.clip(1.0 - t / total, 0.0, 1.0) ** delta if delta else 1.0
+        return warm(t) * (1.0 + t / t0) ** -chi * tail
+
+    return power
+
+
+# schedule.name -> (cfg.schedule, train.steps, warmup multiplier) -> sched(t); the names are declared in the config
+# schema (maxscale/defaults.py), which tests/test_schema.py checks against these keys
+SCHEDULES = {"constant": _constant, "cosine": _cosine, "wsd": _wsd, "power": _power}
 
 
 def schedule(cfg: ml_collections.ConfigDict):
     """Returns sched(step) -> multiplier of the peak LR, as a jnp function of an integer step."""
     s, total = cfg.schedule, cfg.train.steps
-    warmup, floor = s.warmup_steps, s.final_lr_fraction
+    warmup = s.warmup_steps
 
     def warm(t):
         return jnp.minimum(1.0, (t + 1.0) / warmup) if warmup > 0 else 1.0
 
-    if s.name == "constant":
-        return lambda t: warm(jnp.asarray(t, jnp.float32)) * jnp.ones([], jnp.float32)
-
-    if s.name == "cosine":
-
-        def cosine(t):
-            t = jnp.asarray(t, jnp.float32)
-            progress = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
-            return warm(t) * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
-
-        return cosine
-
-    if s.name == "wsd":
-        decay_steps = s.decay_fraction * total
-        decay_start = total - decay_steps
-
-        def wsd(t):
-            t = jnp.asarray(t, jnp.float32)
-            progress = jnp.clip((t - decay_start) / max(decay_steps, 1.0), 0.0, 1.0)
-            return warm(t) * (1.0 - (1.0 - floor) * progress)
-
-        return wsd
-
-    if s.name == "power":
-        t0, chi, delta = s.power_t0, s.power_chi, s.power_delta
-
-        def power(t):
-            t = jnp.asarray(t, jnp.float32)
-            tail = jnp.clip(1.0 - t / total, 0.0, 1.0) ** delta if delta else 1.0
-            return warm(t) * (1.0 + t / t0) ** -chi * tail
-
-        return power
-
-    raise ValueError(f"schedule.name={s.name!r}")
+    if s.name not in SCHEDULES:  # config.resolve refuses it first; a hand-made config gets the same line
+        raise ConfigError(f"schedule.name={s.name!r} is not supported; choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[s.name](s, total, warm)
 
 
 def _group_label(f: dict) -> str:
