@@ -225,8 +225,9 @@ def test_exported_mixtral_logits_equal_maxscale(case, tmp_path):
     tokens = np.random.default_rng(1).integers(0, 256, (2, 32)).astype(np.int32)
     export_hf.save_safetensors(str(tmp_path / "model.safetensors"), export_hf.hf_weights(cfg, params))
     (tmp_path / "config.json").write_text(json.dumps(export_hf.hf_config(cfg, tok_lib.get("byte"))))
-    logits, aux = transformer.ModelDef(cfg).apply_aux(params, tokens)
-    assert not np.asarray(aux["moe"]["moe_dropped_fraction"]).any()  # capacity: no pair dropped at this factor
+    out = transformer.ModelDef(cfg).forward(params, tokens)
+    logits = out.logits
+    assert not np.asarray(out.moe["moe_dropped_fraction"]).any()  # capacity: no pair dropped at this factor
     ours = np.asarray(logits)
     theirs = _hf_logits(tmp_path, tokens)
     scale = np.abs(ours).max()

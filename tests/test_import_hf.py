@@ -17,8 +17,7 @@ from conftest import one_device_mesh, tiny_config
 
 from maxscale import config as config_lib
 from maxscale.model import transformer
-from maxscale.quant import ptq
-from maxscale.tools import export_hf, import_hf
+from maxscale.tools import export_hf, import_hf, ptq
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import loop
 from maxscale.train import step as step_lib

@@ -74,16 +74,100 @@ def assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
     ],
 )
 def test_paths_agree(score, combine, num_shared, mlp):
-    """dropless == capacity (cf = E/K: nothing drops) == dense, values and grads w.r.t. every param and the input."""
+    """dropless (both grouped matmuls) == capacity (cf = E/K: nothing drops) == dense, values and grads w.r.t. every
+    param and the input."""
     moe = make_moe(score=score, combine=combine, num_shared=num_shared, mlp=mlp, capacity_factor=4 / 2)
     p, h = init(moe, jax.random.PRNGKey(1)), inputs()
     ref_out, _, ref_grads = value_and_grads(moe, p, h, dispatch=moe_lib.DISPATCH["dense"])
     assert float(jnp.abs(ref_out).mean()) > 0.05
-    for path in ("dropless", "capacity"):
-        out, stats, grads = value_and_grads(moe, p, h, dispatch=moe_lib.DISPATCH[path])
+    for path, impl in (("dropless", "tiled"), ("dropless", "ragged_dot"), ("capacity", "auto")):
+        moe_i = dataclasses.replace(moe, grouped_impl=impl)
+        out, stats, grads = value_and_grads(moe_i, p, h, dispatch=moe_lib.DISPATCH[path])
         assert_tree_close(out, ref_out)
         assert_tree_close(grads, ref_grads)
         assert float(stats["moe_dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize(
+    "E,K,bias,tile",
+    [
+        (4, 2, [10.0, 0.0, 0.0, -100.0], 0),  # expert 0 on every token, expert 3 on none
+        (4, 1, [100.0, 0.0, 0.0, 0.0], 0),  # every pair on expert 0, three experts empty
+        (8, 2, [0.0] * 8, 4),  # near uniform, small tiles
+        (5, 3, [3.0, 0.0, -100.0, 1.0, 0.0], 32),  # one tile larger than every group; expert 2 empty
+    ],
+)
+def test_dropless_equals_dense_under_uneven_loads(impl, E, K, bias, tile, monkeypatch):
+    """Each grouped matmul == the dense reference, values and gradients (rtol 1e-5), with empty experts, one expert
+    taking every pair, and tiles smaller and larger than the groups; an empty expert gets exactly zero gradient."""
+    if tile:
+        monkeypatch.setattr(moe_dispatch, "tile_size", lambda rows, num_experts: tile)
+    moe = make_moe(num_experts=E, num_active=K, num_shared=1, grouped_impl=impl)
+    p, h, b = init(moe, jax.random.PRNGKey(11), router_std=2.0), inputs(6), jnp.asarray(bias)
+    ref_out, _, ref_grads = value_and_grads(moe, p, h, b, dispatch=moe_lib.DISPATCH["dense"])
+    out, stats, grads = value_and_grads(moe, p, h, b, dispatch=moe_lib.DISPATCH["dropless"])
+    assert_tree_close(out, ref_out)
+    assert_tree_close(grads, ref_grads)
+    load = np.asarray(stats["moe_load"])
+    empty = np.flatnonzero(load == 0)
+    assert len(empty) == sum(x < 0 for x in bias) + (3 if K == 1 else 0)
+    for e in empty:
+        assert float(jnp.abs(grads[0]["w_down_e"][e]).max()) == 0.0
+
+
+@pytest.mark.parametrize("tile", [1, 4, 16])
+def test_tiles_layout(tile):
+    """Each pair sits in a tile of its own expert, each expert's pairs are contiguous from a tile boundary in token
+    order, pair_X inverts slot_P, and the static tile count covers these loads (expert 2 empty, 3 the largest)."""
+    E, P = 5, 40
+    experts_P = np.random.default_rng(0).choice([0, 1, 1, 3, 3, 3, 4], P)
+    t = moe_dispatch.Tiles.build(jnp.asarray(experts_P), E, tile)
+    slot, pair, ex = np.asarray(t.slot_P), np.asarray(t.pair_X), np.asarray(t.expert_N)
+    N = (P + E * (tile - 1)) // tile
+    assert ex.shape == (N,) and pair.shape == (N * tile,)
+    np.testing.assert_array_equal(pair[slot], np.arange(P))
+    assert (pair == P).sum() == N * tile - P  # every other slot is padding
+    np.testing.assert_array_equal(ex[slot // tile], experts_P)
+    assert (np.diff(ex) >= 0).all()
+    for e in np.unique(experts_P):
+        s = slot[experts_P == e]
+        assert s[0] % tile == 0 and (np.diff(s) == 1).all()
+    x = jax.random.normal(jax.random.PRNGKey(0), (P, 3))
+    padded = t.pad(x)
+    assert padded.shape == (N, tile, 3) and float(jnp.abs(padded).sum(-1).reshape(-1)[pair == P].max(initial=0)) == 0
+    np.testing.assert_array_equal(np.asarray(t.unpad(padded)), np.asarray(x))
+    r = jax.random.normal(jax.random.PRNGKey(1), padded.shape)  # the gather-only VJPs equal the plain transposes
+    g = jax.grad(lambda x: (t.pad(x) * r).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(r.reshape(N * tile, 3)[slot]))
+    w = jax.random.normal(jax.random.PRNGKey(2), (E, 3, 2))
+    gw = jax.grad(lambda w: (t.weights(w) * jnp.arange(N)[:, None, None]).sum())(w)
+    np.testing.assert_allclose(np.asarray(gw[:, 0, 0]), [np.arange(N)[ex == e].sum() for e in range(E)])
+
+
+def test_tiled_dropless_does_the_routed_flops_only():
+    """The compiled tiled path costs the 3 expert matmuls of the P pairs plus the tile padding (<= E * (tile - 1)
+    rows), not E times that (XLA:CPU's ragged_dot). The choice and the config field are validated."""
+    moe = make_moe(num_experts=8, num_active=2, grouped_impl="tiled")
+    p, h_TD = init(moe, jax.random.PRNGKey(9)), jax.random.normal(jax.random.PRNGKey(10), (256, D))
+    weights_TK, experts_TK, _ = moe_lib.route(h_TD, p["router"], None, moe, MM)
+    f = jax.jit(lambda p, h: moe_dispatch.dropless(p, h, weights_TK, experts_TK, moe, MM)[0])
+    flops = f.lower(p, h_TD).compile().cost_analysis()["flops"]
+    P, tile = 512, moe_dispatch.tile_size(512, 8)
+    assert tile == 16 and moe_dispatch.tile_size(2048 * 2, 8) == 128 and moe_dispatch.tile_size(48, 4) == 8
+    routed = 2 * P * D * 32 * 3
+    assert routed < flops < routed * (P + 8 * (tile - 1)) / P + 0.2 * routed, (flops, routed)
+    auto = "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
+    assert moe_dispatch.grouped_impl(make_moe()) == auto
+    assert moe_dispatch.grouped_impl(make_moe(grouped_impl="ragged_dot")) == "ragged_dot"
+    assert set(moe_lib.CHOICES["grouped_impl"]) == {"auto", *moe_dispatch.GROUPED}
+    with pytest.raises(ConfigError, match="model.moe.grouped_impl='megablox'"):
+        make_moe(grouped_impl="megablox")
+    from maxscale import config as config_lib
+
+    cfg, _ = config_lib.parse_argv(["--config=configs/moe.py", "--config.model.moe.grouped_impl=mega"], ())
+    with pytest.raises(ConfigError, match="grouped_impl='mega' is not supported; choose one of auto, tiled, ragged"):
+        config_lib.resolve(cfg)
 
 
 @pytest.mark.parametrize("path", ["dropless", "capacity", "dense"])
@@ -193,9 +277,11 @@ class CountingQuantizer:
         return x
 
 
-@pytest.mark.parametrize("path", ["dropless", "capacity", "dense"])
-def test_every_matmul_goes_through_the_entry_point(path):
-    moe = make_moe(dispatch=path, num_shared=1)
+@pytest.mark.parametrize(
+    "path,impl", [("dropless", "tiled"), ("dropless", "ragged_dot"), ("capacity", "auto"), ("dense", "auto")]
+)
+def test_every_matmul_goes_through_the_entry_point(path, impl):
+    moe = make_moe(dispatch=path, num_shared=1, grouped_impl=impl)
     q = CountingQuantizer()
     p, h = init(moe, jax.random.PRNGKey(5)), inputs()
     jax.make_jaxpr(lambda p, h: moe_lib.apply(p, h, moe, Matmul(quantizer=q)))(p, h)

@@ -78,10 +78,12 @@ def test_chunked_attention_branch_equals_xla(qk_norm):
     from maxscale.model import attention as attention_lib
     from maxscale.parameterization import Parameterization
 
-    def branch(impl):
-        cfg = small(**{"model.num_kv_heads": 2, "model.qk_norm": qk_norm, "model.attention_impl": impl})
-        mults = Parameterization(cfg).multipliers()
-        return cfg, lambda p, h: attention_lib.apply(p, h, cfg, mults, Matmul())
+    def branch(impl):  # each branch's own config and Context: the chunked one runs 4 blocks of 4 positions
+        over = {"model.num_kv_heads": 2, "model.qk_norm": qk_norm, "model.attention_impl": impl}
+        cfg = small(**over, **{"model.attention_chunk_size": 4})
+        mults, ctx = Parameterization(cfg).multipliers(), transformer.build_context(cfg)
+        assert ctx.attention_impl == impl and cfg.data.seq_len == 16
+        return cfg, lambda p, h: attention_lib.apply(p, h, cfg, mults, Matmul(), ctx)
 
     cfg, xla_branch = branch("xla")
     _, chunked_branch = branch("chunked")
@@ -94,8 +96,6 @@ def test_chunked_attention_branch_equals_xla(qk_norm):
         out, vjp = jax.vjp(f, p, h)
         return out, vjp(ct)
 
-    with_chunks = small(**{"model.attention_chunk_size": 4}).model.attention_chunk_size
-    cfg.model.attention_chunk_size = with_chunks  # 4 blocks of 4 positions
     want, want_grads = jax.jit(lambda: run(xla_branch))()
     got, got_grads = jax.jit(lambda: run(chunked_branch))()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -110,8 +110,8 @@ def test_splash_attention_equals_xla_per_shard_in_the_pallas_interpreter():
     q, k, v, _ = _qkv(256, 4, 2, K=16, B=2)
     cfg = small(**{"mesh.data": 2, "mesh.tensor": 2})
     kernel = functools.partial(kernels.splash_attention, block=128, interpret=True)  # two blocks: across-block mask
-    with sharding.activation_mesh(sharding.make_mesh(cfg, jax.devices()[:4])):
-        got = jax.jit(lambda q, k, v: attention._per_shard(kernel, q, k, v, 0.3))(q, k, v)
+    mesh = sharding.make_mesh(cfg, jax.devices()[:4])
+    got = jax.jit(lambda q, k, v: attention._per_shard(kernel, q, k, v, 0.3, mesh))(q, k, v)
     assert got.sharding.spec[:3] == ("data", None, "tensor")
     np.testing.assert_allclose(got, kernels.xla_attention(q, k, v, 0.3), rtol=1e-5, atol=1e-5)
 
@@ -130,8 +130,10 @@ def test_capture_keeps_the_attention_logit_stats_with_chunked_attention():
     model = transformer.ModelDef(cfg)
     params = model.init(0)
     tokens = tokens_for(cfg, batch=2)[:, :-1]
-    _, stats = jax.jit(lambda p, t: model.apply(p, t, capture=True))(params, tokens)
-    _, want = jax.jit(lambda p, t: transformer.ModelDef(small()).apply(p, t, capture=True))(params, tokens)
+    capture = ("stats",)
+    stats = jax.jit(lambda p, t: model.forward(p, t, capture=capture).captured["stats"])(params, tokens)
+    plain = transformer.ModelDef(small())
+    want = jax.jit(lambda p, t: plain.forward(p, t, capture=capture).captured["stats"])(params, tokens)
     np.testing.assert_allclose(stats["layers"]["attn_logits"], want["layers"]["attn_logits"], rtol=1e-6)
     np.testing.assert_allclose(stats["layers"]["attn_mix"], want["layers"]["attn_mix"], rtol=1e-5)
 

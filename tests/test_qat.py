@@ -18,7 +18,7 @@ from maxscale.model import attention, kernels, transformer
 from maxscale.model.layers import Matmul
 from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization
-from maxscale.quant import calibrate, formats, metrics, qat
+from maxscale.quant import formats, metrics, qat
 from maxscale.train import data as data_lib
 from maxscale.train import loop
 from maxscale.train import metrics as metrics_lib
@@ -105,19 +105,25 @@ def test_explicit_attention_equals_xla_values_and_gradients():
 def _attention_output(cfg):
     """(output, kinds, [(x, x_hat)]) of the first layer's attention branch on random input with cfg's quantizer:
     every tensor the quantizer changed, in call order."""
-    p = calibrate.layer_params(transformer.ModelDef(cfg).init(0), 0, cfg)
+    p = {k: v[0] for k, v in transformer.ModelDef(cfg).init(0)["blocks"].items()}
     h = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.width))
     kinds = []  # filled while tracing; the arrays come back as outputs
 
     def branch(p, h):
         seen = []
 
-        def record(kind, x, x_hat):
-            kinds.append(kind)
-            seen.append((x, x_hat))
+        class Seen:  # the Recorder's seat in the matmul entry point
+            def quantized(self, kind, x, x_hat):
+                if x_hat is not x:
+                    kinds.append(kind)
+                    seen.append((x, x_hat))
 
-        mm = Matmul(quantizer=calibrate.Observer(inner=qat.make_quantizer(cfg), on_quantize=record))
-        return attention.apply(p, h, cfg, Parameterization(cfg).multipliers(), mm), seen
+            def matmul_input(self, *args):
+                pass
+
+        ctx = qat.context(cfg)
+        mm = Matmul(quantizer=ctx.quantizer, recorder=Seen())
+        return attention.apply(p, h, cfg, Parameterization(cfg).multipliers(), mm, ctx), seen
 
     out, seen = jax.jit(branch)(p, h)
     return out, kinds, seen
@@ -137,7 +143,8 @@ def test_whole_attention_quantizes_the_probabilities():
 
 def _initial_loss_fn(overrides):
     """Cross-entropy of the tiny model under cfg overrides, as a jitted f(params) on fixed random tokens."""
-    model = transformer.ModelDef(tiny_config(**overrides))
+    cfg = tiny_config(**overrides)
+    model = transformer.ModelDef(cfg, qat.context(cfg))
     tokens = jax.random.randint(jax.random.key(2), (4, 33), 0, 256)
     loss = jax.jit(lambda p: step_lib.cross_entropy(model.apply(p, tokens[:, :-1]), tokens[:, 1:]))
     return lambda params: float(loss(params))
@@ -168,13 +175,31 @@ def test_bad_format_on_the_command_line_is_one_line_and_exit_2(tmp_path):
 # ----------------------------------------------------------------------------------------------- error metrics
 
 
-def test_unrolled_forward_equals_the_model():
-    cfg = tiny_config(**W4A8KV8, **{"quant.whole_attention": True, "quant.embeddings": True, "quant.readout": True})
-    params = transformer.ModelDef(cfg).init(0)
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_weight_errors_equal_an_independent_per_matrix_computation_in_every_moe_layout(dispatch):
+    """quant/weights_rel_err of an MoE model with a dense first block, dense blocks between MoE blocks (every=2)
+    and a shared expert is the mean, over every layer's hidden and expert matrix, of ||w - q(w)|| / ||w|| with
+    q per output channel over the matrix's fan-in axes: computed here from the params alone."""
+    moe = {"model.moe.num_experts": 4, "model.moe.num_active": 2, "model.moe.expert_ffn_size": 16}
+    layout = {"model.depth": 5, "model.moe.first_dense": 1, "model.moe.every": 2, "model.moe.num_shared": 1}
+    cfg = tiny_config(**moe, **layout, **{"model.moe.dispatch": dispatch, "quant.weights": "int4"})
+    model = transformer.ModelDef(cfg, qat.context(cfg))
+    params = model.init(0)
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 256)
-    observer = calibrate.Observer(inner=qat.make_quantizer(cfg))
-    got = jax.jit(lambda p, t: calibrate.unrolled_logits(cfg, p, t, observer))(params, tokens)
-    np.testing.assert_allclose(got, jax.jit(transformer.ModelDef(cfg).apply)(params, tokens), atol=1e-5)
+    got = metrics.quant_errors_fn(model)(params, tokens)
+    assert set(got) == {"quant/weights_rel_err"}
+    errs = []
+    for stack in ("blocks", "interleaved", "moe_blocks"):
+        for name, w in params[stack].items():
+            spec = model.specs[f"{stack}/{name}"]
+            if spec.role not in ("hidden", "expert_in", "expert_out"):
+                continue
+            axes = tuple(spec.axes[1:].index(a) for a in spec.fan_in)  # the layer's slice: `layers` dropped
+            for layer in np.asarray(w):
+                q = formats.fake_quant(jnp.asarray(layer), "int4", "per_channel", axis=axes)
+                errs.append(float(formats.relative_rms_error(layer, q)))
+    assert len(errs) == 3 * 7 + 2 * (4 + 3 + 3)  # dense blocks: 7 matrices; MoE: attention, experts, shared
+    assert float(got["quant/weights_rel_err"]) == pytest.approx(np.mean(errs), rel=1e-5)
 
 
 def test_quant_errors_are_zero_at_16_bits_and_grow_as_bits_fall():
@@ -184,13 +209,15 @@ def test_quant_errors_are_zero_at_16_bits_and_grow_as_bits_fall():
     for bits in (16, 8, 4):
         fmt = {f"quant.{k}": f"int{bits}" for k in ("weights", "activations", "kv")}
         cfg = tiny_config(**ONE_LAYER, **fmt, **{"quant.whole_attention": True})
-        errors[bits] = {k: float(v) for k, v in metrics.quant_errors_fn(cfg)(params, tokens).items()}
+        model = transformer.ModelDef(cfg, qat.context(cfg))
+        errors[bits] = {k: float(v) for k, v in metrics.quant_errors_fn(model)(params, tokens).items()}
     kinds = {f"quant/{k}_rel_err" for k in metrics.KINDS}
     assert set(errors[16]) == kinds
     for kind in kinds:
         assert errors[16][kind] < 1e-4 < errors[8][kind] < errors[4][kind] < 0.5, (kind, errors)
-    assert metrics.quant_errors(tiny_config(**ONE_LAYER), params, tokens) == {}
-    only_w = metrics.quant_errors_fn(tiny_config(**ONE_LAYER, **{"quant.weights": "int4"}))(params, tokens)
+    assert metrics.quant_errors(transformer.ModelDef(tiny_config(**ONE_LAYER)), params, tokens) == {}
+    w4 = tiny_config(**ONE_LAYER, **{"quant.weights": "int4"})
+    only_w = metrics.quant_errors_fn(transformer.ModelDef(w4, qat.context(w4)))(params, tokens)
     assert set(only_w) == {"quant/weights_rel_err"}
     assert only_w["quant/weights_rel_err"] == pytest.approx(errors[4]["quant/weights_rel_err"], rel=1e-5)
 

@@ -23,14 +23,14 @@ ERRS = ("quant/weights_rel_err", "quant/activations_rel_err", "quant/kv_rel_err"
 STABLE = {"optimizer.lr": 2e-3}
 
 
-def _quantize(cfg, kind, x):
+def _quantize(cfg, kind, x, bits=None):
     q = qat.make_quantizer(cfg)
+    q = q.with_bits(bits) if bits else q
     return q.kv(x) if kind == "kv" else getattr(q, kind)(x, "td,df->tf", "hidden")  # x as w [d, f] or as x [t, d]
 
 
 def _traced(cfg, kind, bits, x):
-    with qat.traced_bits(bits):
-        return _quantize(cfg, kind, x)
+    return _quantize(cfg, kind, x, bits)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_members_with_different_bit_widths_equal_their_runs_alone(tmp_path, tiny
         "activations": [[8], [6]],
         "kv": [[4, 3], [5, 2]],
     }
-    run.run(log=lambda line: None)
+    loop.train_pack(run, log=lambda line: None)
     finals = []
     for i, cfg in enumerate(cfgs):
         assert qat.make_quantizer(cfg).traced == ()  # a single run keeps its Python-constant formats

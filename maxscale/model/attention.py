@@ -27,10 +27,10 @@ def specs(cfg: ml_collections.ConfigDict) -> dict[str, ParamSpec]:
     """The attention parameters of one block, each with a leading `layers` axis."""
     L = ("layers",)
     out = {
-        "wq": ParamSpec("hidden", L + ("embed", "heads", "head_dim"), ("embed",)),
-        "wk": ParamSpec("hidden", L + ("embed", "kv_heads", "head_dim"), ("embed",)),
-        "wv": ParamSpec("hidden", L + ("embed", "kv_heads", "head_dim"), ("embed",)),
-        "wo": ParamSpec("hidden", L + ("heads", "head_dim", "embed"), ("heads", "head_dim")),
+        "wq": ParamSpec("hidden", L + ("embed", "heads", "head_dim"), ("embed",), "query"),
+        "wk": ParamSpec("hidden", L + ("embed", "kv_heads", "head_dim"), ("embed",), "key"),
+        "wv": ParamSpec("hidden", L + ("embed", "kv_heads", "head_dim"), ("embed",), "value"),
+        "wo": ParamSpec("hidden", L + ("heads", "head_dim", "embed"), ("heads", "head_dim"), "attn_out"),
     }
     if cfg.model.qk_norm:
         out["q_norm"] = ParamSpec("norm", L + ("head_dim",), ())
@@ -48,9 +48,7 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 
 
 def platform_of(mesh=None) -> str:
-    """'nvidia', 'gpu' (another vendor), 'tpu' or 'cpu': the backend of `mesh` (default: the active one, else
-    JAX's default devices)."""
-    mesh = mesh if mesh is not None else sharding.active_mesh()
+    """'nvidia', 'gpu' (another vendor), 'tpu' or 'cpu': the backend of `mesh` (default: JAX's default devices)."""
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     if device.platform in ("gpu", "cuda"):
         kind = f"{getattr(device, 'device_kind', '')} {getattr(device.client, 'platform_version', '')}".lower()
@@ -90,22 +88,29 @@ def check(cfg: ml_collections.ConfigDict, platform: str) -> None:
 
 
 def attend(
-    q_BTHK, k_BTGK, v_BTGK, *, scale: float, impl: str = "xla", probs_hook: Callable | None = None, chunk: int = 512
+    q_BTHK,
+    k_BTGK,
+    v_BTGK,
+    *,
+    scale: float,
+    impl: str = "xla",
+    probs_hook: Callable | None = None,
+    chunk: int = 512,
+    mesh=None,
 ):
     """Causal softmax(scale q.k) v with H query heads sharing G key/value heads; returns [B, T, H, K].
     `probs_hook` transforms the attention probabilities (only kernels that form them explicitly take one);
-    `chunk`: block length of the chunked kernel."""
+    `chunk`: block length of the chunked kernel; `mesh`: where a kernel XLA cannot partition runs per shard."""
     kernel = IMPLEMENTATIONS[impl]
     if impl == "chunked":
         kernel = functools.partial(kernel, chunk=chunk)
     if impl == "splash":
-        return _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale)
+        return _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale, mesh)
     return kernel(q_BTHK, k_BTGK, v_BTGK, scale, probs_hook)
 
 
-def _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale: float):
+def _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale: float, mesh):
     """Runs a kernel XLA cannot partition (Pallas) on each device's rows and heads under shard_map."""
-    mesh = sharding.active_mesh()
     if mesh is None or mesh.size == 1:
         return kernel(q_BTHK, k_BTGK, v_BTGK, scale)
     q_spec = sharding.logical_to_spec(("batch", None, "heads", None), mesh, q_BTHK.shape)
@@ -118,29 +123,49 @@ def _per_shard(kernel, q_BTHK, k_BTGK, v_BTGK, scale: float):
     )
 
 
-def apply(p: dict, h_BTD, cfg: ml_collections.ConfigDict, mults: dict, mm: Matmul, stats: dict | None = None):
-    """Attention branch output [B, T, D] (before the residual multiplier) for this layer's params `p`.
-    When `stats` is a dict, mean |.| of intermediate values are added to it (coordinate checks)."""
+def apply(
+    p: dict,
+    h_BTD,
+    cfg: ml_collections.ConfigDict,
+    mults: dict,
+    mm: Matmul,
+    ctx,
+    stats: dict | None = None,
+    cache: dict | None = None,
+):
+    """Attention branch output [B, T, D] (before the residual multiplier) for this layer's params `p`, with the
+    kernel and mesh of `ctx` (context.Context). When `stats` is a dict, mean |.| of intermediate values are added
+    to it (coordinate checks). `cache`: decoding with a KV cache, {"k", "v": [B, S, G, K] (this layer's keys and
+    values of the positions before), "pos": where the T new positions start}; the new keys and values (quantized
+    as training quantizes them) are written into it, "k" and "v" replaced by the updated arrays, as `stats` is
+    filled, and the T queries attend over the S cached positions up to their own."""
     m = cfg.model
-    q_BTHK = mm("btd,dhk->bthk", h_BTD, p["wq"], role="hidden")
-    k_BTGK = mm("btd,dgk->btgk", h_BTD, p["wk"], role="hidden")
-    v_BTGK = mm("btd,dgk->btgk", h_BTD, p["wv"], role="hidden")
+    q_BTHK = mm("btd,dhk->bthk", h_BTD, p["wq"], role="hidden", name="wq")
+    k_BTGK = mm("btd,dgk->btgk", h_BTD, p["wk"], role="hidden", name="wk")
+    v_BTGK = mm("btd,dgk->btgk", h_BTD, p["wv"], role="hidden", name="wv")
     if m.qk_norm:
         q_BTHK = norm(q_BTHK, p["q_norm"], None, "rmsnorm", m.norm_eps)
         k_BTGK = norm(k_BTGK, p["k_norm"], None, "rmsnorm", m.norm_eps)
-    q_BTHK, k_BTGK = rope(q_BTHK, m.rope_theta), rope(k_BTGK, m.rope_theta)
+    pos = 0 if cache is None else cache["pos"]
+    q_BTHK, k_BTGK = rope(q_BTHK, m.rope_theta, pos), rope(k_BTGK, m.rope_theta, pos)
     # remat policies (transformer.REMAT_POLICIES) may keep these named values instead of recomputing them
     q_BTHK, k_BTGK, v_BTGK = (checkpoint_name(x, "attn_qkv") for x in (q_BTHK, k_BTGK, v_BTGK))
-    impl, probs_hook = choose(cfg, platform_of()), None
-    quant = mm.quantizer
-    if quant is not None and quant.quantizes_kv:  # P_kv: keys and values as the attention kernel reads them
-        k_BTGK, v_BTGK = quant.kv(k_BTGK), quant.kv(v_BTGK)
-        if quant.whole_attention:  # the paper's "whole attention": queries and probabilities too
-            q_BTHK, impl, probs_hook = quant.kv(q_BTHK), "explicit", quant.probs
+    impl, probs_hook = ctx.attention_impl, None
+    if mm.quantizes_kv:  # P_kv: keys and values as the attention kernel reads them
+        k_BTGK, v_BTGK = mm.kv(k_BTGK), mm.kv(v_BTGK)
+        if mm.whole_attention:  # the paper's "whole attention": queries and probabilities too
+            q_BTHK, impl, probs_hook = mm.kv(q_BTHK), "explicit", mm.probs
     scale, chunk = mults["attn_scale"], m.attention_chunk_size
-    att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=scale, impl=impl, probs_hook=probs_hook, chunk=chunk)
+    if cache is not None:  # the cached keys and values, with the new ones written at pos
+        at = (0, pos, 0, 0)
+        cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k_BTGK.astype(cache["k"].dtype), at)
+        cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v_BTGK.astype(cache["v"].dtype), at)
+        att_BTHK = kernels.explicit_attention(q_BTHK, cache["k"], cache["v"], scale, probs_hook, q_offset=pos)
+    else:
+        kw = {"impl": impl, "probs_hook": probs_hook, "chunk": chunk, "mesh": ctx.mesh}
+        att_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, scale=scale, **kw)
     att_BTHK = checkpoint_name(att_BTHK, "attn_out")
-    out_BTD = mm("bthk,hkd->btd", att_BTHK, p["wo"], role="hidden")
+    out_BTD = mm("bthk,hkd->btd", att_BTHK, p["wo"], role="hidden", name="wo")
     if stats is not None:
         stats["attn"] = mean_abs(out_BTD)
         stats["attn_logits"] = kernels.logit_abs_mean(q_BTHK, k_BTGK, mults["attn_scale"])

@@ -21,14 +21,16 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, scale: float, probs_hook: Callable | N
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, scale=scale, is_causal=True)
 
 
-def explicit_attention(q_BTHK, k_BSGK, v_BSGK, scale: float, probs_hook: Callable | None = None):
+def explicit_attention(q_BTHK, k_BSGK, v_BSGK, scale: float, probs_hook: Callable | None = None, q_offset=0):
     """Causal softmax attention written out, so `probs_hook` can transform the probabilities (quantization of the
-    whole attention). Logits and softmax in float32; grouped-query heads without repeating k and v."""
+    whole attention). Logits and softmax in float32; grouped-query heads without repeating k and v. `q_offset`: the
+    position of the first query among the S keys (decoding with a KV cache: query t sees keys s <= q_offset + t;
+    0 with T = S is the plain causal mask)."""
     B, T, H, K = q_BTHK.shape
-    G = k_BSGK.shape[2]
+    G, S = k_BSGK.shape[2], k_BSGK.shape[1]
     q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
     logits_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK, preferred_element_type=jnp.float32) * scale
-    causal_TS = jnp.tril(jnp.ones((T, k_BSGK.shape[1]), bool))
+    causal_TS = jnp.arange(S)[None, :] <= q_offset + jnp.arange(T)[:, None]
     logits_BGRTS = jnp.where(causal_TS, logits_BGRTS, -jnp.inf)
     probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)
     if probs_hook is not None:

@@ -3,7 +3,7 @@
 Shapes: B batch, T tokens (B*T flattened for routing), D width, E routed experts, K active experts per token,
 M expert hidden size, F shared-expert hidden size (num_shared * shared_ffn_size).
 
-Model (Jiang, Bordelon, Pehlevan, Hanin 2026, docs in /work/shared/docs/moe.md):
+Model (Jiang, Bordelon, Pehlevan, Hanin 2026; docs/moe.md):
     out = sum_{j<K} w_j(h) Expert_{e_j(h)}(h) + SharedMLP(h)
     e(h) = top-K(score(h W_router) + stop_gradient(b))        -- the bias b chooses WHICH experts ...
     w_j  = combine(score_{e_j}(h))                            -- ... but never the weights (pre-bias scores)
@@ -77,10 +77,10 @@ def specs(moe: MoEConfig) -> dict[str, ParamSpec]:
     if moe.mlp == "swiglu":
         out["w_gate_e"] = ParamSpec("expert_in", L + ("experts", "embed", "expert_mlp"), ("embed",))
     if moe.num_shared:
-        out["w_up_s"] = ParamSpec("hidden", L + ("embed", "shared_mlp"), ("embed",))
-        out["w_down_s"] = ParamSpec("hidden", L + ("shared_mlp", "embed"), ("shared_mlp",))
+        out["w_up_s"] = ParamSpec("hidden", L + ("embed", "shared_mlp"), ("embed",), "mlp_in")
+        out["w_down_s"] = ParamSpec("hidden", L + ("shared_mlp", "embed"), ("shared_mlp",), "mlp_out")
         if moe.mlp == "swiglu":
-            out["w_gate_s"] = ParamSpec("hidden", L + ("embed", "shared_mlp"), ("embed",))
+            out["w_gate_s"] = ParamSpec("hidden", L + ("embed", "shared_mlp"), ("embed",), "mlp_in")
     return out
 
 
@@ -91,7 +91,7 @@ def route(h_TD, w_router_DE, bias_E, moe: MoEConfig, mm: Matmul):
     E, K = moe.num_experts, moe.num_active
     # float32 operands, not only a float32 result: top-K decisions flip on bf16 rounding of near-tied logits
     router_mm = dataclasses.replace(mm, dtype=jnp.float32)
-    logits_TE = router_mm("td,de->te", h_TD, w_router_DE, role="router", out_dtype=jnp.float32)
+    logits_TE = router_mm("td,de->te", h_TD, w_router_DE, role="router", name="router", out_dtype=jnp.float32)
     scores_TE = SCORES[moe.score](logits_TE)
     bias_E = jnp.zeros((E,), jnp.float32) if bias_E is None else bias_E.astype(jnp.float32)
     _, experts_TK = jax.lax.top_k(scores_TE + jax.lax.stop_gradient(bias_E), K)
@@ -119,9 +119,9 @@ def routing_stats(logits_TE, experts_TK, num_experts: int) -> dict:
 
 def shared_experts(p: dict, h_TD, moe: MoEConfig, mm: Matmul):
     """The shared experts: one dense MLP of hidden size num_shared * shared_ffn_size on every token [T, D]."""
-    mm_in = lambda x, w: mm("td,df->tf", x, w, role="hidden")  # noqa: E731
-    mm_out = lambda x, w: mm("tf,fd->td", x, w, role="hidden")  # noqa: E731
-    return moe_dispatch.ffn(mm_in, mm_out, h_TD, p["w_up_s"], p.get("w_gate_s"), p["w_down_s"], moe.mlp)
+    mm_in = lambda name: mm("td,df->tf", h_TD, p[name], role="hidden", name=name)  # noqa: E731
+    act_TF = moe_dispatch.ACTIVATIONS[moe.mlp](mm_in("w_up_s"), lambda: mm_in("w_gate_s"))
+    return mm("tf,fd->td", act_TF, p["w_down_s"], role="hidden", name="w_down_s")
 
 
 def apply(

@@ -2,7 +2,8 @@
 
 Shapes: T tokens (batch x sequence, flattened), D width, E routed experts, K active experts per token, M expert
 hidden size, P = T*K token-expert pairs (token-major: pair t*K + j is token t's j-th choice), C capacity slots per
-expert and group, G token groups (each with its own capacity), X = E*C buffer slots of one group.
+expert and group, G token groups (each with its own capacity), X = E*C buffer slots of one group (tiled dropless:
+X = N*tile slots in N tiles).
 
 Every path has the signature `(p, h_TD, weights_TK, experts_TK, moe, mm) -> (y_TD, dropped_fraction)` where
 `weights_TK` are the combine weights (already /K or renormalised by the router) and y_TD = sum_j weights_Tj *
@@ -13,6 +14,8 @@ O(T*E*C*D) = O(cf*K*T^2*D) and would send 0/1 masks through the quantizer.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Callable
 
@@ -33,14 +36,10 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
-def ffn(mm_in: Callable, mm_out: Callable, x, w_up, w_gate, w_down, mlp: str):
-    """One (batched) FFN: mm_out(act(mm_in(x, w_up), mm_in(x, w_gate)), w_down); the path chooses the layout."""
-    up = mm_in(x, w_up)
-    return mm_out(ACTIVATIONS[mlp](up, lambda: mm_in(x, w_gate)), w_down)
-
-
 def _experts(p: dict, x, mm_in: Callable, mm_out: Callable, moe: MoEConfig):
-    return ffn(mm_in, mm_out, x, p["w_up_e"], p.get("w_gate_e"), p["w_down_e"], moe.mlp)
+    """The routed experts' FFN on x; `mm_in(x, w, name)` and `mm_out` are the path's matmuls (its layout)."""
+    up = mm_in(x, p["w_up_e"], "w_up_e")
+    return mm_out(ACTIVATIONS[moe.mlp](up, lambda: mm_in(x, p["w_gate_e"], "w_gate_e")), p["w_down_e"], "w_down_e")
 
 
 def _combine(y_PD, weights_TK):
@@ -57,23 +56,138 @@ def sort_by_expert(experts_P, num_experts: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dropless: sort pairs by expert, grouped matmuls (mm.ragged), unsort.
+# dropless: sort pairs by expert, grouped matmuls, unsort. Two exact grouped matmuls (`model.moe.grouped_impl`):
+#   ragged_dot  mm.ragged: jax.lax.ragged_dot; a grouped-matmul kernel on TPU, but XLA:CPU and XLA:GPU expand it
+#               into work over every expert (E times the FLOPs; 5.2x slower than capacity on an H200,
+#               docs/performance.md)
+#   tiled       mm.grouped: each expert's rows padded to whole tiles of `tile` rows (block-sparse, as MegaBlocks and
+#               megablox), then one batched matmul [N, tile, D] x [N, D, F] with each tile's expert's matrix; the
+#               FLOPs of the routed pairs plus at most E * (tile - 1) padding rows, on every backend
 
 
-def dropless(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul):
-    """Every pair is computed (nothing dropped). Rows are sorted by expert so each expert's rows are contiguous."""
+def grouped_impl(moe: MoEConfig) -> str:
+    """The grouped matmul that `dropless` uses: `moe.grouped_impl`, or for auto the fastest exact one on this
+    backend (ragged_dot on TPU, where it is a grouped kernel; tiled elsewhere)."""
+    if moe.grouped_impl != "auto":
+        return moe.grouped_impl
+    return "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
+
+
+def tile_size(rows: int, num_experts: int) -> int:
+    """Rows per tile: the largest power of two <= rows / (4 E) (at least 8), so the E * (tile - 1) padding rows the
+    static tile count must allow stay within a quarter of the rows (and tiles <= 5 E: the gathered weights too)."""
+    return max(8, 1 << max(0, (rows // (4 * num_experts)).bit_length() - 1))
+
+
+@jax.custom_vjp
+def _take_rows(x_RD, take_S, back_R):
+    """x_RD[take_S] with zero rows where take_S is out of range. `back_R` is the inverse map (take_S[back_R[r]] = r,
+    out of range for a row not taken), so the gradient is a gather too, not a scatter-add."""
+    return jnp.take(x_RD, take_S, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_RD, take_S, back_R):
+    return _take_rows(x_RD, take_S, back_R), (take_S, back_R)
+
+
+def _take_rows_bwd(res, g_SD):
+    take_S, back_R = res
+    return jnp.take(g_SD, back_R, axis=0, mode="fill", fill_value=0), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_sorted(w_EDF, index_N, num: int):
+    """w_EDF[index_N] for sorted indices; the gradient is a sorted segment sum (XLA:CPU's generic scatter-add of the
+    [N, D, F] cotangent is twice as slow)."""
+    return jnp.take(w_EDF, index_N, axis=0)
+
+
+def _take_sorted_fwd(w_EDF, index_N, num: int):
+    return _take_sorted(w_EDF, index_N, num), index_N
+
+
+def _take_sorted_bwd(num: int, index_N, g_NDF):
+    return jax.ops.segment_sum(g_NDF, index_N, num, indices_are_sorted=True), None
+
+
+_take_sorted.defvjp(_take_sorted_fwd, _take_sorted_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Where the P token-expert pairs sit in N tiles of `tile` rows (X = N * tile slots): each expert's pairs, in
+    token order, fill whole tiles of their own, padding rows are zero. N is static: sum_e ceil(size_e / tile) <=
+    (P + E * (tile - 1)) / tile for any loads. The expert FFN runs in this layout (the padding rows stay zero through
+    up, gate, the activation and down), `Matmul.grouped` taking each tile's expert's matrix from `weights`."""
+
+    slot_P: jax.Array  # slot of each pair (token-major)
+    pair_X: jax.Array  # pair in each slot (P for padding)
+    expert_N: jax.Array  # expert of each tile, sorted (tiles past the last expert's: the last expert, zero rows)
+    tile: int
+    num_experts: int
+
+    @classmethod
+    def build(cls, experts_P, num_experts: int, tile: int) -> Tiles:
+        (P,), E = experts_P.shape, num_experts
+        N = (P + E * (tile - 1)) // tile
+        order_P, sizes_E = sort_by_expert(experts_P, E)
+        tiles_E = (sizes_E + tile - 1) // tile
+        tile_end_E = jnp.cumsum(tiles_E)
+        # sorted pair i of expert e goes to slot (first tile of e) * tile + (i - first sorted index of e)
+        shift_E = (tile_end_E - tiles_E) * tile - (jnp.cumsum(sizes_E) - sizes_E)
+        slot_sorted = jnp.arange(P, dtype=jnp.int32) + shift_E[experts_P[order_P]]
+        slot_P = jnp.zeros(P, jnp.int32).at[order_P].set(slot_sorted)
+        pair_X = jnp.full(N * tile, P, jnp.int32).at[slot_sorted].set(order_P.astype(jnp.int32))
+        expert_N = jnp.minimum(jnp.searchsorted(tile_end_E, jnp.arange(N), side="right"), E - 1)
+        return cls(slot_P, pair_X, expert_N.astype(jnp.int32), tile, E)
+
+    def pad(self, x_PD):
+        """[P, D] pair rows -> [N, tile, D] tiles, zero in the padding (gradient: a gather back)."""
+        return _take_rows(x_PD, self.pair_X, self.slot_P).reshape(-1, self.tile, x_PD.shape[-1])
+
+    def weights(self, w_EDF):
+        """Each tile's expert's matrix: [N, D, F]."""
+        return _take_sorted(w_EDF, self.expert_N, self.num_experts)
+
+    def unpad(self, y_NtD):
+        """[N, tile, D] tiles -> [P, D] pair rows."""
+        return _take_rows(y_NtD.reshape(-1, y_NtD.shape[-1]), self.slot_P, self.pair_X)
+
+
+def _dropless_ragged(p: dict, h_TD, experts_TK, moe: MoEConfig, mm: Matmul):
+    """Expert outputs of the pairs [P, D] via mm.ragged: rows sorted by expert, unsorted after."""
     T, K = experts_TK.shape
     order_P, sizes_E = sort_by_expert(experts_TK.reshape(-1), moe.num_experts)
     x_PD = jnp.take(h_TD, order_P // K, axis=0)  # sorted rows: pair order_P[i] is token order_P[i] // K
-    y_PD = _experts(
-        p,
-        x_PD,
-        lambda x, w: mm.ragged(x, w, sizes_E, role="expert_in"),
-        lambda x, w: mm.ragged(x, w, sizes_E, role="expert_out"),
-        moe,
-    )
+    mm_in = lambda x, w, name: mm.ragged(x, w, sizes_E, role="expert_in", name=name)  # noqa: E731
+    mm_out = lambda x, w, name: mm.ragged(x, w, sizes_E, role="expert_out", name=name)  # noqa: E731
+    y_PD = _experts(p, x_PD, mm_in, mm_out, moe)
     inverse_P = jnp.zeros_like(order_P).at[order_P].set(jnp.arange(T * K, dtype=order_P.dtype))
-    return _combine(jnp.take(y_PD, inverse_P, axis=0), weights_TK), jnp.float32(0.0)
+    return jnp.take(y_PD, inverse_P, axis=0)
+
+
+def _dropless_tiled(p: dict, h_TD, experts_TK, moe: MoEConfig, mm: Matmul):
+    """Expert outputs of the pairs [P, D] via mm.grouped on Tiles. The pairs' rows are h repeated K times, so every
+    move is a gather both ways (the K copies' gradients are summed by the broadcast's transpose)."""
+    T, K = experts_TK.shape
+    tiles = Tiles.build(experts_TK.reshape(-1), moe.num_experts, tile_size(T * K, moe.num_experts))
+    x_PD = jnp.broadcast_to(h_TD[:, None, :], (T, K, h_TD.shape[-1])).reshape(T * K, -1)
+    mm_in = lambda x, w, name: mm.grouped(x, w, tiles, role="expert_in", name=name)  # noqa: E731
+    mm_out = lambda x, w, name: mm.grouped(x, w, tiles, role="expert_out", name=name)  # noqa: E731
+    return tiles.unpad(_experts(p, tiles.pad(x_PD), mm_in, mm_out, moe))
+
+
+# model.moe.grouped_impl (besides auto) -> (p, h_TD, experts_TK, moe, mm) -> expert outputs of the pairs [P, D]
+GROUPED: dict[str, Callable] = {"tiled": _dropless_tiled, "ragged_dot": _dropless_ragged}
+
+
+def dropless(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul):
+    """Every pair is computed (nothing dropped), with `grouped_impl(moe)`'s grouped matmuls."""
+    y_PD = GROUPED[grouped_impl(moe)](p, h_TD, experts_TK, moe, mm)
+    return _combine(y_PD, weights_TK), jnp.float32(0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,8 +199,8 @@ def dense(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul):
     y_TED = _experts(
         p,
         h_TD,
-        lambda x, w: mm("td,edf->tef", x, w, role="expert_in"),
-        lambda x, w: mm("tef,efd->ted", x, w, role="expert_out"),
+        lambda x, w, name: mm("td,edf->tef", x, w, role="expert_in", name=name),
+        lambda x, w, name: mm("tef,efd->ted", x, w, role="expert_out", name=name),
         moe,
     )
     combine_TE = (jax.nn.one_hot(experts_TK, moe.num_experts, dtype=jnp.float32) * weights_TK[..., None]).sum(1)
@@ -137,8 +251,8 @@ def _expert_compute(p: dict, x_ECD, moe: MoEConfig, mm: Matmul):
     return _experts(
         p,
         x_ECD,
-        lambda x, w: mm("ecd,edf->ecf", x, w, role="expert_in"),
-        lambda x, w: mm("ecf,efd->ecd", x, w, role="expert_out"),
+        lambda x, w, name: mm("ecd,edf->ecf", x, w, role="expert_in", name=name),
+        lambda x, w, name: mm("ecf,efd->ecd", x, w, role="expert_out", name=name),
         moe,
     )
 
@@ -263,8 +377,8 @@ def dropless_dispatch_ep(
         y_PD = _experts(
             p,
             x_PD,
-            lambda x, w: mm.ragged(x, w, sizes[:El], role="expert_in"),
-            lambda x, w: mm.ragged(x, w, sizes[:El], role="expert_out"),
+            lambda x, w, name: mm.ragged(x, w, sizes[:El], role="expert_in", name=name),
+            lambda x, w, name: mm.ragged(x, w, sizes[:El], role="expert_out", name=name),
             moe,
         )
         inverse_P = jnp.zeros_like(order_P).at[order_P].set(jnp.arange(A * K, dtype=order_P.dtype))

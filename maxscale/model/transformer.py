@@ -22,11 +22,12 @@ from flax import nnx
 
 from maxscale.model import attention, mlp
 from maxscale.model import moe as moe_lib
-from maxscale.model.layers import DTYPES, Matmul, make_param, mean_abs, norm
+from maxscale.model.context import CAPTURES, Context, Recorder
+from maxscale.model.layers import DTYPES, Matmul, make_param, mean_abs, norm, readout_loss  # noqa: F401
 from maxscale.model.moe_config import MoEConfig
+from maxscale.model.output import Output, gather, stats_of  # noqa: F401 - stats_of: part of this API
 from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization, ParamSpec, spec_of
-from maxscale.quant import qat
 
 PROBE_TOKENS = 8  # positions of the first sequence whose residual increments `capture` returns
 
@@ -61,9 +62,17 @@ def block_specs(cfg: ml_collections.ConfigDict, moe: bool = False) -> dict[str, 
     return specs
 
 
-def matmul_for(cfg: ml_collections.ConfigDict) -> Matmul:
-    """The matmul entry point configured for this run: compute dtype and, with `quant.*` set, fake quantization."""
-    return Matmul(dtype=DTYPES[cfg.model.dtype], quantizer=qat.make_quantizer(cfg))
+def build_context(cfg: ml_collections.ConfigDict, mesh=None, quantizer=None) -> Context:
+    """The forward's Context for this run on `mesh` (None: one device, no constraints): compute dtype, the
+    quantizer (None: full precision; quant/qat.py `context` builds it from cfg.quant) and the attention kernel
+    `model.attention_impl` names on the mesh's backend."""
+    impl = attention.choose(cfg, attention.platform_of(mesh))
+    return Context(mesh=mesh, dtype=DTYPES[cfg.model.dtype], quantizer=quantizer, attention_impl=impl)
+
+
+def quantized(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether cfg.quant asks for any quantized tensor kind (the model then needs a Context with a quantizer)."""
+    return any(str(cfg.quant[k]).strip().lower() != "none" for k in ("weights", "activations", "kv"))
 
 
 # model.remat: what the backward pass may keep of each block's forward instead of recomputing it (the block input,
@@ -88,13 +97,14 @@ def remat(body, cfg: ml_collections.ConfigDict):
     return body if name == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[name])
 
 
-def _moe_dispatch(moe: MoEConfig):
+def _moe_dispatch(moe: MoEConfig, ctx: Context, recording: bool):
     """On a mesh with an expert axis, the capacity and dropless paths run expert-parallel inside shard_map
-    (all_to_all, resp. all-gather + reduce-scatter); the dense reference, and meshes without an expert axis, use
-    the layer's own table (XLA partitions them)."""
-    mesh = sharding.active_mesh()
+    (all_to_all, resp. all-gather + reduce-scatter); the dense reference, meshes without an expert axis, and
+    forwards that record (capture quant_errors/moments: nothing may leave a shard_map body) use the layer's own
+    table (XLA partitions them)."""
+    mesh = ctx.mesh
     ep_paths = {"capacity": moe_lib.capacity_dispatch_ep, "dropless": moe_lib.dropless_dispatch_ep}
-    if moe.dispatch not in ep_paths or mesh is None or mesh.shape["expert"] == 1:
+    if recording or moe.dispatch not in ep_paths or mesh is None or mesh.shape["expert"] == 1:
         return None
     token_axes = tuple(a for a in sharding.batch_axes() if mesh.shape[a] > 1)
     return functools.partial(ep_paths[moe.dispatch], mesh=mesh, token_axes=token_axes)
@@ -104,39 +114,50 @@ def _moe_dispatch(moe: MoEConfig):
 # Pure block math (arrays in, arrays out): what the scan runs.
 
 
-def block(p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, capture: bool = False, bias_E=None, mm=None):
+def block(
+    p: dict, x_BTD, cfg: ml_collections.ConfigDict, mults: dict, ctx: Context, capture=frozenset(), bias_E=None, kv=None
+):
     """One pre-norm block: x + r * Attn(N(x)); then + r * FF(N(.)), FF the dense MLP or, when `p` holds a router,
-    the mixture of experts (routing bias `bias_E`). `p` holds this layer's arrays.
+    the mixture of experts (routing bias `bias_E`). `p` holds this layer's arrays. Returns (x, out):
 
-    Returns x, or (x, stats) with `capture` or for an MoE block. Stats: with `capture`, mean |.| of the attention
-    and feed-forward outputs (before the residual multiplier) and of the residual stream after the block, for the
-    coordinate check; for MoE blocks also the routing statistics (moe.apply). `mm`: the matmul entry point to use
-    (default: the run's own, `matmul_for(cfg)`); post-training quantization passes an observing one."""
+    out["stats"]: for an MoE block the routing statistics (moe.apply, keys moe_*); with "stats" in `capture` also
+      mean |.| of the attention and feed-forward outputs (before the residual multiplier), of the residual stream
+      after the block, and this block's residual increment at PROBE_TOKENS positions of the first row ("probe").
+    out["quant_errors"], out["moments"]: with those in `capture`, what the Recorder saw (context.py).
+    out["cache"]: with `kv` (decoding: {"k", "v": this layer's cache [B, S, G, K], "pos": the first new position}),
+      the cache with the new keys and values written (attention.apply)."""
     m = cfg.model
-    mm = matmul_for(cfg) if mm is None else mm
+    rec = Recorder(capture) if capture & {"quant_errors", "moments"} else None
+    mm = Matmul(dtype=ctx.dtype, quantizer=ctx.quantizer, recorder=rec)
     res = mults["residual"]
     x_in_BTD = x_BTD
     is_moe_block = "router" in p
-    stats = {} if capture or is_moe_block else None
+    stats = {} if "stats" in capture or is_moe_block else None
 
     h_BTD = norm(x_BTD, p["attn_norm"], p.get("attn_norm_bias"), m.norm, m.norm_eps)
-    x_BTD = x_BTD + res * attention.apply(p, h_BTD, cfg, mults, mm, stats)
-    x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
+    cache = None if kv is None else dict(kv)
+    x_BTD = x_BTD + res * attention.apply(
+        p, h_BTD, cfg, mults, mm, ctx, stats if "stats" in capture else None, cache=cache
+    )
+    x_BTD = ctx.constrain(x_BTD, ("batch", None, None))
 
     h_BTD = norm(x_BTD, p["mlp_norm"], p.get("mlp_norm_bias"), m.norm, m.norm_eps)
     if is_moe_block:
         moe = MoEConfig.from_config(cfg)
-        ff_BTD = moe_lib.apply(p, h_BTD, moe, mm, bias_E, stats, dispatch=_moe_dispatch(moe))
-        if capture:  # the feed-forward output under the dense MLP's name, so both stacks share one series
+        ff_BTD = moe_lib.apply(p, h_BTD, moe, mm, bias_E, stats, dispatch=_moe_dispatch(moe, ctx, rec is not None))
+        if "stats" in capture:  # the feed-forward output under the dense MLP's name, so both stacks share one series
             stats["mlp"] = stats.pop("moe")
     else:
         ff_BTD = mlp.apply(p, h_BTD, cfg, mm, stats)
-    x_BTD = sharding.constrain(x_BTD + res * ff_BTD, ("batch", None, None))
-    if capture:
+    x_BTD = ctx.constrain(x_BTD + res * ff_BTD, ("batch", None, None))
+    if "stats" in capture:
         stats["resid"] = mean_abs(x_BTD)
         # this block's residual increment at a few fixed positions: coordinate checks difference it across steps
         stats["probe"] = (x_BTD - x_in_BTD)[0, :PROBE_TOKENS].astype(jnp.float32)
-    return x_BTD if stats is None else (x_BTD, stats)
+    out = {"stats": stats or {}, **(rec.outputs() if rec is not None else {})}
+    if cache is not None:
+        out["cache"] = {"k": cache["k"], "v": cache["v"]}
+    return x_BTD, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,47 +176,45 @@ class Blocks(nnx.Module):
         self._matrices = tuple(n for n, spec in specs.items() if spec.role not in ("norm", "bias", "router"))
         self._dtype = cfg.model.dtype
 
-    def arrays(self) -> dict:
+    def arrays(self, ctx: Context) -> dict:
         """{name: [depth, ...] array} of this stack's parameters, matrices in the compute dtype."""
         cast = lambda n: self._dtype if n in self._matrices else None  # noqa: E731
-        return {name: compute_weight(getattr(self, name), cast(name)) for name in self._names}
+        return {name: compute_weight(getattr(self, name), cast(name), ctx) for name in self._names}
 
-    def __call__(self, x_BTD, cfg, mults, capture: bool = False, bias_LE=None):
-        """Returns x, or (x, {stat: [L, ...]}) with `capture` or for an MoE stack (per-layer stats as scan outputs;
-        `bias_LE` is the MoE stack's routing bias, one row per layer)."""
-        stacked = self.arrays()
-        if self._moe:
-            body = lambda x, pb: block(pb[0], x, cfg, mults, capture, bias_E=pb[1])
-            xs = (stacked, bias_LE)
-        elif capture:
-            body, xs = (lambda x, p: block(p, x, cfg, mults, capture=True)), stacked
-        else:
-            body, xs = (lambda x, p: (block(p, x, cfg, mults), None)), stacked
-        x_BTD, stats = jax.lax.scan(remat(body, cfg), x_BTD, xs)
-        return (x_BTD, stats) if capture or self._moe else x_BTD
+    def __call__(self, x_BTD, cfg, mults, ctx: Context, capture=frozenset(), bias_LE=None, cache=None, pos=0):
+        """(x, out): `block`'s out of every layer, stacked on a leading [L] axis (scan outputs); `bias_LE` is an MoE
+        stack's routing bias, one row per layer; `cache` this stack's KV cache {"k", "v": [L, B, S, G, K]}."""
+
+        def body(x, xs):
+            p, b_E, kv = xs
+            return block(p, x, cfg, mults, ctx, capture, bias_E=b_E, kv=None if kv is None else {**kv, "pos": pos})
+
+        xs = (self.arrays(ctx), bias_LE if self._moe else None, cache)
+        return jax.lax.scan(remat(body, cfg), x_BTD, xs)
 
 
-def run_groups(dense: Blocks, moe: Blocks, x_BTD, cfg, mults, capture: bool, bias_LE):
+def run_groups(dense: Blocks, moe: Blocks, x_BTD, cfg, mults, ctx: Context, capture, bias_LE, cache=None, pos=0):
     """The MoE groups: scan over G groups of (every - 1 dense blocks, scanned; then one MoE block). Returns
-    (x, stats) like an MoE stack's call: the MoE block's stats ([G, ...]) and, with `capture`, every block's
-    per-layer series in depth order ([G * every, ...])."""
+    (x, dense stack's out [G * (every - 1), ...], MoE stack's out [G, ...]), each in its stack's layer order.
+    `cache`: {"interleaved": ..., "moe_blocks": ...} KV caches in the stacks' layer order (or None)."""
     G = bias_LE.shape[0]
-    dense_p = {k: v.reshape(G, v.shape[0] // G, *v.shape[1:]) for k, v in dense.arrays().items()}
-
-    def dense_body(x, p):
-        out = block(p, x, cfg, mults, capture)
-        return out if capture else (out, None)
+    by_group = lambda v: v.reshape(G, v.shape[0] // G, *v.shape[1:])  # noqa: E731
+    dense_p = jax.tree.map(by_group, dense.arrays(ctx))
+    kv_dense, kv_moe = (
+        (None, None) if cache is None else (jax.tree.map(by_group, cache["interleaved"]), cache["moe_blocks"])
+    )
+    with_pos = lambda kv: None if kv is None else {**kv, "pos": pos}  # noqa: E731
 
     def group(x, xs):
-        p_dense, p_moe, b_E = xs
-        x, dense_stats = jax.lax.scan(dense_body, x, p_dense)
-        x, stats = block(p_moe, x, cfg, mults, capture, bias_E=b_E)
-        # per-block series of this group (its dense blocks, then the MoE block) apart from the MoE-only stats
-        series = {k: jnp.concatenate([v, stats.pop(k)[None]]) for k, v in (dense_stats or {}).items()}
-        return x, (series, stats)
+        p_dense, p_moe, b_E, kv_d, kv_m = xs
+        dense_body = lambda x, pk: block(pk[0], x, cfg, mults, ctx, capture, kv=with_pos(pk[1]))  # noqa: E731
+        x, dense_out = jax.lax.scan(dense_body, x, (p_dense, kv_d))
+        x, moe_out = block(p_moe, x, cfg, mults, ctx, capture, bias_E=b_E, kv=with_pos(kv_m))
+        return x, (dense_out, moe_out)
 
-    x_BTD, (series, stats) = jax.lax.scan(remat(group, cfg), x_BTD, (dense_p, moe.arrays(), bias_LE))
-    return x_BTD, {**stats, **{k: v.reshape(-1, *v.shape[2:]) for k, v in series.items()}}
+    xs = (dense_p, moe.arrays(ctx), bias_LE, kv_dense, kv_moe)
+    x_BTD, (dense_out, moe_out) = jax.lax.scan(remat(group, cfg), x_BTD, xs)
+    return x_BTD, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), dense_out), moe_out
 
 
 class Transformer(nnx.Module):
@@ -221,88 +240,81 @@ class Transformer(nnx.Module):
                 rngs, self.par, "unembed", ParamSpec("readout", ("embed", "vocab"), ("embed",)), dtype
             )
 
-    def __call__(self, tokens_BT, capture: bool = False, moe_bias=None, targets_BT=None, mults=None):
-        """Returns (float32 logits [B, T, V], aux). aux["moe"]: per MoE layer ([L_moe, ...]) routing stats, for an
-        MoE model; with `capture`, aux also holds mean |x| of the embedding output, the logits, and per layer ([L])
-        the attention and feed-forward outputs and the residual stream. `moe_bias`: [L_moe, E] routing bias.
-        With `targets_BT`, ({"ce": mean cross-entropy, "z_loss": mean log(Z)^2}, aux) instead of the logits,
-        computed over chunks of `model.loss_chunk_size` positions (`readout_loss`). `mults`: forward multipliers
-        that replace the parameterization's (arrays allowed: one compiled step for many values, train/vectorized)."""
+    def __call__(
+        self, tokens_BT, ctx: Context, *, targets_BT=None, moe_bias=None, mults=None, capture=(), cache=None, pos=0
+    ):
+        """The forward pass: an `Output` (see there). `moe_bias`: [L_moe, E] routing bias (zeros if None).
+        With `targets_BT` the readout and loss run over chunks of `model.loss_chunk_size` positions
+        (`readout_loss`: no [B, T, V] logits held at once) and Output.loss is set; else Output.logits.
+        `mults`: forward multipliers that replace the parameterization's (arrays allowed: one compiled step for many
+        values, packs of runs). `capture`: names of CAPTURES to record (Output.captured). `cache`: decoding with a
+        KV cache ({stack: {"k", "v": [L, B, S, G, K]}}, decode.init_cache), the T tokens at positions pos..pos+T-1;
+        Output.cache is the cache with their keys and values written."""
         m = self.cfg.model
-        dt = DTYPES[m.dtype]
+        capture = frozenset(capture)
+        unknown = capture - set(CAPTURES)
+        if unknown:
+            raise ValueError(f"capture={sorted(unknown)}: not one of {CAPTURES}")
+        if ctx.quantizer is None and quantized(self.cfg):
+            raise ValueError("this config quantizes (quant.*) but the Context has no quantizer: quant.qat.context")
         mults = {**self.par.multipliers(), **(mults or {})}
+        rec = Recorder(capture) if capture & {"quant_errors", "moments"} else None
+        mm = Matmul(dtype=ctx.dtype, quantizer=ctx.quantizer, recorder=rec)
         embed_VD = self.embed[...]
         # Gather from a whole table (FSDP all-gathers it, as it does every weight): a lookup into a table sharded
         # on `embed` yields rows sharded the wrong way, and XLA then replicates them in the backward pass. Rows are
         # gathered in the parameter dtype and cast after, so the gradient's scatter-add stays float32.
-        table_VD = sharding.constrain(embed_VD, (None, None))
-        quantizer = qat.make_quantizer(self.cfg)
-        if quantizer is not None:
-            table_VD = quantizer.table(table_VD)
-        x_BTD = (table_VD[tokens_BT] * mults["input"]).astype(dt)
-        x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
-        aux, layer_stats = ({"embed": mean_abs(x_BTD)} if capture else {}), []
-        if hasattr(self, "blocks"):
-            out = self.blocks(x_BTD, self.cfg, mults, capture=capture)
-            x_BTD, dense_stats = out if capture else (out, None)
-            layer_stats.append(dense_stats)
-        if hasattr(self, "moe_blocks"):
-            if moe_bias is None:
-                moe_bias = jnp.zeros((stack_depths(self.cfg)["moe_blocks"], m.moe.num_experts), jnp.float32)
-            if hasattr(self, "interleaved"):
-                groups = (self.interleaved, self.moe_blocks, x_BTD, self.cfg, mults, capture, moe_bias)
-                x_BTD, moe_stats = run_groups(*groups)
-            else:
-                x_BTD, moe_stats = self.moe_blocks(x_BTD, self.cfg, mults, capture=capture, bias_LE=moe_bias)
-            aux["moe"] = {k: v for k, v in moe_stats.items() if k.startswith("moe_")}
-            layer_stats.append({k: v for k, v in moe_stats.items() if not k.startswith("moe")})
-        if capture:  # one [L] series per statistic over both stacks, in depth order
-            aux["layers"] = {k: jnp.concatenate([s[k] for s in layer_stats]) for k in layer_stats[0]}
+        table_VD = mm.table(ctx.constrain(embed_VD, (None, None)))
+        x_BTD = ctx.constrain((table_VD[tokens_BT] * mults["input"]).astype(ctx.dtype), ("batch", None, None))
+        x_BTD, outs = self._stacks(x_BTD, ctx, mults, capture, moe_bias, cache, pos)
         bias = self.final_norm_bias[...] if m.norm == "layernorm" else None
         x_BTD = norm(x_BTD, self.final_norm[...], bias, m.norm, m.norm_eps)
         readout_DV = embed_VD.T if m.tie_embeddings else self.unembed[...]
-        readout_DV = sharding.constrain(readout_DV.astype(dt), ("embed", "vocab"))  # cast, then FSDP gathers it
-        if targets_BT is not None:
-            mm = matmul_for(self.cfg)
-            return readout_loss(x_BTD, readout_DV, targets_BT, mults["output"], mm, m.loss_chunk_size), aux
-        logits = matmul_for(self.cfg)("btd,dv->btv", x_BTD, readout_DV, role="readout", out_dtype=jnp.float32)
-        logits = logits * mults["output"]
-        if capture:
-            aux["logits"] = mean_abs(logits)
-        return logits, aux
+        readout_DV = ctx.constrain(readout_DV.astype(ctx.dtype), ("embed", "vocab"))  # cast, then FSDP gathers it
+        name = "embed" if m.tie_embeddings else "unembed"
+        logits = loss = None
+        if targets_BT is not None:  # the plain entry point: nothing is recorded inside the chunked loss's scan
+            plain = Matmul(dtype=ctx.dtype, quantizer=ctx.quantizer)
+            loss = readout_loss(x_BTD, readout_DV, targets_BT, mults["output"], plain, m.loss_chunk_size, name)
+        if targets_BT is None or rec is not None:
+            logits = mm("btd,dv->btv", x_BTD, readout_DV, role="readout", name=name, out_dtype=jnp.float32)
+            logits = logits * mults["output"]
+        moe = {k: v for k, v in outs.get("moe_blocks", {}).get("stats", {}).items() if k.startswith("moe_")}
+        G = stack_depths(self.cfg).get("moe_blocks", 0)
+        captured = gather(outs, capture, rec, logits, G)
+        if "stats" in capture:
+            emb_BTD = (table_VD[tokens_BT] * mults["input"]).astype(ctx.dtype)
+            captured["stats"]["embed"] = mean_abs(emb_BTD)  # = the first block's input
+            captured["stats"]["embed_probe"] = emb_BTD[0, :PROBE_TOKENS].astype(jnp.float32)
+        new_cache = None if cache is None else {k: o["cache"] for k, o in outs.items()}
+        logits = logits if targets_BT is None else None
+        return Output(logits=logits, loss=loss, moe=moe, captured=captured, cache=new_cache)
+
+    def _stacks(self, x_BTD, ctx: Context, mults: dict, capture: frozenset, moe_bias, cache, pos):
+        """Runs the block stacks in depth order; returns (x, {stack name: its blocks' out, [layers of stack, ...]})."""
+        outs = {}
+        kv = (lambda stack: None) if cache is None else cache.get  # noqa: E731
+        if hasattr(self, "blocks"):
+            x_BTD, outs["blocks"] = self.blocks(x_BTD, self.cfg, mults, ctx, capture, cache=kv("blocks"), pos=pos)
+        if hasattr(self, "moe_blocks"):
+            if moe_bias is None:
+                moe_bias = jnp.zeros((stack_depths(self.cfg)["moe_blocks"], self.cfg.model.moe.num_experts))
+            if hasattr(self, "interleaved"):
+                groups = (self.interleaved, self.moe_blocks, x_BTD, self.cfg, mults, ctx, capture, moe_bias, cache, pos)
+                x_BTD, outs["interleaved"], outs["moe_blocks"] = run_groups(*groups)
+            else:
+                stack = (x_BTD, self.cfg, mults, ctx, capture, moe_bias, kv("moe_blocks"), pos)
+                x_BTD, outs["moe_blocks"] = self.moe_blocks(*stack)
+        return x_BTD, outs
 
 
-def compute_weight(param: nnx.Param, dtype: str | None):
+def compute_weight(param: nnx.Param, dtype: str | None, ctx: Context):
     """A parameter's value in the compute dtype `dtype` (None: as stored), cast on its own shards: the cast comes
     before the all-gather that FSDP inserts where the weight is used, so the gather moves compute-dtype bytes."""
     value = param[...]
     if dtype is None or value.dtype == DTYPES[dtype]:
         return value
-    return sharding.constrain(value.astype(DTYPES[dtype]), param.get_metadata()["axes"])
-
-
-def readout_loss(x_BTD, w_DV, targets_BT, output_mult, mm: Matmul, chunk: int) -> dict:
-    """Mean next-token cross-entropy and mean log(Z)^2 (the output z-loss; Z the softmax normaliser), float32,
-    of the readout logits x.w * output_mult. With `chunk` (positions per chunk, a divisor of T; 0 = all at once)
-    the logits are formed chunk by chunk in a scan whose body is rematerialised, so neither the forward nor the
-    backward pass holds [B, T, V] float32 logits: at most one chunk's [B, chunk, V]."""
-    B, T, D = x_BTD.shape
-
-    def sums(x_BCD, t_BC):
-        logits_BCV = mm("btd,dv->btv", x_BCD, w_DV, role="readout", out_dtype=jnp.float32) * output_mult
-        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        nll_BC = lse_BC - jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        return nll_BC.sum(), (lse_BC * lse_BC).sum()
-
-    if not chunk or chunk >= T:
-        nll, z = sums(x_BTD, targets_BT)
-    else:
-        n = T // chunk  # chunks along the sequence: each one spans the batch, so it stays split over the devices
-        xs = (x_BTD.reshape(B, n, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, n, chunk).swapaxes(0, 1))
-        body = jax.checkpoint(lambda acc, xs: (jax.tree.map(jnp.add, acc, sums(*xs)), None))
-        zero = jnp.zeros((), jnp.float32)
-        (nll, z), _ = jax.lax.scan(body, (zero, zero), xs)
-    return {"ce": nll / (B * T), "z_loss": z / (B * T)}
+    return ctx.constrain(value.astype(DTYPES[dtype]), param.get_metadata()["axes"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,10 +322,13 @@ def readout_loss(x_BTD, w_DV, targets_BT, output_mult, mm: Matmul, chunk: int) -
 
 
 class ModelDef:
-    """Pure-function view of the model: `apply(params, tokens)`; params are a nested dict of arrays."""
+    """Pure-function view of the model: params are a nested dict of arrays; `forward` is the one forward pass.
+    `ctx`: the run's Context (mesh, compute dtype, quantizer, attention kernel); default: one device, no quantizer
+    (a quantized config then refuses to run forward: build its Context with quant.qat.context)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict):
+    def __init__(self, cfg: ml_collections.ConfigDict, ctx: Context | None = None):
         self.cfg = cfg
+        self.ctx = ctx if ctx is not None else build_context(cfg)
         abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
         self._state_treedef = jax.tree.structure(state)
@@ -325,21 +340,36 @@ class ModelDef:
         # a key, not the int: the same numbers as nnx.Rngs(seed), and `seed` may be traced (one compile, many seeds)
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(jax.random.key(seed)))))
 
-    def apply(self, params: dict, tokens_BT, capture: bool = False, moe_bias=None):
-        """Logits [B, T, V]; with `capture`, (logits, stats) as in `Transformer.__call__` (coordinate checks)."""
-        logits, aux = self.apply_aux(params, tokens_BT, capture=capture, moe_bias=moe_bias)
-        return (logits, aux) if capture else logits
-
-    def apply_aux(self, params: dict, tokens_BT, capture: bool = False, moe_bias=None):
-        """(logits [B, T, V], aux) as in `Transformer.__call__`: the MoE routing stats the train step needs."""
+    def forward(
+        self,
+        params: dict,
+        tokens_BT,
+        *,
+        targets_BT=None,
+        moe_bias=None,
+        mults=None,
+        qbits=None,
+        capture=(),
+        cache=None,
+        pos=0,
+    ) -> Output:
+        """The forward pass (`Transformer.__call__`): an `Output`. `qbits`: a pack member's traced quantization
+        widths ({kind: int32 array}, quant/qat.py member_bits), replacing the quantizer's constant ones; `cache`,
+        `pos`: decoding with a KV cache (model/decode.py)."""
         state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
-        return nnx.merge(self.graphdef, state)(tokens_BT, capture=capture, moe_bias=moe_bias)
+        model = nnx.merge(self.graphdef, state)
+        kw = {"targets_BT": targets_BT, "moe_bias": moe_bias, "mults": mults, "capture": capture}
+        return model(tokens_BT, self.ctx.with_bits(qbits), **kw, cache=cache, pos=pos)
 
-    def loss(self, params: dict, tokens_BT, targets_BT, moe_bias=None, mults=None):
-        """({"ce", "z_loss"}, aux) of next-token prediction of `targets_BT` (readout_loss; no [B, T, V] logits
-        held at once with model.loss_chunk_size); aux as in `apply_aux`."""
-        state = jax.tree.unflatten(self._state_treedef, jax.tree.leaves(params))
-        return nnx.merge(self.graphdef, state)(tokens_BT, moe_bias=moe_bias, targets_BT=targets_BT, mults=mults)
+    def apply(self, params: dict, tokens_BT, moe_bias=None) -> jax.Array:
+        """Float32 logits [B, T, V]."""
+        return self.forward(params, tokens_BT, moe_bias=moe_bias).logits
+
+    def loss(self, params: dict, tokens_BT, targets_BT, moe_bias=None, mults=None, qbits=None):
+        """({"ce", "z_loss"}, {"moe": per-layer routing stats} or {}) of next-token prediction of `targets_BT`
+        (readout_loss: no [B, T, V] logits held at once with model.loss_chunk_size)."""
+        out = self.forward(params, tokens_BT, targets_BT=targets_BT, moe_bias=moe_bias, mults=mults, qbits=qbits)
+        return out.loss, ({"moe": out.moe} if out.moe else {})
 
     def spec_tree(self) -> dict:
         """A tree shaped like params whose leaves are ParamSpecs."""

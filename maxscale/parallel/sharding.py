@@ -8,8 +8,6 @@ Each mesh axis may span several slices (`mesh.dcn_<axis>`): the slice is then it
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Sequence
 
@@ -187,28 +185,3 @@ def batch_axes() -> tuple[str, ...]:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split: the product of the batch axes (data x fsdp x expert)."""
     return math.prod(mesh.shape[a] for a in batch_axes())
-
-
-# -- activation constraints: active only while a trainer traces under `activation_mesh` ---------------------------
-_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("maxscale_mesh", default=None)
-
-
-def active_mesh() -> Mesh | None:
-    """The mesh a trainer is tracing under (None outside `activation_mesh`)."""
-    return _ACTIVE_MESH.get()
-
-
-@contextlib.contextmanager
-def activation_mesh(mesh: Mesh):
-    token = _ACTIVE_MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVE_MESH.reset(token)
-
-
-def constrain(x, axes: Sequence[str | None]):
-    mesh = _ACTIVE_MESH.get()
-    if mesh is None or mesh.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, mesh, x.shape)))

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from maxscale.errors import ConfigError
+from maxscale.model.context import relative_rms_error  # noqa: F401 - one definition, re-exported
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token", "per_block")
 MAX_EXP_BITS = 7
@@ -397,10 +398,3 @@ def contracted_axes(eq: str, operand_index: int) -> tuple[int, ...]:
     if dots:
         axes += [j - len(after) for j, c in enumerate(after) if c not in out]
     return tuple(axes)
-
-
-def relative_rms_error(x, x_hat) -> jax.Array:
-    """||x - x_hat|| / ||x|| (Frobenius, float32); 0 when both are zero, inf when only x is."""
-    x, x_hat = jnp.asarray(x, jnp.float32), jnp.asarray(x_hat, jnp.float32)
-    num, den = jnp.linalg.norm((x - x_hat).ravel()), jnp.linalg.norm(x.ravel())
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num > 0, jnp.inf, 0.0))

@@ -8,16 +8,15 @@ axes of the einsum (one per output feature of a weight), per_token one per row o
 
 Vectorized runs (train/vectorized.py) may pack members that differ in the bit width of a kind (int3 vs int8, or
 e4m3 vs e5m2: the same family). `member_bits(cfgs)` checks the pack and returns the differing widths as per-member
-int32 arrays; inside `traced_bits(...)` (the vmapped step) `make_quantizer` hands them to the quantizer, which
-then quantizes that kind with traced widths (formats.py's quantizers take int32 scalars: one compilation for every
-member). Outside it, and for kinds whose format is the same in every member, the Python-constant format is used as
-in a single run, so single runs are unchanged bit for bit.
+int32 arrays; a member's row reaches the quantizer through `FakeQuantizer.with_bits` (the model's
+`Context.with_bits`, called by the update with the member's `qbits`), which then quantizes that kind with traced
+widths (formats.py's quantizers take int32 scalars: one compilation for every member). Without it, and for kinds
+whose format is the same in every member, the Python-constant format is used as in a single run, so single runs are
+unchanged bit for bit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 
 import jax
@@ -25,12 +24,13 @@ import ml_collections
 import numpy as np
 
 from maxscale.errors import ConfigError
+from maxscale.model import transformer
+from maxscale.model.context import Context
 from maxscale.quant.formats import Format, contracted_axes, fake_quant, fake_quant_float, fake_quant_int, parse_format
 
 ALWAYS = ("hidden", "expert_in", "expert_out")  # quantized whenever a format is set
 OPTIONAL = {"embedding": "embeddings", "readout": "readout", "router": "router"}  # role -> quant.<field>
 KINDS = ("weights", "activations", "kv")
-_TRACED: contextvars.ContextVar = contextvars.ContextVar("maxscale_quant_traced_bits", default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,12 @@ class FakeQuantizer:
         """Attention probabilities [..., T, S] at the kv format, one scale per query row (per_token)."""
         return self._q(p, "kv", "per_token" if self.kv_granularity != "per_tensor" else "per_tensor", -1)
 
+    def with_bits(self, qbits: dict) -> "FakeQuantizer":
+        """This quantizer with the widths of the kinds in `qbits` ({kind: int32 [1] bits or [2] exponent, mantissa
+        bits}: one member's row of `member_bits`) traced; kinds it does not quantize are ignored."""
+        traced = tuple((k, w) for k, w in qbits.items() if getattr(self, f"{k}_fmt") is not None)
+        return dataclasses.replace(self, traced=traced)
+
     def table(self, table_VD: jax.Array) -> jax.Array:
         """The embedding table before the lookup: one scale per token row (per_channel over the width)."""
         if "embedding" not in self.roles:
@@ -88,8 +94,7 @@ class FakeQuantizer:
 
 
 def make_quantizer(cfg: ml_collections.ConfigDict) -> FakeQuantizer | None:
-    """The quantizer for a resolved config, or None when nothing is quantized (the model then runs unchanged).
-    Inside `traced_bits(...)` the kinds given there take their widths from those traced arrays."""
+    """The quantizer for a resolved config, or None when nothing is quantized (the model then runs unchanged)."""
     q = cfg.quant
     fmts = {kind: parse_format(q[kind], field=f"quant.{kind}") for kind in KINDS}
     if all(f is None for f in fmts.values()):
@@ -108,8 +113,12 @@ def make_quantizer(cfg: ml_collections.ConfigDict) -> FakeQuantizer | None:
         roles=roles,
         whole_attention=q.whole_attention,
         asymmetric=q.asymmetric,
-        traced=tuple((kind, w) for kind, w in (_TRACED.get() or {}).items() if fmts[kind] is not None),
     )
+
+
+def context(cfg: ml_collections.ConfigDict, mesh=None) -> Context:
+    """The forward's Context for a run on `mesh` (model/context.py): its one quantizer, built here once."""
+    return transformer.build_context(cfg, mesh, make_quantizer(cfg))
 
 
 def family(fmt: Format | str | None) -> str:
@@ -138,14 +147,3 @@ def member_bits(cfgs: list) -> dict[str, np.ndarray]:
             cols = [(f.bits,) if f.kind == "int" else (f.exp_bits, f.man_bits) for f in fmts]
             out[kind] = np.asarray(cols, np.int32)
     return out
-
-
-@contextlib.contextmanager
-def traced_bits(bits: dict | None):
-    """While tracing a member's forward pass: `make_quantizer` uses `bits` ({kind: int32 [1] or [2] array, one
-    member's row of `member_bits`}) in place of those kinds' constant widths."""
-    token = _TRACED.set(bits or None)
-    try:
-        yield
-    finally:
-        _TRACED.reset(token)

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 
-from maxscale.errors import EXIT_USAGE, ConfigError
-from maxscale.parallel import sharding
-from maxscale.quant import ptq
+from maxscale import cli
+from maxscale.errors import ConfigError
+from maxscale.tools import ptq
 from maxscale.train import data as data_lib
 from maxscale.train import tokenizers as tok_lib
 
@@ -75,8 +74,7 @@ def evaluate(run: ptq.Run, tokens: np.ndarray, batch_size: int = 0, max_tokens: 
 
     @jax.jit
     def nll(params, tokens_BT1):
-        with sharding.activation_mesh(setup.mesh):
-            logits = setup.model.apply(params, tokens_BT1[:, :-1])
+        logits = setup.model.apply(params, tokens_BT1[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT1[:, 1:]).sum(-1)
 
     params = jax.device_put(run.params, jax.devices()[0])  # once, not per batch
@@ -102,10 +100,9 @@ def evaluate(run: ptq.Run, tokens: np.ndarray, batch_size: int = 0, max_tokens: 
     }
 
 
-def main(argv=None) -> int:
-    from maxscale.tools.prepare import cli_parser
-
-    parser = cli_parser("eval", __doc__)
+@cli.command("eval")
+def main(argv: list[str]) -> int:
+    parser = cli.Parser("eval", __doc__)
     parser.add_argument("--run", required=True, help="a run directory (config.json and checkpoints/)")
     parser.add_argument("--data", required=True, help="a text file, directory or glob, or a token file's .json")
     parser.add_argument("--step", type=int, default=None, help="a kept checkpoint's step (default: the newest)")
@@ -114,16 +111,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max_bytes", type=int, default=0, help="read at most this many bytes of a text source")
     parser.add_argument("--batch_size", type=int, default=0, help="windows per forward pass (0 = train.batch_size)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    try:
-        cfg = run_config(args.run)
-        tokens = read_tokens(cfg, args.data, args.split, args.max_bytes)
-        run = load(args.run, args.step, tokens)
-        result = {"run": args.run, "step": run.step, "data": args.data, "split": args.split}
-        result.update(evaluate(run, tokens, args.batch_size, args.max_tokens))
-    except ConfigError as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    args = parser.parse(argv)
+    cfg = run_config(args.run)
+    tokens = read_tokens(cfg, args.data, args.split, args.max_bytes)
+    run = load(args.run, args.step, tokens)
+    result = {"run": args.run, "step": run.step, "data": args.data, "split": args.split}
+    result.update(evaluate(run, tokens, args.batch_size, args.max_tokens))
     if args.json:
         print(json.dumps(result))
     else:

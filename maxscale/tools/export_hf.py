@@ -31,11 +31,11 @@ import math
 import os
 import shutil
 import struct
-import sys
 
 import numpy as np
 
-from maxscale.errors import EXIT_USAGE, ConfigError
+from maxscale import cli
+from maxscale.errors import ConfigError
 from maxscale.parameterization import Parameterization
 from maxscale.train import tokenizers as tok_lib
 
@@ -224,7 +224,7 @@ def load_run(run_dir: str, step: int | None) -> tuple:
     """(resolved config, step, params, MoE routing bias or None) of a kept checkpoint (newest or `step`), dense or
     MoE, on one device; ConfigError (one line) if the run, a checkpoint or the step is missing, or not exportable."""
     from maxscale import config as config_lib
-    from maxscale.quant import ptq
+    from maxscale.tools import ptq
     from maxscale.train import checkpoint as ckpt_lib
     from maxscale.train import step as step_lib
 
@@ -266,20 +266,15 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "fl
     return {"step": step, "architecture": config["architectures"][0], "tokenizer": written, "parameters": n}
 
 
-def main(argv=None) -> int:
-    from maxscale.tools.prepare import cli_parser
-
-    parser = cli_parser("export_hf", __doc__)
+@cli.command("export_hf")
+def main(argv: list[str]) -> int:
+    parser = cli.Parser("export_hf", __doc__)
     parser.add_argument("--run", required=True, help="a run directory (config.json and checkpoints/)")
     parser.add_argument("--out", required=True, help="the output directory")
     parser.add_argument("--step", type=int, default=None, help="a kept checkpoint's step (default: the newest)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    args = parser.parse_args(argv)
-    try:
-        info = export(args.run, args.out, args.step, args.dtype)
-    except ConfigError as e:
-        print(f"export_hf: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    args = parser.parse(argv)
+    info = export(args.run, args.out, args.step, args.dtype)
     print(
         f"wrote {args.out}: {info['architecture']} ({info['parameters'] / 1e6:.2f}M parameters, {args.dtype}) from "
         f"step {info['step']}, {info['tokenizer']}"

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -40,9 +39,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from maxscale import cli, paths
 from maxscale import config as config_lib
-from maxscale import paths
-from maxscale.errors import EXIT_USAGE, ConfigError
+from maxscale.errors import ConfigError
 from maxscale.parameterization import Parameterization
 from maxscale.train import tokenizers as tok_lib
 
@@ -242,7 +241,7 @@ def _tokenizer_files(hf_dir: str) -> tuple[str, list[str]] | None:
 
 def write_checkpoint(cfg: ml_collections.ConfigDict, params: dict, ckpt_dir: str) -> None:
     """Step 0 in the trainer's format: state as Setup.init_state builds it, with `params`; a fresh data iterator."""
-    from maxscale.quant import ptq
+    from maxscale.tools import ptq
     from maxscale.train import checkpoint as ckpt_lib
     from maxscale.train import data as data_lib
     from maxscale.train import step as step_lib
@@ -329,23 +328,18 @@ def import_hf(hf_dir: str, out: str, base: str | None = None, overrides=()) -> d
     }
 
 
-def main(argv=None) -> int:
-    from maxscale.tools.prepare import cli_parser
-
-    parser = cli_parser("import_hf", __doc__)
+@cli.command("import_hf")
+def main(argv: list[str]) -> int:
+    parser = cli.Parser("import_hf", __doc__)
     parser.add_argument("--hf", required=True, help="a save_pretrained directory (config.json, *.safetensors)")
     parser.add_argument("--out", required=True, help="the new workdir")
     parser.add_argument("--config", default=None, help="FILE.py[:arg] for the fields besides the model's")
-    args, rest = parser.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--config.") and "=" in r)]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args, rest = parser.parse_known_args(argv)  # the config is loaded after the model's fields are read
+    for r in rest:
+        if not (r.startswith("--config.") and "=" in r):
+            parser.error(parser.unknown(r))
     overrides = [tuple(r[len("--config.") :].split("=", 1)) for r in rest]
-    try:
-        info = import_hf(args.hf, args.out, args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    info = import_hf(args.hf, args.out, args.config, overrides)
     out = os.path.abspath(args.out)
     print(
         f"wrote {args.out}: {info['architecture']} ({info['parameters'] / 1e6:.2f}M parameters) as a step-0 "

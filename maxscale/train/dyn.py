@@ -25,14 +25,12 @@ import ml_collections
 
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
-from maxscale.model.layers import DTYPES
 from maxscale.parallel import sharding
 from maxscale.parameterization import Parameterization, ParamSpec
-from maxscale.quant import qat
 from maxscale.train import data as data_lib
 
 PROBE_LEN = 256  # probe positions at most (a causal model on a prefix: the same as on the whole sequence)
-HIDDEN_GROUPS = {"wq": "attn_qkv", "wk": "attn_qkv", "wv": "attn_qkv", "wo": "attn_out"}
+KIND_GROUPS = {"query": "attn_qkv", "key": "attn_qkv", "value": "attn_qkv", "attn_out": "attn_out"}
 ROLE_GROUPS = {"embedding": "embed", "norm": "norm", "bias": "norm"}  # other roles are their own group
 
 
@@ -49,15 +47,8 @@ def is_dyn_step(cfg: ml_collections.ConfigDict, done: int) -> bool:
 
 def group_of(path: str, spec: ParamSpec) -> str:
     """The dyn group of the parameter at `path` ("blocks/wq", "unembed", ...)."""
-    if spec.role == "hidden":
-        name = path.rsplit("/", 1)[-1]
-        if name in HIDDEN_GROUPS:
-            return HIDDEN_GROUPS[name]
-        if name.startswith(("w_up", "w_gate")):
-            return "mlp_in"
-        if name.startswith("w_down"):
-            return "mlp_out"
-        return "hidden"
+    if spec.role == "hidden":  # what the matrix does, from its ParamSpec
+        return KIND_GROUPS.get(spec.kind, spec.kind or "hidden")
     return ROLE_GROUPS.get(spec.role, spec.role)
 
 
@@ -198,20 +189,13 @@ def probe_fn(setup):
 
 def _capture(setup, params, tokens_BT, bias):
     """(h [L, N, D] float32: the residual stream after each block at the first N = transformer.PROBE_TOKENS
-    positions of the first row, attention entropy [L], normalised attention entropy [L])."""
-    cfg = setup.cfg
-    with sharding.activation_mesh(setup.mesh):
-        _, aux = setup.model.apply(params, tokens_BT, capture=True, moe_bias=bias)
-    layers = aux["layers"]
-    delta_LND = layers["probe"]  # each block's residual increment: h_l = embedding output + their running sum
-    par = Parameterization(cfg)
-    table_VD = params["embed"]
-    quantizer = qat.make_quantizer(cfg)
-    if quantizer is not None:
-        table_VD = quantizer.table(table_VD)
-    emb_ND = (table_VD[tokens_BT[0, : delta_LND.shape[1]]] * par.input_mult).astype(DTYPES[cfg.model.dtype])
-    h_LND = emb_ND.astype(jnp.float32)[None] + jnp.cumsum(delta_LND, axis=0)
-    entropy_L, normed_L = attention_entropy(layers["qk_probe"], par.attn_scale)
+    positions of the first row, attention entropy [L], normalised attention entropy [L]), from the model's forward
+    with capture "stats" (its embedding output and each block's residual increment at those positions)."""
+    out = setup.model.forward(params, tokens_BT, moe_bias=bias, capture=("stats",))
+    stats = out.captured["stats"]
+    delta_LND = stats["layers"]["probe"]  # each block's residual increment: h_l = embedding output + their sum
+    h_LND = stats["embed_probe"][None, : delta_LND.shape[1]] + jnp.cumsum(delta_LND, axis=0)
+    entropy_L, normed_L = attention_entropy(stats["layers"]["qk_probe"], Parameterization(setup.cfg).attn_scale)
     return h_LND, entropy_L, normed_L
 
 
