@@ -43,7 +43,8 @@ def test_capture_returns_the_same_logits_and_per_layer_stats():
     params = model.init(0)
     tokens = np.arange(2 * 8, dtype=np.int32).reshape(2, 8) % 256
     plain = model.apply(params, tokens)
-    logits, stats = model.apply(params, tokens, capture=True)
+    out = model.forward(params, tokens, capture=("stats",))
+    logits, stats = out.logits, transformer.stats_of(out)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), rtol=1e-6)
     assert set(stats["layers"]) == {"attn", "attn_logits", "attn_mix", "mlp", "resid", "probe", "qk_probe"}
     assert stats["layers"]["resid"].shape == (3,) and stats["layers"]["probe"].shape == (3, 8, 32)
@@ -105,10 +106,10 @@ def test_fan_in_readout_init_fails_the_width_check(corpus, monkeypatch):
     muP's 1/m_N multiplier) shows up: the backward signal into the blocks shrinks with width."""
     original = Parameterization.init_std
 
-    def fan_in_readout(self, spec, name=""):
+    def fan_in_readout(self, spec, *rest):
         if spec.role == "readout":
             return self.cfg.parameterization.init_std / math.sqrt(self.m_width)
-        return original(self, spec, name)
+        return original(self, spec, *rest)
 
     monkeypatch.setattr(Parameterization, "init_std", fan_in_readout)
     base = small_base(parameterization__base_depth=1)
@@ -139,7 +140,7 @@ def test_outputs_and_cli_errors(width_verdict, tmp_path):
         ["--sizes=64", "--out=x"],
         ["--parameterizations=mu", "--out=x"],
         ["--sizes=64,100", "--out=x"],
-        [],
+        ["--lr=fast", "--out=x"],
     ):
         out = subprocess.run(tool + bad, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert out.returncode == 2, (bad, out.stderr)

@@ -67,7 +67,7 @@ def test_each_member_equals_its_run_alone(member_batch, tmp_path, tmp_path_facto
         cfgs, dirs, str(tmp_path / "pack"), mesh=one_device_mesh(cfgs[0]), corpus=tiny_corpus
     )
     assert run.member_batch == (member_batch or 1)
-    results = run.run(log=lambda line: None)
+    results = loop.train_pack(run, log=lambda line: None)
     for i, cfg in enumerate(cfgs):
         if i not in _ALONE:
             d = tmp_path_factory.mktemp(f"alone{i}")
@@ -104,7 +104,7 @@ def test_killed_pack_resumes_exactly(tmp_path, tiny_corpus):
     split = [str(tmp_path / f"split{i}") for i in range(2)]
     first = [cfg_of(**{"optimizer.lr": lr, "train.steps": 15}) for lr in (1e-2, 3e-3)]
     vectorized.VectorizedRun(first, split, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus).run()
-    shutil.rmtree(tmp_path / "pack" / "15")  # killed before its step-15 save committed: resumes from 10
+    shutil.rmtree(tmp_path / "pack" / "checkpoints" / "15")  # killed before its step-15 save committed: from 10
     vectorized.VectorizedRun(cfgs, split, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus).run()
     for a, b in zip(full, split):
         la, lb = losses(a), losses(b)
@@ -153,7 +153,7 @@ LRS = (1e-2, 3e-3, 5e-3, 2e-3)
 def _pack_losses(tmp_path, tag, cfgs, mesh, corpus):
     dirs = [str(tmp_path / tag / f"m{i}") for i in range(len(cfgs))]
     run = vectorized.VectorizedRun(cfgs, dirs, str(tmp_path / tag / "pack"), mesh=mesh, corpus=corpus)
-    run.run(log=lambda line: None)
+    loop.train_pack(run, log=lambda line: None)
     return [[losses(d)[s] for s in sorted(losses(d))] for d in dirs], run
 
 

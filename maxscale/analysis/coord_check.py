@@ -28,20 +28,18 @@ import functools
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
+from maxscale import cli, parameterization
 from maxscale import config as config_lib
-from maxscale import errors, parameterization
 from maxscale.analysis import coord_plot
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
-from maxscale.train import optim
+from maxscale.parallel import sharding
 from maxscale.train import step as step_lib
 
 AXES = ("width", "depth", "experts", "experts_fixed_k", "expert_ffn")
@@ -49,6 +47,12 @@ DEFAULT_SIZES = {"width": "64,128,256,512,1024", "depth": "2,4,8,16,32", "expert
 DEFAULT_SIZES.update(experts_fixed_k=DEFAULT_SIZES["experts"], expert_ffn="32,64,128,256")
 DEFAULT_THRESHOLD = 0.3  # |d log mean|x| / d log size|: SP sits near 1 or above after a large-LR step, muP near 0
 DEFAULT_JUDGE_FROM = 2  # first judged step (see the module docstring)
+# The command line's defaults (docs/transfer.md): a constant LR of 0.005 (about the tuned LR of the 200-step tiny
+# runs, at full strength from step 1) makes the updates, not the init, set the curves by step 2 while muP stays
+# below the threshold (max |slope| 0.26 over widths 64-256); the configs' own LRs are tuned for a decaying schedule
+# (tiny's 1e-2 puts muP's mlp/0 at 0.39). One batch is read, so a corpus of 300 kB is enough.
+DEFAULT_LR = 0.005
+DEFAULT_MAX_BYTES = 300_000
 # axis -> (judged curves or None for all, "abs": |slope| <= threshold | "growth": slope <= threshold)
 # Attention logits (and their learned part) are judged for growth only: over a few steps they are dominated by
 # cross terms with the random init, which shrink like d_head^-1/2 under the 1/d rule by design, as muP's logits do.
@@ -200,32 +204,32 @@ def _jitted_init(model: transformer.ModelDef):
 
 
 def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: int, steps: int) -> list[list[dict]]:
-    """Stats [seed][step] for `steps` updates (steps + 1 records). Every step is one compiled program (a scan),
-    shared by the seeds, so a size costs one compilation."""
-    model = transformer.ModelDef(cfg)
-    tx = optim.make_optimizer(cfg, model.spec_tree())
+    """Stats [seed][step] for `steps` updates (steps + 1 records). Each update is the trainer's own
+    (step.Setup.update: its loss, optimizer, finite check and MoE routing bias, on one device, the whole batch at
+    once); the stats come from a capture forward pass of the params before it. Every step is one compiled program
+    (a scan), shared by the seeds, so a size costs one compilation."""
+    one = cfg.copy_and_resolve_references()
+    one.train.microbatches = 1  # the batch is the coordinate check's own, updated at once
+    one.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+    setup = step_lib.Setup.build(one, sharding.make_mesh(one, jax.devices()[:1]))
+    model = setup.model
     tokens = jnp.asarray(tokens_BT1)
 
-    def loss_fn(params):
-        logits, stats = model.apply(params, tokens[:, :-1], capture=True)
-        loss = step_lib.cross_entropy(logits, tokens[:, 1:])
-        return loss, stats
-
-    def one_seed(params):
-        def body(carry, _):
-            params, opt_state = carry
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), {**stats, "loss": loss}
+    def one_seed(state):
+        def body(state, _):
+            out = model.forward(state["params"], tokens[:, :-1], moe_bias=state.get("moe_bias"), capture=("stats",))
+            state, metrics = setup.update(state, tokens)
+            return state, {**transformer.stats_of(out), "loss": metrics["train/loss"]}
 
         # the last iteration's update is discarded: it only measures the params after `steps` updates
-        _, stats = jax.lax.scan(body, (params, tx.init(params)), None, length=steps + 1)
+        _, stats = jax.lax.scan(body, state, None, length=steps + 1)
         return stats
 
     run_seed = jax.jit(one_seed)
     out = []
     for i in range(seeds):
-        stats = jax.device_get(run_seed(init_params(model, cfg.train.seed + i)))  # leaves [step, ...]
+        seed = cfg.train.seed + i
+        stats = jax.device_get(run_seed(setup.initial_state(init_params(model, seed), seed)))  # leaves [step, ...]
         probes = np.asarray(stats["layers"].pop("probe"))  # [step, L, tokens, D]
         qk = np.asarray(stats["layers"].pop("qk_probe"))  # [step, L, 2 (q, k), T, heads, head_dim]
         scale = parameterization.Parameterization(cfg).attn_scale
@@ -364,44 +368,67 @@ def summary(v: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line (tools/coord_check.py)
 
-FLAGS = ("axis", "sizes", "parameterizations", "seeds", "steps", "threshold", "judge_from", "out")
+
+def _given(args, field: str) -> bool:
+    """Whether `--config.<field>=...` is on the command line."""
+    return any(a.startswith(f"--config.{field}=") for a in args.config_args)
 
 
-def main(argv: list[str]) -> int:
-    """python tools/coord_check.py --config=configs/tiny.py [--config.a.b=v] --axis=width --sizes=64,128,256
-    --parameterizations=sp,mup,completep [--seeds=3] [--steps=5] [--threshold=0.3] [--judge_from=2] --out=DIR"""
+def _check_defaults(args) -> ml_collections.ConfigDict:
+    """The config with the check's defaults where the command line does not set them: the constant LR (--lr, else
+    --config.optimizer.lr, else DEFAULT_LR) and a corpus read only up to DEFAULT_MAX_BYTES (one batch is used)."""
+    cfg = args.config
+    if args.lr is not None or not _given(args, "optimizer.lr"):
+        config_lib.override(cfg, "optimizer.lr", args.lr if args.lr is not None else repr(DEFAULT_LR))
+    if not _given(args, "data.max_bytes") and not 0 < cfg.data.max_bytes <= DEFAULT_MAX_BYTES:
+        config_lib.override(cfg, "data.max_bytes", repr(DEFAULT_MAX_BYTES))
+    return cfg
+
+
+def _parse(argv: list[str]):
+    """(resolved base config, axis, sizes, variants, seeds, steps, threshold, judge_from, out); ConfigError if bad."""
+    p = cli.Parser("coord_check", __doc__, config=True)
+    p.add_argument("--axis", default="width", help="|".join(AXES))
+    p.add_argument("--sizes", default=None, help="comma-separated sizes along the axis (default: per axis)")
+    p.add_argument("--parameterizations", default="sp,mup,completep", help="e.g. sp,mup,completep:0")
+    for name, default in (("seeds", "3"), ("steps", "5"), ("threshold", DEFAULT_THRESHOLD)):
+        p.add_argument(f"--{name}", default=str(default))
+    p.add_argument("--judge_from", default=str(DEFAULT_JUDGE_FROM), help="first judged step")
+    p.add_argument("--lr", default=None, help=f"constant LR (default {DEFAULT_LR} or --config.optimizer.lr)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/coord_check/<axis>)")
+    args = p.parse(argv)
+    base = config_lib.resolve(_check_defaults(args))
+    if args.axis not in AXES:
+        raise ConfigError(f"--axis={args.axis}: choose one of {', '.join(AXES)}")
     try:
-        cfg, flags = config_lib.parse_argv(argv, extra_flags=FLAGS)
-        base = config_lib.resolve(cfg)
-        axis = flags.get("axis", "width")
-        if axis not in AXES:
-            raise ConfigError(f"--axis={axis}: choose one of {', '.join(AXES)}")
-        try:
-            sizes = [int(x) for x in flags.get("sizes", DEFAULT_SIZES[axis]).split(",")]
-            seeds, steps = int(flags.get("seeds", 3)), int(flags.get("steps", 5))
-            threshold = float(flags.get("threshold", DEFAULT_THRESHOLD))
-            judge_from = int(flags.get("judge_from", DEFAULT_JUDGE_FROM))
-        except ValueError:
-            raise ConfigError(
-                "--sizes takes integers (e.g. --sizes=64,128,256); --seeds and --steps integers; "
-                "--threshold a number, --judge_from an integer"
-            ) from None
-        if len(sizes) < 2 or min(sizes) < 1 or seeds < 1 or steps < 1:
-            raise ConfigError("need at least two positive --sizes, --seeds >= 1 and --steps >= 1")
-        variants = [Variant.parse(t) for t in flags.get("parameterizations", "sp,mup,completep").split(",")]
-        out = flags.get("out")
-        if not out:
-            raise ConfigError("--out is required, e.g. --out=runs/coord_check/width")
-        for size in sizes:  # every size must scale cleanly before any compute starts
-            size_config(base, axis, size, variants[0])
-    except errors.HelpRequested as e:
-        print(f"{main.__doc__.strip()}\n\n{e}")
-        return 0
-    except ConfigError as e:
-        print(f"coord_check: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE
+        sizes = [int(x) for x in (args.sizes or DEFAULT_SIZES[args.axis]).split(",")]
+        seeds, steps = int(args.seeds), int(args.steps)
+        threshold, judge_from = float(args.threshold), int(args.judge_from)
+    except ValueError:
+        raise ConfigError(
+            "--sizes takes integers (e.g. --sizes=64,128,256); --seeds and --steps integers; "
+            "--threshold a number, --judge_from an integer"
+        ) from None
+    if len(sizes) < 2 or min(sizes) < 1 or seeds < 1 or steps < 1:
+        raise ConfigError("need at least two positive --sizes, --seeds >= 1 and --steps >= 1")
+    variants = [Variant.parse(t) for t in args.parameterizations.split(",")]
+    args.out = args.out or os.path.join("runs", "coord_check", args.axis)
+    for size in sizes:  # every size must scale cleanly before any compute starts
+        size_config(base, args.axis, size, variants[0])
+    return base, args.axis, sizes, variants, seeds, steps, threshold, judge_from, args.out
+
+
+@cli.command("coord_check")
+def main(argv: list[str]) -> int:
+    """maxscale coord-check --config=configs/tiny.py [--config.a.b=v] --axis=width --sizes=64,128,256
+    --parameterizations=sp,mup,completep [--seeds=3] [--steps=5] [--threshold=0.3] [--judge_from=2] [--lr=0.005]
+    [--out=runs/coord_check/<axis>]; exit 0 when every parameterization passes, 1 when any fails, 2 on bad input"""
+    base, axis, sizes, variants, seeds, steps, threshold, judge_from, out = _parse(argv)
     result = run(base, axis, sizes, variants, seeds=seeds, steps=steps)
     v = write(result, out, threshold, judge_from)
     print(summary(v))
     print(f"wrote {os.path.join(out, 'coord_check.png')} and {os.path.join(out, 'coord_check.json')}")
-    return 0
+    failed = [label for label, s in v["series"].items() if not s["pass"]]
+    if failed:
+        print(f"coord_check: FAIL for {', '.join(failed)} (exit 1)")
+    return 1 if failed else 0

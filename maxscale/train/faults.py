@@ -90,6 +90,15 @@ class PreemptionWatch:
         return bool(np.any(flags))
 
 
+class Preempted(SystemExit):
+    """A signal stopped a pack (loop.run_pack) after its checkpoint committed: no result is written and the
+    process exits with errors.EXIT_PREEMPTED, as a single run's does; a sweep run in-process stops there too (a
+    SystemExit, not an Exception: the sweep must not go on to the next pack after a preemption signal)."""
+
+    def __init__(self):
+        super().__init__(errors.EXIT_PREEMPTED)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Numerical faults
 

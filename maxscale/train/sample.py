@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxscale.parallel import sharding
 from maxscale.train import tokenizers
 from maxscale.train.step import Setup
 
@@ -36,7 +35,6 @@ def generate(
         _, out = jax.lax.scan(body, window, jax.random.split(key, num_tokens))
         return out
 
-    with sharding.activation_mesh(setup.mesh):
-        out = run(params, jnp.asarray(window), jax.random.key(seed), moe_bias)
+    out = run(params, jnp.asarray(window), jax.random.key(seed), moe_bias)
     out = np.asarray(jax.device_get(out))
     return tok.decode(np.concatenate([prompt_ids, out]))  # one decode: pieces join as the tokenizer joins them

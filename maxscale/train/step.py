@@ -21,6 +21,7 @@ from maxscale.errors import ConfigError
 from maxscale.model import attention, transformer
 from maxscale.model import moe as moe_lib
 from maxscale.parallel import sharding
+from maxscale.quant import qat
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import dyn as dyn_lib
 from maxscale.train import optim
@@ -56,7 +57,7 @@ class Setup:
             )
         attention.check(cfg, attention.platform_of(mesh))
         dyn_lib.check(cfg)
-        model = transformer.ModelDef(cfg)
+        model = transformer.ModelDef(cfg, qat.context(cfg, mesh))  # the one Context: mesh, quantizer, kernel
         shapes = {path: tuple(leaf.shape) for path, leaf in _flat(model.abstract_params)}
         sharding.check_divisible(model.specs, shapes, mesh)
         spec_tree = model.spec_tree()
@@ -80,19 +81,21 @@ class Setup:
     # -- jitted functions ------------------------------------------------------------------------------------------
     @functools.cached_property
     def init_state(self):
-        def init():
-            params = self.model.init(self.cfg.train.seed)
-            return {
-                "params": params,
-                "opt_state": self.tx.init(params),
-                "step": jnp.zeros([], jnp.int32),
-                "rng": jax.random.key_data(jax.random.key(self.cfg.train.seed)),
-                "nonfinite_steps": jnp.zeros([], jnp.int32),
-                "last_nonfinite_step": jnp.zeros([], jnp.int32),
-                **({"moe_bias": jnp.zeros(self.moe_bias_shape, jnp.float32)} if self.moe_bias_shape else {}),
-            }
+        seed = self.cfg.train.seed
+        return jax.jit(lambda: self.initial_state(self.model.init(seed), seed), out_shardings=self.state_shardings)
 
-        return jax.jit(init, out_shardings=self.state_shardings)
+    def initial_state(self, params, seed: int) -> dict:
+        """The train state at step 0 around `params`: a fresh optimizer state, zero counters and routing bias, the
+        RNG of `seed` (traceable; init_state jits it, the coordinate check uses it per seed)."""
+        return {
+            "params": params,
+            "opt_state": self.tx.init(params),
+            "step": jnp.zeros([], jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(seed)),
+            "nonfinite_steps": jnp.zeros([], jnp.int32),
+            "last_nonfinite_step": jnp.zeros([], jnp.int32),
+            **({"moe_bias": jnp.zeros(self.moe_bias_shape, jnp.float32)} if self.moe_bias_shape else {}),
+        }
 
     @property
     def moe_bias_shape(self) -> tuple[int, int] | None:
@@ -109,13 +112,13 @@ class Setup:
         """Mean next-token cross-entropy (nats per token)."""
         return self.loss_and_aux(params, tokens_BT1, moe_bias)[1]["ce"]
 
-    def loss_and_aux(self, params, tokens_BT1, moe_bias=None, mults=None):
+    def loss_and_aux(self, params, tokens_BT1, moe_bias=None, mults=None, qbits=None):
         """(loss to differentiate, aux): the cross-entropy plus the weighted output z-loss and, for MoE, the
         weighted balance and z losses; aux["ce"] is the cross-entropy alone and aux["moe"] the per-layer routing
         stats. The readout and loss run over chunks of model.loss_chunk_size positions (transformer.readout_loss).
-        `mults`: forward multipliers overriding the parameterization's (train/vectorized.py)."""
-        with sharding.activation_mesh(self.mesh):
-            out, aux = self.model.loss(params, tokens_BT1[:, :-1], tokens_BT1[:, 1:], moe_bias=moe_bias, mults=mults)
+        `mults`, `qbits`: a pack member's forward multipliers and quant widths (Setup.update's hp)."""
+        tokens_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        out, aux = self.model.loss(params, tokens_BT, targets_BT, moe_bias=moe_bias, mults=mults, qbits=qbits)
         ce = out["ce"]
         loss = ce + self.cfg.model.output_z_loss * out["z_loss"] if self.cfg.model.output_z_loss else ce
         if "moe" in aux:
@@ -126,54 +129,65 @@ class Setup:
                 loss = loss + e.z_loss_weight * aux["moe"]["moe_z_loss"].mean()
         return loss, {**aux, "ce": ce}
 
-    @functools.cached_property
-    def train_step(self):
-        sched = optim.schedule(self.cfg)
-        peak_lr = self.cfg.optimizer.lr
-        nan_at = self.cfg.train.debug_nan_at_step
-        dyn_every = self.cfg.train.dyn_every
+    def update(self, state: dict, tokens_BT1, hp: dict | None = None) -> tuple[dict, dict]:
+        """The one training update (pure; traced by train_step for a run, over the members of a pack by
+        train/vectorized.py, by the coordinate check): gradients, the finite check, the optimizer, the MoE routing
+        bias, the step's metrics. Returns (new state, metrics).
 
-        def step(state, tokens_BT1):
-            loss, grads, aux = self._gradients(state["params"], tokens_BT1, state.get("moe_bias"))
-            done = state["step"] + 1
-            if nan_at:  # fault injection for tests: only this config compiles it in
-                poison = jnp.where(done == nan_at, jnp.nan, 0.0)
-                loss = loss + poison
-                grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
-            grad_norm = optax.global_norm(grads)
-            # A non-finite step keeps the old params and optimizer state (select on device, no host sync); it is
-            # counted, and train.nan_policy decides on the host whether the run stops (faults.NonFiniteWatch).
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            new = {
-                "params": keep(params, state["params"]),
-                "opt_state": keep(opt_state, state["opt_state"]),
-                "step": done,
-                "rng": state["rng"],
-                "nonfinite_steps": state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32),
-                "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], done),
-            }
-            moe_metrics = {}
-            if "moe" in aux:
-                new["moe_bias"] = keep(self._updated_bias(state["moe_bias"], aux["moe"]), state["moe_bias"])
-                moe_metrics = moe_step_metrics(aux["moe"])
-            metrics = {
-                **moe_metrics,
+        `hp`: a pack member's hyperparameters that differ between members, as traced arrays: "opt" {optimizer field:
+        f32} (optim.make_optimizer's hparams), "peak_lr" f32, "mults" {forward multiplier: f32}, "qbits" {quant kind:
+        int32 widths}; None (a single run): the config's constants. A state with "active" (a pack member) is frozen
+        once that flag is off, as a diverged member stops."""
+        hp = hp or {}
+        cfg = self.cfg
+        tx = optim.make_optimizer(cfg, self.model.spec_tree(), hp["opt"]) if hp.get("opt") else self.tx
+        moe_bias, mults = state.get("moe_bias"), hp.get("mults") or None
+        loss, grads, aux = self._gradients(state["params"], tokens_BT1, moe_bias, mults, hp.get("qbits"))
+        done = state["step"] + 1
+        if cfg.train.debug_nan_at_step:  # fault injection for tests: only this config compiles it in
+            poison = jnp.where(done == cfg.train.debug_nan_at_step, jnp.nan, 0.0)
+            loss = loss + poison
+            grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite step keeps the old params and optimizer state (select on device, no host sync); it is
+        # counted, and train.nan_policy decides on the host whether the run stops (faults.NonFiniteWatch).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        apply = finite & state["active"] if "active" in state else finite
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+        new = {
+            **state,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": done,
+            "nonfinite_steps": state["nonfinite_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32),
+            "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], done),
+        }
+        metrics = {}
+        if "moe" in aux:  # the routing bias follows this run's (member's) own load
+            new["moe_bias"] = keep(self._updated_bias(moe_bias, aux["moe"]), moe_bias)
+            metrics.update(moe_step_metrics(aux["moe"]))
+        peak_lr = hp.get("peak_lr", cfg.optimizer.lr)
+        metrics.update(
+            {
                 "train/loss": loss,
                 "grad_norm": grad_norm,
-                "lr": peak_lr * sched(state["step"]),
+                "lr": peak_lr * optim.schedule(cfg)(state["step"]),
                 "nonfinite_steps": new["nonfinite_steps"],
                 "last_nonfinite_step": new["last_nonfinite_step"],
             }
-            if dyn_every:  # per-group RMS of weights, gradients, updates (train/dyn.py); fetched on dyn steps only
-                metrics.update(dyn_lib.weight_metrics(self.model.specs, new["params"], grads, updates))
-            return new, metrics
+        )
+        if cfg.train.dyn_every:  # per-group RMS of weights, gradients, updates (train/dyn.py); fetched on dyn steps
+            metrics.update(dyn_lib.weight_metrics(self.model.specs, new["params"], grads, updates))
+        return new, metrics
 
+    @functools.cached_property
+    def train_step(self):
+        """`update` of one run, jitted with the state's shardings; donates the state."""
         rep = sharding.replicated(self.mesh)
         return jax.jit(
-            step,
+            lambda state, tokens_BT1: self.update(state, tokens_BT1),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, rep),
             donate_argnums=0,
@@ -184,7 +198,7 @@ class Setup:
         """The training-dynamics probe (train/dyn.py), compiled once per Setup."""
         return dyn_lib.probe_fn(self)
 
-    def _gradients(self, params, tokens_BT1, moe_bias, mults=None):
+    def _gradients(self, params, tokens_BT1, moe_bias, mults=None, qbits=None):
         """(cross-entropy, gradients, aux) of the batch. With train.microbatches = k > 1 the batch runs as k slices
         in a scan (one slice's activations live at a time) and the results are their means: equal slices, so the
         mean gradient is the whole batch's. Slice i holds rows i, i + k, ...: every device keeps its own rows
@@ -192,7 +206,7 @@ class Setup:
         grad_fn = jax.value_and_grad(self.loss_and_aux, has_aux=True)
         k = self.cfg.train.microbatches
         if k == 1:
-            (_, aux), grads = grad_fn(params, tokens_BT1, moe_bias, mults)
+            (_, aux), grads = grad_fn(params, tokens_BT1, moe_bias, mults, qbits)
             return aux["ce"], grads, aux
         B, T1 = tokens_BT1.shape
         slices_kBT1 = tokens_BT1.reshape(B // k, k, T1).swapaxes(0, 1)
@@ -201,11 +215,11 @@ class Setup:
         grad_sh = self.state_shardings["params"]
 
         def one(acc, tokens_BT1):
-            part = _sum_part(grad_fn(params, tokens_BT1, moe_bias, mults))
+            part = _sum_part(grad_fn(params, tokens_BT1, moe_bias, mults, qbits))
             part["grads"] = jax.lax.with_sharding_constraint(part["grads"], grad_sh)
             return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, part), None
 
-        part_shapes = jax.eval_shape(lambda t: _sum_part(grad_fn(params, t, moe_bias, mults)), slices_kBT1[0])
+        part_shapes = jax.eval_shape(lambda t: _sum_part(grad_fn(params, t, moe_bias, mults, qbits)), slices_kBT1[0])
         zero = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), part_shapes)
         total, _ = jax.lax.scan(one, zero, slices_kBT1)
         mean = jax.tree.map(lambda x: x / k, total)

@@ -1,9 +1,10 @@
 """Vectorized runs: K small models that differ only in hyperparameters, trained as one compiled program.
 
 `VectorizedRun(cfgs, run_dirs)` stacks the K members' train states along a leading member axis M and applies the
-single-member step (step.py's gradients, optim.py's chain) over it: vmapped, or one member after another inside the
-step on CPU (mesh.member_batch, vectorized_mesh.over_members). The hyperparameters that differ enter as [M] float32
-arrays, so one compilation serves every member, and each step is one dispatch of M models.
+one training update (step.Setup.update, a single run's, with the member's hyperparameters) over it: vmapped, or one
+member after another inside the step on CPU (mesh.member_batch, vectorized_mesh.over_members). The hyperparameters
+that differ enter as [M] float32 arrays, so one compilation serves every member, and each step is one dispatch of M
+models.
 
 What may differ between members (VECTORIZABLE), and how each is kept exact:
   optimizer.lr weight_decay b1 b2 eps   traced into the optimizer chain (optim.make_optimizer(hparams=...)); only
@@ -15,8 +16,8 @@ What may differ between members (VECTORIZABLE), and how each is kept exact:
                                         init only: each member is initialised from its own config and seed
   data.seed                             each member reads its own batch stream (stacked [M, B, T+1])
   quant.weights activations kv          the width within one family (int3 int4 int8, or e4m3 e5m2 e2m1: exponent
-                                        and mantissa bits): int32 per member into the fake quantizer (qat.traced_bits,
-                                        match_constant: the bits of a constant width); kinds the same in every member
+                                        and mantissa bits): int32 per member into the fake quantizer (ModelDef.loss(
+                                        qbits=...): the bits of a constant width); kinds the same in every member
                                         stay constants. On vs off and int vs float are refused (qat.member_bits)
 Anything else that differs is a ConfigError naming the field; train.debug_nan_at_step is not supported. MoE models
 are: each member's routing bias (balance=bias) is stacked with its state and updated from its own load, and its
@@ -32,27 +33,28 @@ CPU, the 28 runs of docs/transfer.md's benchmark agreed to 1e-7); at LRs near th
 stability such differences grow over hundreds of steps as they would between two devices (docs/transfer.md,
 "Vectorized sweeps"), sooner in quantized runs, where one ulp can flip a quantization level. A member whose
 non-finite count rises at a logged step (train.nan_policy=stop) is stopped exactly where a single run would
-stop: its state is frozen (a mask in the state), its metrics end there, and the others go on. One orbax
-checkpoint of the stacked state (checkpoint.Checkpointer, in `pack_dir`) resumes the pack exactly after a kill.
+stop: its state is frozen (a mask in the state), its metrics end there, and the others go on.
+
+The pack is trained by the one training loop (loop.Trainer; `Single` is a run as a pack of one), so it does all a
+single run does: eval, dyn/ metrics (train.dyn_every; each member's probe on a Setup of its own config), quant
+errors, MoE load, the sample, both checkpoint tiers of the stacked state under `pack_dir` (checkpoints/ and
+checkpoints_local/, checkpoint_tiers.py), which resume the pack exactly after a kill, and preemption: SIGTERM saves
+and run_pack raises faults.Preempted (exit 75); the same command resumes the pack.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from maxscale import config as config_lib
+from maxscale import defaults as schema
 from maxscale import paths
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
@@ -60,23 +62,15 @@ from maxscale.parameterization import Parameterization
 from maxscale.quant import metrics as quant_metrics
 from maxscale.quant import qat
 from maxscale.train import checkpoint as ckpt_lib
-from maxscale.train import checkpoint_tiers, faults, optim
 from maxscale.train import data as data_lib
-from maxscale.train import metrics as metrics_lib
+from maxscale.train import optim
 from maxscale.train import step as step_lib
 from maxscale.train import vectorized_mesh as vmesh
 
 OPT_FIELDS = ("lr", "weight_decay", "b1", "b2", "eps")
 MULT_FIELDS = ("output_mult", "input_mult", "attn_mult")
-VECTORIZABLE = (
-    *(f"optimizer.{f}" for f in OPT_FIELDS),
-    *(f"parameterization.{f}" for f in MULT_FIELDS),
-    "parameterization.init_std",
-    "parameterization.embed_init_std",
-    "train.seed",
-    "data.seed",
-    *(f"quant.{k}" for k in qat.KINDS),  # the bit width within one format family (qat.member_bits)
-)
+# What may differ between members: derived from the config schema (the `pack` kind in maxscale/defaults.py).
+VECTORIZABLE = schema.PACKABLE_FIELDS
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -155,7 +149,63 @@ class _Iterators:
             it.set_state(s)
 
 
+class Single:
+    """A single run as loop.Trainer's pack of one: its state as step.Setup keeps it (no member axis, so checkpoints
+    and numbers are a single run's, bit for bit), its metrics scalars, a non-finite stop raised (NonFiniteError).
+    VectorizedRun answers the same calls for K stacked members."""
+
+    stacked = False
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, setup: step_lib.Setup, corpus):
+        self.cfg, self.cfgs, self.run_dirs = cfg, [cfg], [workdir]
+        self.setup, self.mesh, self.corpus, self.M = setup, setup.mesh, corpus, 1
+        self.quantized = qat.make_quantizer(cfg) is not None
+
+    def iterator(self, process_index: int, process_count: int):
+        return iter(data_lib.train_dataset(self.corpus, self.cfg, process_index, process_count))
+
+    def batch(self, iterator) -> jax.Array:
+        return self.setup.global_batch(next(iterator)["tokens"])
+
+    def abstract_state(self):
+        return self.setup.abstract_state()
+
+    def init_state(self):
+        return self.setup.init_state()
+
+    def train_step(self, state, batch):
+        return self.setup.train_step(state, batch)  # looked up per call: tests wrap it
+
+    def eval_loss(self, state, batch):
+        return self.setup.eval_step(state["params"], batch, state.get("moe_bias"))
+
+    def quant_errors(self, state, batch) -> dict:
+        if not self.quantized:
+            return {}
+        if not hasattr(self, "_quant_errors"):
+            self._quant_errors = quant_metrics.quant_errors_fn(self.setup.model)
+        return self._quant_errors(state["params"], batch[:, :-1], state.get("moe_bias"))
+
+    def counters(self, state) -> tuple[list[int], list[bool]]:
+        return [int(jax.device_get(state["nonfinite_steps"]))], [True]
+
+    @staticmethod
+    def member(values: dict, i: int) -> dict:
+        return values
+
+    def member_state(self, state: dict, i: int) -> dict:
+        return state
+
+    def member_setup(self, i: int) -> step_lib.Setup:
+        return self.setup
+
+
 class VectorizedRun:
+    """The K members of a pack: their stacked state, the one update over them, their data, eval and quant errors.
+    loop.Trainer trains it (`run`) as it trains a single run."""
+
+    stacked = True  # metrics are [M] arrays; a member whose run would stop is frozen and the others go on
+
     def __init__(self, cfgs: list, run_dirs: list[str], pack_dir: str, mesh=None, corpus=None):
         """`cfgs`: resolved member configs; `run_dirs`: one run directory each; `pack_dir`: the pack's checkpoints."""
         check_members(cfgs)
@@ -179,6 +229,9 @@ class VectorizedRun:
         mults = [Parameterization(c).multipliers() for c in cfgs]
         self.mults = {k: put([m[k] for m in mults]) for k in mults[0] if _differing([m[k] for m in mults])}
         self.qbits = {k: jax.device_put(v, self.member_sh) for k, v in qat.member_bits(cfgs).items()}  # int32
+        # step.Setup.update's per-member hyperparameters: [M, ...] arrays, one row per member
+        self.hp = {"opt": self.opt_hp, "peak_lr": self.peak_lr, "mults": self.mults, "qbits": self.qbits}
+        self._setups: dict = {}  # member_setup's, by the config less the fields that do not change the forward
         self.quantized = qat.make_quantizer(cfg) is not None
         self.per_member_data = _differing([c.data.seed for c in cfgs])
         bs = self.setup.batch_sharding
@@ -212,73 +265,46 @@ class VectorizedRun:
             p = c.parameterization
             key = (p.init_std, p.embed_init_std)
             if key not in inits:  # one compile per distinct init config; the seed is traced
-                inits[key] = jax.jit(transformer.ModelDef(c).init, out_shardings=self.setup.state_shardings["params"])
+                model = transformer.ModelDef(c, qat.context(c, self.mesh))
+                inits[key] = jax.jit(model.init, out_shardings=self.setup.state_shardings["params"])
             members.append(self._member(i, inits[key](c.train.seed)))
         stack = jax.jit(lambda ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=self.state_sh["members"])
         return {"step": jax.device_put(jnp.zeros([], jnp.int32), self.state_sh["step"]), "members": stack(members)}
 
     # -- the step ----------------------------------------------------------------------------------------------------
-    def _member_step(self, state, step, tokens_BT1, opt_hp, mults, peak_lr, qbits):
-        """One member's update (applied over the members by vmesh.over_members); `step`: the steps done so far."""
-        setup, cfg = self.setup, self.cfg
-        tx = optim.make_optimizer(cfg, setup.model.spec_tree(), opt_hp or None)
-        with qat.traced_bits(qbits):  # this member's quant widths, where they differ between members
-            loss, grads, aux = setup._gradients(state["params"], tokens_BT1, state.get("moe_bias"), mults or None)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        apply = finite & state["active"]  # a stopped member is frozen
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
-        done = step + 1
-        bad = jnp.where(finite, 0, 1).astype(jnp.int32)
-        new = {
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "rng": state["rng"],
-            "nonfinite_steps": state["nonfinite_steps"] + bad,
-            "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], done),
-            "active": state["active"],
-        }
-        metrics = {
-            "train/loss": loss,
-            "grad_norm": grad_norm,
-            "lr": peak_lr * optim.schedule(cfg)(step),
-            "nonfinite_steps": new["nonfinite_steps"],
-            "last_nonfinite_step": new["last_nonfinite_step"],
-        }
-        if "moe" in aux:  # the routing bias follows this member's own load (step.Setup.train_step's rule)
-            new["moe_bias"] = keep(setup._updated_bias(state["moe_bias"], aux["moe"]), state["moe_bias"])
-            metrics.update(step_lib.moe_step_metrics(aux["moe"]))
+    def _member_update(self, member, step, tokens_BT1, hp):
+        """One member's step: step.Setup.update on its state (applied over the members by vmesh.over_members)."""
+        new, metrics = self.setup.update({**member, "step": step}, tokens_BT1, hp)
+        del new["step"]  # the pack's step counter is shared by the members
         return new, metrics
 
     def train_step(self, state, tokens):
+        """The pack's step: the one update over the members; returns (state, {metric: [M]})."""
         if not hasattr(self, "_train_step"):
             data_axis = 0 if self.per_member_data else None
             # spmd_axis_name: the model's sharding constraints keep the member axis on its devices
-            in_axes = (0, None, data_axis, 0, 0, 0, 0)
-            vstep = vmesh.over_members(self._member_step, in_axes, self.axis, self.member_batch, self.M)
+            in_axes = (0, None, data_axis, 0)
+            vstep = vmesh.over_members(self._member_update, in_axes, self.axis, self.member_batch, self.M)
 
-            def step(state, tokens, opt_hp, mults, peak_lr, qbits):
-                members, metrics = vstep(state["members"], state["step"], tokens, opt_hp, mults, peak_lr, qbits)
+            def step(state, tokens, hp):
+                members, metrics = vstep(state["members"], state["step"], tokens, hp)
                 return {"step": state["step"] + 1, "members": members}, metrics
 
             ms = self.member_sh
             self._train_step = jax.jit(
                 step,
-                in_shardings=(self.state_sh, self.batch_sh, ms, ms, ms, ms),
+                in_shardings=(self.state_sh, self.batch_sh, ms),
                 out_shardings=(self.state_sh, ms),
                 donate_argnums=0,
             )
-        return self._train_step(state, tokens, self.opt_hp, self.mults, self.peak_lr, self.qbits)
+        return self._train_step(state, tokens, self.hp)
 
-    def eval_losses(self, members: dict, tokens_BT1) -> jax.Array:
+    def eval_loss(self, state: dict, tokens_BT1) -> jax.Array:
         """[M] cross-entropy of one eval batch (the same batch for every member; each with its routing bias)."""
         if not hasattr(self, "_eval"):
 
             def one(p, b, m, q, t):
-                with qat.traced_bits(q):
-                    return self.setup.loss_and_aux(p, t, b, m or None)[1]["ce"]
+                return self.setup.loss_and_aux(p, t, b, m or None, q)[1]["ce"]
 
             ms, sh = self.member_sh, self.state_sh["members"]
             self._eval = jax.jit(
@@ -286,152 +312,70 @@ class VectorizedRun:
                 in_shardings=(sh["params"], ms, ms, ms, self.setup.batch_sharding),
                 out_shardings=ms,
             )
+        members = state["members"]
         return self._eval(members["params"], members.get("moe_bias"), self.mults, self.qbits, tokens_BT1)
 
-    def quant_errors(self, members: dict, tokens) -> dict:
+    def quant_errors(self, state: dict, tokens) -> dict:
         """{"quant/<kind>_rel_err": [M]} of each member on its step's batch, as a single run logs them."""
+        if not self.quantized:
+            return {}
         if not hasattr(self, "_quant_errors"):
 
-            def one(p, q, t):
-                with qat.traced_bits(q):
-                    return quant_metrics.quant_errors(self.cfg, p, t[:, :-1])
+            def one(p, b, q, t):
+                return quant_metrics.quant_errors(self.setup.model, p, t[:, :-1], b, q)
 
-            ms = self.member_sh
+            ms, sh = self.member_sh, self.state_sh["members"]
             data_axis = 0 if self.per_member_data else None
             self._quant_errors = jax.jit(
-                jax.vmap(one, in_axes=(0, 0, data_axis), spmd_axis_name=self.axis),
-                in_shardings=(self.state_sh["members"]["params"], ms, self.batch_sh),
+                jax.vmap(one, in_axes=(0, 0, 0, data_axis), spmd_axis_name=self.axis),
+                in_shardings=(sh["params"], ms, ms, self.batch_sh),
                 out_shardings=ms,
             )
-        return self._quant_errors(members["params"], self.qbits, tokens)
+        members = state["members"]
+        return self._quant_errors(members["params"], members.get("moe_bias"), self.qbits, tokens)
 
-    def _batch(self, iterators):
+    # -- what the trainer (loop.Trainer) asks of its members ---------------------------------------------------------
+    def iterator(self, process_index: int = 0, process_count: int = 1) -> _Iterators:
+        """The members' data iterators (one, shared, unless data.seed differs), checkpointed as one item."""
+        n = self.M if self.per_member_data else 1
+        return _Iterators(
+            [iter(data_lib.train_dataset(self.corpus, c, process_index, process_count)) for c in self.cfgs[:n]]
+        )
+
+    def batch(self, iterators: _Iterators) -> jax.Array:
+        its = iterators.iterators
         if self.per_member_data:
-            return jax.device_put(np.stack([next(it)["tokens"] for it in iterators]), self.batch_sh)
-        return jax.device_put(next(iterators[0])["tokens"], self.batch_sh)
+            return jax.device_put(np.stack([next(it)["tokens"] for it in its]), self.batch_sh)
+        return jax.device_put(next(its[0])["tokens"], self.batch_sh)
 
-    # -- the loop ----------------------------------------------------------------------------------------------------
-    def run(self, log=print) -> list[dict]:
-        """Trains every member to train.steps (resuming from the pack's newest checkpoint). Returns per member
-        {"train/loss", "eval/loss", "step"[, "stopped"]} as the trainer's result (loop.Trainer.run) would have."""
-        cfg, M = self.cfg, self.M
-        for c, d in zip(self.cfgs, self.run_dirs):
-            paths.as_path(d).mkdir(parents=True, exist_ok=True)
-            paths.write_text_atomic(paths.join(d, "config.json"), config_lib.to_json(c))
-        n_iters = M if self.per_member_data else 1
-        iterators = [iter(data_lib.train_dataset(self.corpus, c)) for c in self.cfgs[:n_iters]]
-        eval_sh = self.setup.batch_sharding
-        eval_data = [jax.device_put(b["tokens"], eval_sh) for b in data_lib.eval_batches(self.corpus, cfg)]
-        checkpointer = ckpt_lib.Checkpointer(self.pack_dir, cfg)
-        abstract = ckpt_lib.abstract_with_shardings(self.shapes, self.state_sh)
-        start, state = checkpointer.restore_latest(abstract, _Iterators(iterators), report=log)
-        if start is None:
-            start, state = 0, self.init_state()
-        else:
-            log(f"vectorized: resumed {M} members from {self.pack_dir} at step {start}")
-        active = [bool(a) for a in jax.device_get(state["members"]["active"])]
-        seen = [int(n) for n in jax.device_get(state["members"]["nonfinite_steps"])]
-        results, writers, spikes, watches = [], [], [], []
-        for i, d in enumerate(self.run_dirs):
-            logged = faults.rewind_metrics(d, start)
-            writers.append(metrics_lib.MetricWriter(d, purge_step=start + 1 if start else 0, config=self.cfgs[i]))
-            spikes.append(faults.SpikeDetector(cfg.train.spike_factor))
-            for record in logged:
-                if "train/loss" in record:
-                    spikes[i].observe(record["train/loss"])
-            watches.append(faults.NonFiniteWatch(cfg.train.nan_policy, seen=seen[i]))
-            last = next((r for r in reversed(logged) if "train/loss" in r), {})
-            results.append({k: v for k, v in last.items() if k != "step"} | ({"step": start} if start else {}))
-            if not active[i]:
-                results[i].update({"train/loss": float("nan"), "eval/loss": float("nan"), "stopped": "diverged"})
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        flops_tok = transformer.flops_per_token(cfg)
-        peak_total = metrics_lib.device_peak_flops(cfg.train.peak_flops)[0] * self.mesh.size
-        last_time, last_step = None, start
+    def abstract_state(self):
+        return ckpt_lib.abstract_with_shardings(self.shapes, self.state_sh)
 
-        def flush(step, dev_metrics):
-            nonlocal last_time, last_step, state
-            values = jax.device_get(dev_metrics)
-            load_MLE = values.pop("moe/load", None)  # per member, layer and expert: moe_load.jsonl, as alone
-            now = time.perf_counter()
-            rate = 0.0 if last_time is None else tokens_per_step / ((now - last_time) / max(step - last_step, 1))
-            last_time, last_step = now, step
-            stop = []
-            for i in range(M):
-                if not active[i]:
-                    continue
-                v = {k: float(x[i]) for k, x in values.items()}
-                last_nonfinite = int(v.pop("last_nonfinite_step"))
-                v.update(
-                    tokens_seen=float(step * tokens_per_step), tokens_per_s=rate, mfu=rate * flops_tok / peak_total
-                )
-                spike = spikes[i].observe(v["train/loss"])
-                if spike is not None:
-                    v["loss_spike"] = spike
-                writers[i].write(step, v)
-                if load_MLE is not None:
-                    writers[i].write_array(step, "moe_load", load_MLE[i])
-                results[i].update(v, step=step)
-                try:
-                    watches[i].check(step, int(v["nonfinite_steps"]), last_nonfinite, checkpointer.newest_step())
-                except faults.NonFiniteError as e:  # this member stops here, as its single run would
-                    results[i].update({"train/loss": float("nan"), "eval/loss": float("nan"), "stopped": str(e)})
-                    active[i] = False
-                    stop.append(i)
-                    log(f"vectorized: member {i} ({self.run_dirs[i]}) stopped: {e}")
-            if stop:
-                on = jax.device_put(np.asarray(active), self.state_sh["members"]["active"])
-                members = {**state["members"], "active": on}
-                state = {**state, "members": members}
+    def counters(self, state) -> tuple[list[int], list[bool]]:
+        """Per member: the non-finite step count and whether it is still training."""
+        m = jax.device_get({k: state["members"][k] for k in ("nonfinite_steps", "active")})
+        return [int(n) for n in m["nonfinite_steps"]], [bool(a) for a in m["active"]]
 
-        try:
-            for step in range(start, cfg.train.steps):
-                if not any(active):
-                    break
-                batch = self._batch(iterators)
-                state, dev_metrics = self.train_step(state, batch)
-                done = step + 1
-                save = checkpoint_tiers.save_tier(cfg, done, False) is not None
-                if done % cfg.train.log_every == 0 or save or step == start:
-                    if self.quantized:  # relative quantization errors per kind, as a single run logs them
-                        dev_metrics = {**dev_metrics, **self.quant_errors(state["members"], batch)}
-                    flush(done, dev_metrics)
-                if cfg.train.eval_steps and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                    losses = np.mean(
-                        np.stack(jax.device_get([self.eval_losses(state["members"], b) for b in eval_data])),
-                        0,
-                    )
-                    for i in range(M):
-                        if active[i]:
-                            writers[i].write(done, {"eval/loss": float(losses[i])})
-                            results[i]["eval/loss"] = float(losses[i])
-                    last_time = None if last_time is None else time.perf_counter()
-                if save:
-                    checkpointer.save(done, state, _Iterators(iterators), cfg)
-            checkpointer.close()
-        finally:
-            for w in writers:
-                w.close()
-        return results
+    def freeze(self, state: dict, active: list[bool]) -> dict:
+        """The state with the members not in `active` frozen (their updates are dropped from now on)."""
+        on = jax.device_put(np.asarray(active), self.state_sh["members"]["active"])
+        return {**state, "members": {**state["members"], "active": on}}
 
+    @staticmethod
+    def member(values: dict, i: int) -> dict:
+        """Member i's row of fetched [M, ...] metrics."""
+        return {k: v[i] for k, v in values.items()}
 
-def run_pack(cfgs, run_dirs, write_result, keep_checkpoints=False, corpus=None, mesh=None, log=print) -> list[dict]:
-    """Checks each run directory, trains the pack (checkpoints in <sweep>/packs/<hash of the run ids>/, removed
-    after unless `keep_checkpoints`) and calls write_result(run_dir, cfg, out, wall_s, True, pack_size=K) for each
-    member (tools/sweep.py: the result.json of a single run; wall_s is the pack's time shared out)."""
-    from maxscale.train import loop
+    def member_state(self, state: dict, i: int) -> dict:
+        """Member i's params and routing bias (for its dynamics probe and sample)."""
+        pick = {k: state["members"][k] for k in ("params", "moe_bias") if k in state["members"]}
+        return jax.tree.map(lambda x: x[i], pick)
 
-    for d, cfg in zip(run_dirs, cfgs):
-        loop.check_workdir(d, cfg)
-    ids = ",".join(os.path.basename(os.path.normpath(d)) for d in run_dirs)
-    parent = os.path.dirname(os.path.normpath(run_dirs[0]))
-    pack_dir = paths.join(parent, "packs", hashlib.sha256(ids.encode()).hexdigest()[:10])
-    t0 = time.perf_counter()
-    outs = VectorizedRun(cfgs, run_dirs, os.fspath(pack_dir), mesh=mesh, corpus=corpus).run(log=log)
-    wall_s = (time.perf_counter() - t0) / len(run_dirs)
-    results = [write_result(d, c, o, wall_s, True, pack_size=len(cfgs)) for d, c, o in zip(run_dirs, cfgs, outs)]
-    if not keep_checkpoints and pack_dir.exists():
-        pack_dir.rmtree()
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(os.fspath(pack_dir)))  # packs/, once empty (a local directory)
-    return results
+    def member_setup(self, i: int) -> step_lib.Setup:
+        """A Setup of member i's own config (its forward multipliers, quant widths, seed as constants) on the pack's
+        mesh, for the dynamics probe and the sample; shared by members that differ only in optimizer or data seed."""
+        flat = _flat(json.loads(config_lib.to_json(self.cfgs[i])))
+        key = json.dumps({k: v for k, v in flat.items() if not k.startswith("optimizer.") and k != "data.seed"})
+        if key not in self._setups:
+            self._setups[key] = step_lib.Setup.build(self.cfgs[i], self.mesh)
+        return self._setups[key]
