@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
-from maxscale.parallel import compile_check
+from maxscale.tools import compile_check
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,14 +3,13 @@
 and SIGTERM, resume each time, and compare metrics and final state with an uninterrupted run, bit for bit.
 
   python tools/chaos.py --config=configs/tiny.py --kills=20 --seed=0 --workdir=runs/chaos
+
+The same command: `maxscale chaos ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.tools import chaos  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(chaos.main(sys.argv[1:]))
+    sys.exit(main(["chaos", *sys.argv[1:]]))

@@ -4,14 +4,13 @@ maxscale/parallel/compile_check.py).
 
   python tools/compile_check.py --config=configs/base.py --mesh=data=8,fsdp=8 --device=H100
   python tools/compile_check.py --config=configs/tiny.py --mesh=2x4x2 --json
+
+The same command: `maxscale compile-check ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.parallel import compile_check  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(compile_check.main(sys.argv[1:]))
+    sys.exit(main(["compile-check", *sys.argv[1:]]))

@@ -1,14 +1,14 @@
+#!/usr/bin/env python3
 """Loss (nats/token) and bits per byte of a run's checkpoint on a text or token file (maxscale/tools/evaluate.py).
 
 python tools/eval.py --run=runs/<id> --data=FILE|DIR|GLOB|TOKENS.json [--step=S] [--split=auto] [--json]
+
+The same command: `maxscale eval ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from maxscale.tools import evaluate  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(evaluate.main())
+    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -1,15 +1,15 @@
+#!/usr/bin/env python3
 """Exports a run's checkpoint as a Hugging Face Llama model: config.json + model.safetensors + tokenizer files.
 
 python tools/export_hf.py --run=runs/<id> [--step=S] --out=DIR [--dtype=float32|bfloat16]
   (the logic, and how each parameterization multiplier is folded in: maxscale/tools/export_hf.py; docs/data.md)
+
+The same command: `maxscale export ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from maxscale.tools import export_hf  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(export_hf.main())
+    sys.exit(main(["export", *sys.argv[1:]]))

@@ -5,14 +5,13 @@ python tools/fit_law.py --csv=runs.csv --law=chinchilla --n=N --d=D --loss=loss 
 python tools/fit_law.py --csv=runs.csv --law=precision --n=N --d=D --loss=loss --pw=P_w [--pa=P_a] [--pkv=P_kv]
 python tools/fit_law.py --csv=runs.csv --law=ptq --n=N --d=D --ppost=P_post --delta=delta
 python tools/fit_law.py --csv=runs.csv --law=isoflop --n=N --d=D --loss=loss --c=C
+
+The same command: `maxscale fit-law ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.analysis import law_cli  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(law_cli.main(sys.argv[1:]))
+    sys.exit(main(["fit-law", *sys.argv[1:]]))

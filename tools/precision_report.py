@@ -2,14 +2,13 @@
 """Precision report of a sweep (logic in maxscale/analysis/precision_report.py): fitted laws vs Table 2, figures.
 
 python tools/precision_report.py runs/<sweep> [--out=DIR] [--boot=100]
+
+The same command: `maxscale precision-report ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.analysis import precision_report  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(precision_report.main(sys.argv[1:]))
+    sys.exit(main(["precision-report", *sys.argv[1:]]))

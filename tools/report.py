@@ -3,14 +3,13 @@
 with the sections that apply (transfer, width consistency and spectra, scaling laws, LR horizon, schedules) and PNGs.
 
 python tools/report.py runs/<sweep> [--out=DIR]
+
+The same command: `maxscale report ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.analysis import report  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(report.main(sys.argv[1:]))
+    sys.exit(main(["report", *sys.argv[1:]]))

@@ -2,14 +2,13 @@
 """Expand and run a sweep (logic in maxscale/tools/sweep.py).
 
 python tools/sweep.py configs/sweeps/width.py [--jobs=N] [--dry_run] [--slurm] [--root=runs]
+
+The same command: `maxscale sweep ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.tools import sweep  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(sweep.main(sys.argv[1:]))
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -2,14 +2,13 @@
 """Base-tuning ranking of a random-search sweep (logic in maxscale/analysis/tune.py): best points by mean loss.
 
 python tools/tune_report.py runs/base_tune [--top=10] [--min_seeds=3] [--out=DIR]
+
+The same command: `maxscale tune-report ...` (maxscale/__main__.py).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from maxscale.analysis import tune  # noqa: E402
+from maxscale.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(tune.main(sys.argv[1:]))
+    sys.exit(main(["tune-report", *sys.argv[1:]]))

@@ -28,8 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from maxscale.analysis import plotstyle, transfer
 from maxscale.analysis import runs as runs_lib
-from maxscale.analysis import transfer
 from maxscale.errors import ConfigError
 from maxscale.tools.sweep import NOT_HASHED
 
@@ -255,7 +255,7 @@ def plot(table: dict, path: str) -> None:
     plt = runs_lib.pyplot()
     info = table["runs"]
     style = runs_lib.WidthStyle(plt, [i["width"] for i in info.values()], [i["seed"] for i in info.values()])
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0))
+    fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.2))
     steps = table["steps"]
     for rid, i in info.items():
         kw = style(i["width"], i["seed"])
@@ -271,7 +271,7 @@ def plot(table: dict, path: str) -> None:
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -298,7 +298,7 @@ def main(argv: list[str]) -> int:
         out = args.out or args.sweep_dir
         print(f"wrote {os.path.join(out, 'consistency.md')}, consistency.json and consistency.png")
 
-    return runs_lib.cli(p, argv, body)
+    return runs_lib.cli_main(p, argv, body)
 
 
 if __name__ == "__main__":

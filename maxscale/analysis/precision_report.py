@@ -18,18 +18,17 @@ under C = (6/16) N D P. Writes precision.json, precision.md and five PNGs into -
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
 
-from maxscale import errors
-from maxscale.analysis import law_cli, precision_laws, scaling_laws
+from maxscale import cli
+from maxscale.analysis import law_cli, plotstyle, precision_laws, scaling_laws
 from maxscale.analysis.laws import FitResult, fit_law
-from maxscale.errors import ConfigError
 
 PAPER = precision_laws.PAPER_TABLE2
 KIND_COLUMNS = {"w": "P_w", "a": "P_a", "kv": "P_kv"}
@@ -198,7 +197,7 @@ def plot_fit(runs: list[dict], fits: dict, path: str) -> None:
     ax.plot(lim, lim, "k:", lw=0.8)
     ax.set(xlabel="observed eval loss", ylabel="precision law", title=f"R^2 (log L) {fits['precision']['r2']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -211,7 +210,7 @@ def plot_bits(runs: list[dict], fits: dict, path: str) -> None:
     finite = [r["P_w"] for r in w_runs if math.isfinite(r["P_w"])] or [8.0]
     hp_x = max(finite) + 2
     fig, axes = plt.subplots(1, len(Ds), figsize=(3.4 * len(Ds), 3.2), squeeze=False, sharey=True)
-    cmap = plt.get_cmap("viridis", max(len(Ns), 2))
+    cmap = plotstyle.colour
     for ax, D in zip(axes[0], Ds):
         for i, N in enumerate(Ns):
             pts = sorted((r["P_w"], r["loss"]) for r in w_runs if r["D"] == D and r["N"] == N)
@@ -226,7 +225,7 @@ def plot_bits(runs: list[dict], fits: dict, path: str) -> None:
         ax.legend(fontsize=6)
     axes[0, 0].set_ylabel("eval loss (points) and law (lines)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -250,7 +249,7 @@ def plot_neff(runs: list[dict], fits: dict, path: str) -> None:
     ax.set(xlabel="bits P", ylabel="N_eff / N", title="fit (solid), Table 2 (dashed), runs (dots)", ylim=(0, 1.6))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -265,7 +264,7 @@ def plot_pstar(fits: dict, path: str) -> None:
     ax.set(xscale="log", xlabel="compute C = 6/16 N D P (FLOPs)", ylabel="compute-optimal P* (bits)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -273,7 +272,7 @@ def plot_ptq(points: list[dict], fits: dict, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.4, 3.4))
     bits = sorted({p["P_post"] for p in points})
-    cmap = plt.get_cmap("plasma", max(len(bits) + 1, 2))
+    cmap = plotstyle.colour
     n_mid = float(np.median([p["N"] for p in points])) if points else 1.0
     for i, b in enumerate(bits):
         pts = [p for p in points if p["P_post"] == b and p["delta"] > 0]
@@ -292,7 +291,7 @@ def plot_ptq(points: list[dict], fits: dict, path: str) -> None:
     ax.set_title(f"points: runs; lines: law at N = {n_mid:.3g}", fontsize=8)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -318,28 +317,21 @@ def report(sweep_dir: str, out_dir: str | None = None, n_boot: int = 100, seed: 
     return fits
 
 
+@cli.command("precision_report")
 def main(argv: Sequence[str]) -> int:
-    pos, flags = [], {}
-    try:
-        for a in argv:
-            if a in ("-h", "--help"):
-                print(__doc__)
-                return 0
-            if a.startswith("--"):
-                name, eq, value = a[2:].partition("=")
-                if name not in ("out", "boot", "seed") or not eq or not value:
-                    raise ConfigError(f"bad argument {a!r}; flags are --out=DIR, --boot=N, --seed=N")
-                if name != "out" and not value.isdigit():
-                    raise ConfigError(f"--{name}={value}: expected a whole number >= 0")
-                flags[name] = value
-            else:
-                pos.append(a)
-        if len(pos) != 1:
-            raise ConfigError("expected one sweep directory, e.g. python tools/precision_report.py runs/precision")
-        report(pos[0], flags.get("out"), int(flags.get("boot", 100)), int(flags.get("seed", 0)))
-    except ConfigError as e:
-        print(f"precision_report: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE
-    out = flags.get("out", pos[0])
-    print(f"wrote {os.path.join(out, 'precision.md')} and its figures")
+    p = cli.Parser("precision_report", __doc__)
+    p.add_argument("sweep_dir", help="a sweep directory, e.g. runs/precision")
+    p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
+    p.add_argument("--boot", type=_whole, default=100, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--seed", type=_whole, default=0, help="seed of the bootstrap")
+    args = p.parse(argv)
+    report(args.sweep_dir, args.out, args.boot, args.seed)
+    print(f"wrote {os.path.join(args.out or args.sweep_dir, 'precision.md')} and its figures")
     return 0
+
+
+def _whole(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text}: expected a whole number >= 0")
+    return int(text)

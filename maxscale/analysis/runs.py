@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from maxscale import cli, paths
 from maxscale import config as config_lib
-from maxscale import errors, paths
-from maxscale.analysis import transfer
+from maxscale.analysis import plotstyle, transfer
 from maxscale.errors import ConfigError
-from maxscale.launch.common import OneLineArgumentParser
 from maxscale.parallel import sharding
 from maxscale.tools import sweep as sweep_lib
 from maxscale.train import checkpoint as ckpt_lib
@@ -281,11 +279,11 @@ def write_outputs(out_dir: str, stem: str, table: dict, markdown: str) -> None:
 
 
 class WidthStyle:
-    """Line colours by width (viridis) and line styles by seed, shared by the analyses' plots."""
+    """Line colours by width (plotstyle palette) and line styles by seed, shared by the analyses' plots."""
 
     def __init__(self, plt, widths, seeds):
         self.widths, self.seeds = sorted(set(widths)), sorted(set(seeds))
-        self.cmap = plt.get_cmap("viridis", max(len(self.widths), 2))
+        self.cmap = plotstyle.colour
 
     def __call__(self, width, seed) -> dict:
         return {"color": self.cmap(self.widths.index(width)), "ls": ("-", "--", ":", "-.")[self.seeds.index(seed) % 4]}
@@ -301,23 +299,14 @@ def pyplot():
     return plt
 
 
-def parser(prog: str, doc: str) -> OneLineArgumentParser:
-    """The analyses' argument parser: --help exits 0, a bad flag is one line on stderr and exit 2."""
-    return OneLineArgumentParser(prog=f"python -m {prog}", description=doc.strip().split("\n")[0])
+def parser(prog: str, doc: str) -> cli.Parser:
+    """The analyses' argument parser (maxscale/cli.py): --help exits 0, a bad flag is one line on stderr and exit 2."""
+    return cli.Parser(prog.split(".")[-1], doc.strip().split("\n")[0])
 
 
-def cli(parser: OneLineArgumentParser, argv: list[str], body: Callable[[argparse.Namespace], None]) -> int:
-    """Parses `argv` and runs `body(args)`; a ConfigError becomes one line on stderr and exit 2. Returns the code."""
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a bad flag (2, already printed in one line)
-        return int(e.code or 0)
-    try:
-        body(args)
-    except ConfigError as e:
-        print(f"{parser.prog.split('.')[-1]}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return errors.EXIT_USAGE
-    return 0
+def cli_main(parser: cli.Parser, argv: list[str], body: Callable[[argparse.Namespace], None]) -> int:
+    """Parses `argv` and runs `body(args)` under cli.run: a ConfigError is one line on stderr and exit 2."""
+    return cli.run(parser.prog, lambda a: body(parser.parse(a)), argv)
 
 
 def _plain(x: Any) -> Any:

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from maxscale.analysis import plotstyle
 from maxscale.analysis import runs as runs_lib
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
@@ -255,7 +256,7 @@ def plot_top_k(trajs: list[dict], path: str, k: int = 4, layer: int | None = Non
     style = runs_lib.WidthStyle(plt, [c["model.width"] for c in conf], [c["train.seed"] for c in conf])
     cols = min(len(kinds), 4)
     rows = -(-len(kinds) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.8 * rows), squeeze=False)
     for ax, kind in zip(axes.flat, kinds):
         for t, c in zip(trajs, conf):
             sel = [m for m in t["matrices"].values() if m["kind"] == kind and layer in (None, m["layer"])]
@@ -278,7 +279,7 @@ def plot_top_k(trajs: list[dict], path: str, k: int = 4, layer: int | None = Non
         ax.set_ylabel(f"top-{k} singular values / init edge", fontsize=8)
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -306,7 +307,7 @@ def main(argv: list[str]) -> int:
         print(markdown(trajs), end="")
         print(f"wrote {os.path.join(args.out or args.path, 'spectra.md')}, spectra.json and spectra.png")
 
-    return runs_lib.cli(p, argv, body)
+    return runs_lib.cli_main(p, argv, body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from maxscale import errors
+from maxscale import cli
+from maxscale.analysis import plotstyle
 from maxscale.errors import ConfigError
 
 HP_FIELDS = (
@@ -360,7 +361,7 @@ def plot(table: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(table["series"])
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels), 3.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.0 * len(labels), 4.2), squeeze=False, sharey=True)
     finite = [
         l
         for ser in table["series"].values()
@@ -372,11 +373,11 @@ def plot(table: dict, path: str) -> None:
     hi = min(lo + 1.2, max(finite)) + 0.02 if finite else 1.0  # higher losses are drawn at the top (^)
     for ax, label in zip(axes[0], labels):
         ser = table["series"][label]
-        cmap = plt.get_cmap("viridis", max(len(ser["scales"]), 2))
+        cmap = plotstyle.colour  # distinct colours, none pale on white
         for i, (s, c) in enumerate(ser["scales"].items()):
             xs = np.asarray(c["hp"], np.float64)
             ys = np.array([np.nan if (dv or l is None) else l for l, dv in zip(c["loss"], c["diverged"])])
-            ax.plot(xs, np.minimum(ys, hi), marker=".", lw=1.2, color=cmap(i), label=f"{s}")
+            ax.plot(xs, np.minimum(ys, hi), lw=1.4, label=f"{s}", **plotstyle.series(i))
             clipped = ys > hi
             if clipped.any():
                 ax.scatter(xs[clipped], np.full(clipped.sum(), hi), marker="^", color=cmap(i), s=14)
@@ -395,7 +396,7 @@ def plot(table: dict, path: str) -> None:
         ax.legend(title=table["scale"].split(".")[-1], fontsize=6, title_fontsize=6)
     axes[0, 0].set_ylabel(f"final {METRIC} (x: diverged, ^: above the axis)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -413,30 +414,16 @@ def report(sweep_dir: str, out_dir: str | None = None, hp: str | None = None, sc
     return table
 
 
+@cli.command("transfer_report")
 def main(argv: list[str]) -> int:
-    """python tools/transfer_report.py runs/<sweep> [--hp=optimizer.lr] [--scale=model.width] [--out=DIR]"""
-    import sys
-
-    pos, flags = [], {}
-    if any(a in ("-h", "--help") for a in argv):
-        print(main.__doc__)
-        return 0
-    try:
-        for a in argv:
-            if a.startswith("--"):
-                name, eq, value = a[2:].partition("=")
-                if name not in ("hp", "scale", "out") or not eq or not value:
-                    raise ConfigError(f"unknown or empty flag {a!r}; use --hp=FIELD, --scale=FIELD, --out=DIR")
-                flags[name] = value
-            else:
-                pos.append(a)
-        if len(pos) != 1:
-            raise ConfigError("expected one sweep directory, e.g. python tools/transfer_report.py runs/width")
-        table = report(pos[0], flags.get("out"), flags.get("hp"), flags.get("scale"))
-    except ConfigError as e:
-        print(f"transfer_report: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE
-    out = flags.get("out", pos[0])
+    """maxscale transfer-report runs/<sweep> [--hp=optimizer.lr] [--scale=model.width] [--out=DIR]"""
+    p = cli.Parser("transfer_report", __doc__)
+    p.add_argument("sweep_dir", help="a sweep directory, e.g. runs/width")
+    p.add_argument("--hp", default=None, help="the tuned field (default: detected, e.g. optimizer.lr)")
+    p.add_argument("--scale", default=None, help="the scale field (default: detected, e.g. model.width)")
+    p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
+    args = p.parse(argv)
+    table = report(args.sweep_dir, args.out, args.hp, args.scale)
     print(markdown(table), end="")
-    print(f"wrote {os.path.join(out, 'transfer.md')}, transfer.json and transfer.png")
+    print(f"wrote {os.path.join(args.out or args.sweep_dir, 'transfer.md')}, transfer.json and transfer.png")
     return 0

@@ -104,4 +104,4 @@ def main(argv: list[str]) -> int:
             os.makedirs(args.out, exist_ok=True)
             runs_lib.write_outputs(args.out, "tune", {"fields": fields, "best": best}, text)
 
-    return runs_lib.cli(p, argv, body)
+    return runs_lib.cli_main(p, argv, body)

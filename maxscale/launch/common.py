@@ -1,10 +1,9 @@
 """Logic behind the launchers in launch/: argv splitting, shell quoting, and
 the builders of the SLURM script, the gcloud TPU VM command and the Kubernetes
-manifest (the launch/*.py files only parse flags and print or submit)."""
+manifest (maxscale/launch/commands.py parses the launchers' flags and prints or submits)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -14,13 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's error style: a bad flag is one line on stderr (`prog: error: ...`), exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

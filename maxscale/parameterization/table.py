@@ -5,13 +5,11 @@ forward multipliers. `python -m maxscale.parameterization --config=FILE [--confi
 from __future__ import annotations
 
 import json
-import sys
 
 import ml_collections
 
+from maxscale import cli
 from maxscale import config as config_lib
-from maxscale import errors
-from maxscale.errors import EXIT_USAGE, ConfigError
 from maxscale.model import transformer
 from maxscale.parameterization import Parameterization
 
@@ -21,7 +19,7 @@ def describe(cfg: ml_collections.ConfigDict) -> dict:
     par = Parameterization(cfg)
     rows = []
     for path, spec, shape in transformer.param_specs(cfg):
-        std = par.init_std(spec, path)
+        std = par.init_std(spec)
         init = "ones" if spec.role == "norm" else "normal" if std else "zeros"
         rows.append(
             {
@@ -72,18 +70,11 @@ def _format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command("maxscale.parameterization")
 def main(argv: list[str]) -> int:
-    as_json = "--json" in argv
-    argv = [a for a in argv if a != "--json"]
-    try:
-        cfg, _ = config_lib.parse_argv(argv, extra_flags=())
-        cfg = config_lib.resolve(cfg)
-    except errors.HelpRequested as e:
-        print(f"{__doc__.strip()}\n\n{e} [--json]")
-        return 0
-    except ConfigError as e:
-        print(f"maxscale.parameterization: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    table = describe(cfg)
-    print(json.dumps(table, indent=2) if as_json else _format_table(table))
+    p = cli.Parser("maxscale.parameterization", __doc__, config=True)
+    cli.bool_flag(p, "json", "print the table as JSON")
+    args = p.parse(argv)
+    table = describe(config_lib.resolve(args.config))
+    print(json.dumps(table, indent=2) if args.json else _format_table(table))
     return 0

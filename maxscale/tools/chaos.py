@@ -26,8 +26,8 @@ import sys
 import time
 from typing import Callable
 
+from maxscale import cli, errors
 from maxscale import config as config_lib
-from maxscale import errors
 from maxscale.train import metrics
 
 # Defaults for a chaos run of configs/tiny.py: short, every step logged, frequent asynchronous checkpoints (so that
@@ -297,45 +297,32 @@ def run(
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-_FLAGS = ("kills", "seed", "workdir", "sigterm_share", "compile_cache")
 
-
+@cli.command("chaos")
 def main(argv: list[str]) -> int:
-    """tools/chaos.py --config=configs/tiny.py --kills=20 [--seed=0] [--workdir=runs/chaos] [--sigterm_share=0.5]
+    """maxscale chaos --config=configs/tiny.py --kills=20 [--seed=0] [--workdir=runs/chaos] [--sigterm_share=0.5]
     [--compile_cache=true] [--config.a.b=v ...]: exit 0 when nothing diverged and nothing failed, 1 otherwise."""
-    config_args = [a for a in argv if a.startswith("--config")]
-    try:
-        _, flags = config_lib.parse_argv(argv, extra_flags=_FLAGS)  # validates the flags and the config's fields
-        kills = int(flags.get("kills", 20))
-        seed = int(flags.get("seed", 0))
-        share = float(flags.get("sigterm_share", 0.5))
-        cache = flags.get("compile_cache", "true").lower() in ("1", "true", "yes")
-        if kills < 0 or not 0.0 <= share <= 1.0:
-            raise ValueError
-    except errors.HelpRequested as e:
-        print(f"{main.__doc__.strip()}\n\n{e}")
-        return 0
-    except errors.ConfigError as e:
-        print(f"chaos: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE
-    except ValueError:
-        print(
-            "chaos: error: --kills must be an integer >= 0, --seed an integer and --sigterm_share a number in [0, 1]",
-            file=sys.stderr,
-        )
-        return errors.EXIT_USAGE
-    spec = [a for a in config_args if a.startswith("--config=")]
-    overrides = [a for a in config_args if a.startswith("--config.")]
+    p = cli.Parser("chaos", __doc__, config=True)
+    p.add_argument("--kills", type=int, default=20, help="how many times the training is killed (>= 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments and signals")
+    p.add_argument("--workdir", default=os.path.join("runs", "chaos"))
+    p.add_argument("--sigterm_share", type=float, default=0.5, help="share of kills by SIGTERM (the rest SIGKILL)")
+    p.add_argument("--compile_cache", type=cli.flag_bool, default=True, help="share JAX's compilation cache")
+    args = p.parse(argv)
+    if args.kills < 0 or not 0.0 <= args.sigterm_share <= 1.0:
+        raise errors.ConfigError("--kills must be an integer >= 0 and --sigterm_share a number in [0, 1]")
+    spec = [a for a in args.config_args if a.startswith("--config=")]
+    overrides = [a for a in args.config_args if a.startswith("--config.")]
     train_args = spec + list(DEFAULT_OVERRIDES) + overrides
-    workdir = flags.get("workdir") or os.path.join("runs", "chaos")
+    workdir = args.workdir or os.path.join("runs", "chaos")
     print(f"chaos: python -m maxscale.train {' '.join(train_args)} --workdir={workdir}/...", flush=True)
     report = run(
         train_args,
-        kills,
+        args.kills,
         workdir,
-        seed=seed,
-        sigterm_share=share,
-        compile_cache=cache,
+        seed=args.seed,
+        sigterm_share=args.sigterm_share,
+        compile_cache=args.compile_cache,
         log=lambda line: print(line, flush=True),
     )
     for failure in report.failures:

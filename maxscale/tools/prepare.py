@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from maxscale import cli
 from maxscale.errors import ConfigError
 from maxscale.train import data as data_lib
 from maxscale.train import tokenizers as tok_lib
@@ -357,17 +358,9 @@ It prints the data.tokenizer value to use (docs/data.md).
 """
 
 
-def cli_parser(prog: str, doc: str):
-    """The tools' argument parser: the module doc as --help, a bad flag one line and exit 2."""
-    import argparse
-
-    from maxscale.launch.common import OneLineArgumentParser
-
-    return OneLineArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def train_tokenizer_main(argv=None) -> int:
-    parser = cli_parser("train_tokenizer", TRAIN_TOKENIZER_DOC)
+@cli.command("train_tokenizer")
+def train_tokenizer_main(argv: list[str]) -> int:
+    parser = cli.Parser("train_tokenizer", TRAIN_TOKENIZER_DOC)
     parser.add_argument("--source", required=True, help="a text/JSONL/Parquet file, a directory or a glob")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--kind", default="bpe", choices=tok_lib.TRAINABLE)
@@ -375,22 +368,19 @@ def train_tokenizer_main(argv=None) -> int:
     parser.add_argument("--text_field", default="text")
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--max_bytes", type=int, default=0, help="train on the first files up to this many bytes")
-    args = parser.parse_args(argv)
-    try:
-        texts = iter_texts(args.source, args.text_field, args.text_column, args.max_bytes)
-        spec = tok_lib.train(args.kind, texts, args.vocab_size, args.out)
-        tok = tok_lib.get(spec)
-    except ConfigError as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse(argv)
+    texts = iter_texts(args.source, args.text_field, args.text_column, args.max_bytes)
+    spec = tok_lib.train(args.kind, texts, args.vocab_size, args.out)
+    tok = tok_lib.get(spec)
     print(f"trained {args.kind} ({tok.vocab_size} tokens, end of document id {tok.eos_id}): data.tokenizer={spec}")
     return 0
 
 
-def main(argv=None) -> int:
+@cli.command("prepare_data")
+def main(argv: list[str]) -> int:
     import argparse
 
-    parser = cli_parser("prepare_data", __doc__)
+    parser = cli.Parser("prepare_data", __doc__)
     parser.add_argument("--source", required=True, help="stdlib, a text/JSONL/Parquet file, a directory or a glob")
     parser.add_argument("--out", required=True, help="output prefix: writes OUT.json, OUT.train.bin, OUT.eval.bin")
     parser.add_argument("--tokenizer", default="byte", help="byte | tiktoken:ENC | sentencepiece:FILE | hf:FILE")
@@ -401,28 +391,13 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", type=int, default=0, help="worker processes; 0 = one per CPU")
     parser.add_argument("--format", default="tokens", choices=("tokens", "arrayrecord"), help="OUT.json + .bin | OUT/")
     parser.add_argument("--fail_after", type=int, default=0, help=argparse.SUPPRESS)  # tests: interrupt
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     tty = sys.stderr.isatty()
     log = lambda line: print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", file=sys.stderr)
-    try:
-        if not 0.0 < args.eval_fraction < 1.0:
-            raise ConfigError(f"--eval_fraction={args.eval_fraction} must lie in (0, 1)")
-        header = prepare(
-            args.source,
-            args.out,
-            args.tokenizer,
-            args.eval_fraction,
-            args.max_bytes,
-            args.text_field,
-            args.text_column,
-            args.processes,
-            log,
-            args.fail_after,
-            args.format,
-        )
-    except ConfigError as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
+    if not 0.0 < args.eval_fraction < 1.0:
+        raise ConfigError(f"--eval_fraction={args.eval_fraction} must lie in (0, 1)")
+    fields = (args.eval_fraction, args.max_bytes, args.text_field, args.text_column, args.processes)
+    header = prepare(args.source, args.out, args.tokenizer, *fields, log, args.fail_after, args.format)
     if tty:
         print(file=sys.stderr)
     state = "up to date" if header.get("up_to_date") else "wrote"

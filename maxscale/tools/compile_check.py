@@ -1,6 +1,6 @@
 """Compile check: compile the train step for a target mesh on simulated CPU devices and report memory per device.
 
-    python tools/compile_check.py --config=configs/base.py --mesh=data=8,fsdp=8 [--config.a.b=v ...]
+    maxscale compile-check --config=configs/base.py --mesh=data=8,fsdp=8 [--config.a.b=v ...]
         [--device=H100 | --device_memory_gb=80] [--json]
 
 Catches, before a job is queued: sizes that do not divide over the mesh (exit 2, one line), batches that do not
@@ -18,6 +18,7 @@ estimate of the right order, not the exact figure; the state bytes are exact.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -31,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from maxscale import cli
 from maxscale import config as config_lib
-from maxscale import errors
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
 from maxscale.parallel import sharding
@@ -197,7 +198,7 @@ def run(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMORY
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO, env.get("PYTHONPATH", "")]))
     request = json.dumps({"config": cfg.to_dict(), "memory_gb": memory_gb})
     r = subprocess.run(
-        [sys.executable, "-m", "maxscale.parallel.compile_check", "--child"],
+        [sys.executable, "-m", "maxscale.tools.compile_check", "--child"],
         input=request,
         env=env,
         capture_output=True,
@@ -269,44 +270,45 @@ def table(report: dict, memory_source: str = "") -> str:
     return "\n".join(lines)
 
 
-def _parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict]:
-    argv = ["--json=true" if a == "--json" else a for a in argv]
-    cfg, flags = config_lib.parse_argv(argv, extra_flags=("mesh", "device", "device_memory_gb", "json"))
-    if "mesh" in flags:
+def _parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+    p = cli.Parser("compile_check", __doc__, config=True)
+    p.add_argument("--mesh", default=None, help="e.g. data=8,fsdp=8 or 2x4x2 (data x fsdp x tensor)")
+    p.add_argument("--device", default="", help="a device name for its memory, e.g. H100, A100-40GB, v5p")
+    p.add_argument("--device_memory_gb", default="0", help="GiB per device (overrides --device)")
+    cli.bool_flag(p, "json", "print the report as JSON")
+    args = p.parse(argv)
+    cfg = args.config
+    if args.mesh:
         with cfg.mesh.unlocked():
-            cfg.mesh.update(parse_mesh(flags["mesh"]))
+            cfg.mesh.update(parse_mesh(args.mesh))
     try:
-        flags["device_memory_gb"] = float(flags.get("device_memory_gb", 0))
+        args.device_memory_gb = float(args.device_memory_gb)
     except ValueError:
-        raise ConfigError(
-            f"--device_memory_gb={flags['device_memory_gb']}: expected a number of GiB, e.g. 80"
-        ) from None
-    flags["json"] = flags.get("json", "false").lower() in ("1", "true", "yes")
-    return config_lib.resolve(cfg), flags
+        raise ConfigError(f"--device_memory_gb={args.device_memory_gb}: expected a number of GiB, e.g. 80") from None
+    return config_lib.resolve(cfg), args
 
 
 def main(argv: list[str]) -> int:
     """The CLI: 0 fits, 1 does not fit (or XLA failed), 2 bad input or a sharding error. Run in a fresh process."""
     if argv == ["--child"]:
         return _child()
+    return _main(argv)
+
+
+@cli.command("compile_check")
+def _main(argv: list[str]) -> int:
+    cfg, args = _parse_args(argv)
+    memory_gb, source = device_memory_gb(args.device, args.device_memory_gb)
+    use_cpu_devices(num_devices(cfg))
     try:
-        cfg, flags = _parse_args(argv)
-        memory_gb, source = device_memory_gb(flags.get("device", ""), flags["device_memory_gb"])
-        use_cpu_devices(num_devices(cfg))
         report = run(cfg, memory_gb)
-    except errors.HelpRequested as e:
-        print(f"{__doc__.strip()}\n\n{e}")
-        return 0
-    except ConfigError as e:
-        print(f"compile_check: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE
+    except ConfigError:
+        raise
     except Exception as e:  # an XLA failure: one line, not a traceback
-        print(
-            f"compile_check: compile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-            file=sys.stderr,
-        )
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"compile_check: compile failed: {type(e).__name__}: {first}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if flags["json"] else table(report, source))
+    print(json.dumps(report, indent=2) if args.json else table(report, source))
     return 0 if report["fits"] else 1
 
 
