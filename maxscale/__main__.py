@@ -34,7 +34,7 @@ COMMANDS = {
     "bench": ("maxscale.tools.bench_cli:main", "benchmark the train step; print JSON"),
     "device-bench": ("maxscale.tools.device_bench:main", "1B-class dense and MoE step speed on this accelerator"),
     "chaos": ("maxscale.tools.chaos:main", "kill and resume a training N times; compare with an uninterrupted run"),
-    "params": ("maxscale.parameterization.table:main", "per-parameter init, LR, WD and eps of a config"),
+    "params": ("maxscale.tools.params_table:main", "per-parameter init, LR, WD and eps of a config"),
     "launch-local": ("maxscale.launch.commands:local_main", "N processes of a command on this host as one job"),
     "launch-slurm": ("maxscale.launch.commands:slurm_main", "an sbatch script for a multi-process job"),
     "launch-k8s": ("maxscale.launch.commands:k8s_main", "a Kubernetes Indexed Job + headless Service"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -104,6 +105,9 @@ def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] 
         return _fail(prog, e, errors.EXIT_USAGE)
     except errors.RunStopped as e:  # exit codes in errors.py and docs/reliability.md
         return _fail(prog, e, e.exit_code)
+    except BrokenPipeError:  # output piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     return 0 if code is None else int(code)
 
 

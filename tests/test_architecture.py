@@ -197,8 +197,6 @@ ALLOWED_UPWARD = {
     ("maxscale.config", "maxscale.parameterization"),
     ("maxscale.config", "maxscale.quant.config"),
     ("maxscale.config", "maxscale.train.tokenizers"),
-    # the `python -m maxscale.parameterization` table reads the model's parameter specs (move table.py up to tools)
-    ("maxscale.parameterization.table", "maxscale.model.transformer"),
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 from maxscale import config as config_lib
-from maxscale.parameterization import table
+from maxscale.tools import params_table as table
 
 MOE_TINY = os.path.join(ROOT, "configs", "moe_tiny.py")
 ROLES = ("router", "expert_in", "expert_out")

@@ -10,7 +10,7 @@ axis against the base shapes, so "more heads at fixed head dim" and "larger head
 right without special cases.
 
     python -m maxscale.parameterization --config=configs/tiny.py [--config.x.y=v ...] [--json]
-prints the table for a config (parameterization/table.py).
+prints the table for a config (maxscale/tools/params_table.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 import sys
 
-from maxscale.parameterization.table import main
+from maxscale.tools.params_table import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
