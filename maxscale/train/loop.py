@@ -86,6 +86,22 @@ def _default_json() -> dict:  # the defaults as JSON: a field added since a run 
     return json.loads(config_lib.to_json(config_lib.defaults()))
 
 
+def _shape(cfg: ml_collections.ConfigDict) -> str:
+    """The model's shape for the banner: width x depth, the MoE layout and the quantized formats when set."""
+    m, e, q = cfg.model, cfg.model.moe, cfg.quant
+    out = f"width {m.width} x depth {m.depth}"
+    if e.num_experts:
+        layout = f", first {e.first_dense} dense" if e.first_dense else ""
+        layout += f", every {e.every}" if e.every > 1 else ""
+        shared = f" + {e.num_shared} shared" if e.num_shared else ""
+        routing = f"{e.dispatch}, {e.score}, {e.combine}{layout}"
+        out += f", MoE {e.num_experts} experts top-{e.num_active}{shared} ({routing})"
+    formats = {k: q[k] for k in ("weights", "activations", "kv") if q[k] != "none"}
+    if formats:
+        out += ", quant " + " ".join(f"{k}={v}" for k, v in formats.items())
+    return out
+
+
 class Trainer:
     """The one training loop, for a run or a pack of K runs (`pack`: a vectorized.VectorizedRun): data, metrics and
     TensorBoard per run directory, eval, dynamics, quant errors, MoE load, both checkpoint tiers, preemption,
@@ -209,7 +225,7 @@ class Trainer:
             "non-embedding"
             + (f", {n_params['active'] / 1e6:.2f}M active" if n_params["active"] != n_params["total"] else "")
             + "), "
-            f"{cfg.parameterization.name}, mesh {dict(self.mesh.shape)}, {self.mesh.size} x "
+            f"{cfg.parameterization.name}, {_shape(cfg)}, mesh {dict(self.mesh.shape)}, {self.mesh.size} x "
             f"{jax.devices()[0].device_kind}, peak {peak / 1e12:.3g} TFLOP/s/device [{peak_src}]; "
             f"data: {self.corpus.description}"
         )
@@ -283,7 +299,14 @@ class Trainer:
             self.state = self.members.freeze(self.state, self.active)
         first = next((i for i in range(self.members.M) if self.active[i]), None)
         if first is not None and "train/loss" in self.results[first]:
-            self.progress.update(step, self.results[first]["train/loss"], rate, timing["mfu"], sec_per_step)
+            r = self.results[first]
+            extra = ""
+            if "moe/dropped_fraction" in r:  # routing at a glance: dropped pairs, worst layer's max/mean load, entropy
+                extra = (
+                    f"  moe drop {100 * r['moe/dropped_fraction']:.1f}% max load {r['moe/load_max']:.2f}"
+                    f" H {r['moe/router_entropy']:.2f}"
+                )
+            self.progress.update(step, r["train/loss"], rate, timing["mfu"], sec_per_step, extra)
 
     def _write_member(self, i: int, step: int, values: dict, timing: dict) -> bool:
         """Writes member i's metrics of `step`; False when the member stopped there (a pack's nan_policy=stop)."""
