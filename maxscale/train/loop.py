@@ -86,22 +86,6 @@ def _default_json() -> dict:  # the defaults as JSON: a field added since a run 
     return json.loads(config_lib.to_json(config_lib.defaults()))
 
 
-def _shape(cfg: ml_collections.ConfigDict) -> str:
-    """The model's shape for the banner: width x depth, the MoE layout and the quantized formats when set."""
-    m, e, q = cfg.model, cfg.model.moe, cfg.quant
-    out = f"width {m.width} x depth {m.depth}"
-    if e.num_experts:
-        layout = f", first {e.first_dense} dense" if e.first_dense else ""
-        layout += f", every {e.every}" if e.every > 1 else ""
-        shared = f" + {e.num_shared} shared" if e.num_shared else ""
-        routing = f"{e.dispatch}, {e.score}, {e.combine}{layout}"
-        out += f", MoE {e.num_experts} experts top-{e.num_active}{shared} ({routing})"
-    formats = {k: q[k] for k in ("weights", "activations", "kv") if q[k] != "none"}
-    if formats:
-        out += ", quant " + " ".join(f"{k}={v}" for k, v in formats.items())
-    return out
-
-
 class Trainer:
     """The one training loop, for a run or a pack of K runs (`pack`: a vectorized.VectorizedRun): data, metrics and
     TensorBoard per run directory, eval, dynamics, quant errors, MoE load, both checkpoint tiers, preemption,
@@ -225,7 +209,8 @@ class Trainer:
             "non-embedding"
             + (f", {n_params['active'] / 1e6:.2f}M active" if n_params["active"] != n_params["total"] else "")
             + "), "
-            f"{cfg.parameterization.name}, {_shape(cfg)}, mesh {dict(self.mesh.shape)}, {self.mesh.size} x "
+            f"{cfg.parameterization.name}, {step_lib.shape_line(cfg)}, "
+            f"mesh {dict(self.mesh.shape)}, {self.mesh.size} x "
             f"{jax.devices()[0].device_kind}, peak {peak / 1e12:.3g} TFLOP/s/device [{peak_src}]; "
             f"data: {self.corpus.description}"
         )

@@ -302,3 +302,19 @@ def _flat(tree, prefix=""):
             yield from _flat(v, f"{prefix}{k}/")
         else:
             yield f"{prefix}{k}", v
+
+
+def shape_line(cfg: ml_collections.ConfigDict) -> str:
+    """The model's shape for the banner: width x depth, the MoE layout and the quantized formats when set."""
+    m, e, q = cfg.model, cfg.model.moe, cfg.quant
+    out = f"width {m.width} x depth {m.depth}"
+    if e.num_experts:
+        layout = f", first {e.first_dense} dense" if e.first_dense else ""
+        layout += f", every {e.every}" if e.every > 1 else ""
+        shared = f" + {e.num_shared} shared" if e.num_shared else ""
+        routing = f"{e.dispatch}, {e.score}, {e.combine}{layout}"
+        out += f", MoE {e.num_experts} experts top-{e.num_active}{shared} ({routing})"
+    formats = {k: q[k] for k in ("weights", "activations", "kv") if q[k] != "none"}
+    if formats:
+        out += ", quant " + " ".join(f"{k}={v}" for k, v in formats.items())
+    return out
