@@ -186,112 +186,136 @@ def run(
 ) -> Report:
     """Runs the chaos test; `train_args` are the --config flags of the run (no --workdir)."""
     t0 = time.perf_counter()
-    rng = random.Random(seed)
-    report = Report()
     os.makedirs(workdir, exist_ok=True)
+    chaos = _Chaos(_Runner(train_args, workdir, _env(workdir, compile_cache)), random.Random(seed), log)
+    chaos.references(workdir)
+    while chaos.report.kills < kills:
+        round_dir = os.path.join(workdir, f"round{chaos.report.rounds:02d}")
+        shutil.rmtree(round_dir, ignore_errors=True)
+        chaos.report.rounds += 1
+        while not chaos.attempt(round_dir, kills, sigterm_share, term_timeout_s):
+            pass
+        chaos.check_round(round_dir)
+    chaos.report.wall_s = time.perf_counter() - t0
+    return chaos.report
+
+
+def _env(workdir: str, compile_cache: bool) -> dict:
+    """The training subprocesses' environment: this checkout on PYTHONPATH and, with `compile_cache`, a persistent
+    compilation cache (restarts load the compiled step instead of compiling it again: same program, faster)."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    if compile_cache:  # restarts load the compiled step instead of compiling it again: same program, faster
+    if compile_cache:
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    runner = _Runner(train_args, workdir, env)
+    return env
 
-    ref_dir = os.path.join(workdir, "reference")
-    shutil.rmtree(ref_dir, ignore_errors=True)
-    runner.complete(ref_dir)
-    reference = read_records(ref_dir)
-    ref_step, ref_state = final_state(ref_dir)
-    # A second uninterrupted run times a warm start (compiled code cached) and must itself agree with the first.
-    warm_dir = os.path.join(workdir, "reference2")
-    shutil.rmtree(warm_dir, ignore_errors=True)
-    max_delay = runner.complete(warm_dir)
-    log(f"chaos: reference run of {ref_step} steps in {ref_dir}; a warm run takes {max_delay:.1f}s")
 
-    def check_round(round_dir: str) -> bool:
-        n, bad = compare_records(read_records(round_dir), reference)
-        report.records_compared += n
-        report.records_mismatched += len(bad)
-        if set(reference) - set(read_records(round_dir)):
+class _Chaos:
+    """One chaos test's state: the runner, the uninterrupted reference, the report."""
+
+    def __init__(self, runner: "_Runner", rng: random.Random, log: Callable[[str], None]):
+        self.runner, self.rng, self.log, self.report = runner, rng, log, Report()
+
+    def references(self, workdir: str) -> None:
+        """The uninterrupted reference run, and a second one that times a warm start (compiled code cached) and
+        must itself agree with the first."""
+        ref_dir = os.path.join(workdir, "reference")
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        self.runner.complete(ref_dir)
+        self.reference = read_records(ref_dir)
+        self.ref_step, self.ref_state = final_state(ref_dir)
+        warm_dir = os.path.join(workdir, "reference2")
+        shutil.rmtree(warm_dir, ignore_errors=True)
+        self.max_delay = self.runner.complete(warm_dir)
+        self.log(f"chaos: reference run of {self.ref_step} steps in {ref_dir}; a warm run takes {self.max_delay:.1f}s")
+        self.check_round(warm_dir)
+        self.report.rounds += 1
+
+    def _compare(self, round_dir: str) -> list:
+        n, bad = compare_records(read_records(round_dir), self.reference)
+        self.report.records_compared += n
+        self.report.records_mismatched += len(bad)
+        return bad
+
+    def check_round(self, round_dir: str) -> bool:
+        """A finished round's records and final state against the reference."""
+        report, bad = self.report, self._compare(round_dir)
+        if set(self.reference) - set(read_records(round_dir)):
             report.failures.append(f"{round_dir}: steps missing from metrics.jsonl")
             bad.append("missing")
         step, state = final_state(round_dir)
-        identical = step == ref_step and same_state(state, ref_state)
+        identical = step == self.ref_step and same_state(state, self.ref_state)
         report.states_identical += identical
         if bad or not identical:
             report.diverged += 1
-            log(
+            self.log(
                 f"chaos: {round_dir} DIVERGED: {len(bad)} records differ (first: {bad[:3]}); final state "
                 f"{'identical' if identical else 'different'}"
             )
         return not bad and identical
 
-    check_round(warm_dir)
-    report.rounds += 1
+    def attempt(self, round_dir: str, kills: int, sigterm_share: float, term_timeout_s: float) -> bool:
+        """One start of the round's run, killed after a random delay unless enough kills were made; True when the
+        round is complete (the run finished)."""
+        report = self.report
+        proc, out = self.runner.start(round_dir)
+        report.starts += 1
+        if report.kills >= kills:  # enough kills: let this attempt finish the round
+            if proc.wait() != 0:
+                report.failures.append(f"final attempt exited {proc.returncode}: {_tail(out)}")
+            return True
+        delay = self.rng.uniform(0.0, self.max_delay)
+        sig = signal.SIGTERM if self.rng.random() < sigterm_share else signal.SIGKILL
+        try:
+            rc = proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc is not None:  # finished before its kill
+            if rc != 0:
+                report.failures.append(f"attempt exited {rc} unprompted: {_tail(out)}")
+            return True
+        os.kill(proc.pid, sig)
+        report.kills += 1
+        try:
+            rc = proc.wait(timeout=term_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+            report.failures.append(f"{sig.name} attempt did not exit within {term_timeout_s:.0f}s")
+        mid_save = _interrupted_save(round_dir)
+        report.kills_mid_save += mid_save
+        self._count_exit(round_dir, sig, rc, out)
+        bad = self._compare(round_dir)  # what the killed attempt logged, past its last checkpoint too
+        self.log(
+            f"chaos: kill {report.kills}/{kills}: {sig.name} after {delay:.1f}s, exit {rc}, checkpoint "
+            f"{_latest_checkpoint(round_dir)}{' (mid-save)' if mid_save else ''}, records so far "
+            f"{'match' if not bad else f'DIFFER at {bad[:3]}'}"
+        )
+        return rc == 0  # the signal landed after the last step: the round is complete
 
-    while report.kills < kills:
-        round_dir = os.path.join(workdir, f"round{report.rounds:02d}")
-        shutil.rmtree(round_dir, ignore_errors=True)
-        report.rounds += 1
-        while True:
-            proc, out = runner.start(round_dir)
-            report.starts += 1
-            if report.kills >= kills:  # enough kills: let this attempt finish the round
-                if proc.wait() != 0:
-                    report.failures.append(f"final attempt exited {proc.returncode}: {_tail(out)}")
-                break
-            delay = rng.uniform(0.0, max_delay)
-            sig = signal.SIGTERM if rng.random() < sigterm_share else signal.SIGKILL
-            try:
-                rc = proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                rc = None
-            if rc is not None:  # finished before its kill
-                if rc != 0:
-                    report.failures.append(f"attempt exited {rc} unprompted: {_tail(out)}")
-                break
-            os.kill(proc.pid, sig)
-            report.kills += 1
-            try:
-                rc = proc.wait(timeout=term_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-                report.failures.append(f"{sig.name} attempt did not exit within {term_timeout_s:.0f}s")
-            mid_save = _interrupted_save(round_dir)
-            report.kills_mid_save += mid_save
-            if sig == signal.SIGKILL:
-                report.sigkill += 1
-                if rc != -signal.SIGKILL:
-                    report.failures.append(f"SIGKILL attempt exited {rc}: {_tail(out)}")
-            else:
-                report.sigterm += 1
-                records = read_records(round_dir)
-                last_logged = max((s for s, kind in records if kind == "train"), default=None)
-                if rc == errors.EXIT_PREEMPTED and _latest_checkpoint(round_dir) == last_logged:
-                    report.sigterm_saved += 1
-                elif rc == -signal.SIGTERM:
-                    report.sigterm_outside += 1
-                elif rc != 0:
-                    report.failures.append(
-                        f"SIGTERM attempt exited {rc} (checkpoint {_latest_checkpoint(round_dir)}, "
-                        f"last logged step {last_logged}): {_tail(out)}"
-                    )
-            # What the killed attempt logged, including steps past its last checkpoint, must match the reference.
-            n, bad = compare_records(read_records(round_dir), reference)
-            report.records_compared += n
-            report.records_mismatched += len(bad)
-            log(
-                f"chaos: kill {report.kills}/{kills}: {sig.name} after {delay:.1f}s, exit {rc}, checkpoint "
-                f"{_latest_checkpoint(round_dir)}{' (mid-save)' if mid_save else ''}, records so far "
-                f"{'match' if not bad else f'DIFFER at {bad[:3]}'}"
+    def _count_exit(self, round_dir: str, sig, rc: int, out) -> None:
+        """Counts how a killed attempt exited; an exit its signal does not explain is a failure."""
+        report = self.report
+        if sig == signal.SIGKILL:
+            report.sigkill += 1
+            if rc != -signal.SIGKILL:
+                report.failures.append(f"SIGKILL attempt exited {rc}: {_tail(out)}")
+            return
+        report.sigterm += 1
+        records = read_records(round_dir)
+        last_logged = max((s for s, kind in records if kind == "train"), default=None)
+        if rc == errors.EXIT_PREEMPTED and _latest_checkpoint(round_dir) == last_logged:
+            report.sigterm_saved += 1
+        elif rc == -signal.SIGTERM:
+            report.sigterm_outside += 1
+        elif rc != 0:
+            report.failures.append(
+                f"SIGTERM attempt exited {rc} (checkpoint {_latest_checkpoint(round_dir)}, "
+                f"last logged step {last_logged}): {_tail(out)}"
             )
-            if rc == 0:  # the signal landed after the last step: the round is complete
-                break
-        check_round(round_dir)
-    report.wall_s = time.perf_counter() - t0
-    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------
