@@ -16,7 +16,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,analysis]'
 	touch $@
 
-$(VENV)/.installed-all: $(VENV)/.installed
+# torch before the hf extra: `transformers` needs torch, and an unpinned torch resolves to a CUDA build (15
+# nvidia-* packages, 3.2 GB) even on a machine without a GPU. TORCH_CPU pins the release (a pip that finds a local
+# CPU wheel of it takes that); on a machine without one, `make install-all TORCH_INDEX=https://download.pytorch.org/
+# whl/cpu` takes PyTorch's CPU build. On a GPU machine, `make install-all TORCH_CPU=` skips this step.
+TORCH_CPU   ?= torch==2.13.0
+TORCH_INDEX ?=
+$(VENV)/.torch: $(VENV)/.installed
+	if [ -n "$(TORCH_CPU)" ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; fi
+	touch $@
+
+$(VENV)/.installed-all: $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e '.[test,analysis,data,hf,wandb]'
 	touch $@
 

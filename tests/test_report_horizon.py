@@ -148,7 +148,8 @@ def test_report_on_a_transfer_sweep_writes_the_transfer_section_and_a_png(width_
     assert "no kept checkpoints" in skipped["width consistency and spectra"]
     assert "train.steps" in skipped["scaling laws"] and "train.steps" in skipped["LR horizon"]
     assert "schedule" in skipped["schedules"]
-    assert json.load(open(os.path.join(out, "report.json")))["sections"] == ["transfer"]
+    sections = ["runs", "curves", "hyperparameters", "transfer"]  # the first three apply to every sweep
+    assert json.load(open(os.path.join(out, "report.json")))["sections"] == sections
 
 
 def test_report_isoflop_section_from_resolved_configs(tmp_path, capsys):

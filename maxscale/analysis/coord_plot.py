@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from maxscale.analysis import plotstyle
+
 
 def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
     import matplotlib
@@ -16,18 +18,17 @@ def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
     labels = list(result["series"])
     steps = result["steps"] + 1
     sizes = result["sizes"]
-    fig, axes = plt.subplots(len(labels), steps, figsize=(2.1 * steps, 1.9 * len(labels)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(labels), steps, figsize=(3.0 * steps, 2.7 * len(labels)), squeeze=False, sharex=True)
     for r, label in enumerate(labels):
         curves = result["series"][label]
         keys = [k for k in curves if k != "loss" and not k.endswith(("/mean", "/last"))]
         if result["axis"] == "depth":
             keys = ["embed", "attn/mean", "mlp/mean", "resid/mean", "resid/last", "logits"]
-        cmap = plt.get_cmap("tab10")
         for t in range(steps):
             ax = axes[r, t]
             for i, k in enumerate(keys):
                 arr = np.asarray(curves[k], np.float64)[:, :, t].mean(1)
-                ax.plot(sizes, arr, marker=".", lw=1, color=cmap(i), label=k)
+                ax.plot(sizes, arr, lw=1.1, label=k, **plotstyle.series(i))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -48,5 +49,5 @@ def plot(result: dict, path: str, verdict_: dict | None = None) -> None:
         f"coordinate check: mean |x| vs {result['axis']} (lr={result['lr']:g}, {result['seeds']} seeds)", fontsize=9
     )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from maxscale.analysis import transfer
+from maxscale.analysis import plotstyle, transfer
 from maxscale.errors import ConfigError
 
 STEPS = "train.steps"
@@ -144,8 +144,8 @@ def plot(h: dict, path: str) -> None:
     from maxscale.analysis import runs as runs_lib
 
     plt = runs_lib.pyplot()
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    cmap = plotstyle.colour
     for i, (label, s) in enumerate(h["series"].items()):
         scales = h["transfer"]["series"][label]["scales"]
         pts = [(T, c["optimum"]) for T, c in scales.items() if c["optimum"]["log2_opt"] is not None]
@@ -169,7 +169,7 @@ def plot(h: dict, path: str) -> None:
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -251,8 +251,8 @@ def schedule_plot(s: dict, path: str) -> None:
     plt = runs_lib.pyplot()
     panels = list(dict.fromkeys(r["others"] for r in s["records"]))
     names = list(dict.fromkeys(r["schedule"] for r in s["records"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False, sharey=True)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.2), squeeze=False, sharey=True)
+    cmap = plotstyle.colour
     for ax, panel in zip(axes[0], panels):
         for i, n in enumerate(names):
             rs = sorted((r for r in s["records"] if r["others"] == panel and r["schedule"] == n), key=lambda r: r["T"])
@@ -265,5 +265,5 @@ def schedule_plot(s: dict, path: str) -> None:
         ax.legend(fontsize=6)
     axes[0, 0].set_ylabel(f"best final {transfer.METRIC} over the LR grid", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)

@@ -38,8 +38,9 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from maxscale import cli
 from maxscale.analysis.transfer import read_json
-from maxscale.errors import EXIT_USAGE, ConfigError, HelpRequested
+from maxscale.errors import ConfigError
 
 VALUE_FLAGS = (
     "csv",
@@ -74,26 +75,17 @@ P_STAR_BUDGETS = (1e19, 1e21, 1e23)
 
 
 def parse_flags(argv: Sequence[str]) -> dict[str, str | bool]:
-    """--name=value and bare boolean flags -> {name: value}; ConfigError (one line) for anything else."""
-    flags: dict[str, str | bool] = {}
-    usage = "flags: " + " ".join(f"--{f}=" for f in VALUE_FLAGS) + " " + " ".join(f"--{f}" for f in BOOL_FLAGS)
-    for arg in argv:
-        if arg in ("--help", "-h"):
-            raise HelpRequested("usage: python tools/fit_law.py --csv=FILE --law=" + "|".join(LAWS) + " ...")
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; every input is a flag, e.g. --csv={arg}")
-        name, eq, value = arg[2:].partition("=")
-        if name in BOOL_FLAGS:
-            if eq:
-                raise ConfigError(f"--{name} takes no value; write --{name}")
-            flags[name] = True
-        elif name in VALUE_FLAGS:
-            if not eq or not value:
-                raise ConfigError(f"--{name} needs a value: --{name}=...")
-            flags[name] = value
-        else:
-            raise ConfigError(f"unknown flag {arg.split('=')[0]!r}; {usage}")
-    return flags
+    """--name=value and bare boolean flags -> {name: value} of the flags given (maxscale/cli.py parses them)."""
+    p = cli.Parser("fit_law", __doc__)
+    for f in VALUE_FLAGS:
+        p.add_argument(f"--{f}", default=None, help="one of " + "|".join(LAWS) if f == "law" else None)
+    for f in BOOL_FLAGS:
+        p.add_argument(f"--{f}", action="store_true")
+    args = p.parse(argv)
+    for f in VALUE_FLAGS:
+        if getattr(args, f) == "":
+            raise ConfigError(f"--{f} needs a value: --{f}=...")
+    return {k: v for k, v in vars(args).items() if v not in (None, False)}
 
 
 def read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -356,8 +348,22 @@ def sweep_table(sweep_dir: str, law: str) -> tuple[list[str], list[dict[str, str
         skipped = {**skipped, "quantized (not high-precision)": len(runs) - len(rows)}
     else:
         rows = runs
+    _check_varies(sweep_dir, law, rows)
     text = [{c: str(r.get(c, "")) for c in SWEEP_COLUMNS} for r in rows]
     return list(SWEEP_COLUMNS), text, skipped
+
+
+def _check_varies(sweep_dir: str, law: str, rows: list[dict]) -> None:
+    """Every law has an N and a D term: one value of either cannot fit its exponent (the fit would sit at a bound
+    with a meaningless R^2). ConfigError (one line) naming what to vary, as report.py's scaling-law section."""
+    fix = {"N": "a model size (model.width, depth, ...)", "D": "train.steps, train.batch_size or data.seq_len"}
+    for col in ("N", "D"):
+        values = {r[col] for r in rows}
+        if len(values) < 2:
+            raise ConfigError(
+                f"--runs={sweep_dir}: every run has the same {col} ({next(iter(values)):.4g}); --law={law} fits "
+                f"{'an' if col == 'N' else 'a'} {col} exponent, so the sweep must vary {fix[col]}"
+            )
 
 
 def varying_precisions(rows: list[dict[str, str]]) -> dict[str, str]:
@@ -409,16 +415,10 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli.command("fit_law")
 def main(argv: Sequence[str]) -> int:
-    try:
-        flags = parse_flags(argv)
-        report = run(flags)
-    except HelpRequested:
-        print(__doc__)
-        return 0
-    except ConfigError as e:
-        print(f"fit_law: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    flags = parse_flags(argv)
+    report = run(flags)
     if "skipped" in report:  # after the fit, so that an error stays the only line
         print(
             f"fit_law: {report['n_points']} rows from {flags['runs']}; skipped {_skipped_text(report['skipped'])}",

@@ -1,9 +1,13 @@
-"""One report of a sweep: detects what the sweep varies and writes report.md with the sections that apply.
+"""One report of a run or a sweep: detects what it is and what the sweep varies, and writes report.md with the
+sections that apply.
 
-    python tools/report.py runs/<sweep> [--out=DIR]
+    python tools/report.py runs/<sweep> [--out=DIR]        (or runs/<run>: a single run)
 
 writes report.md, report.json (every table, the skipped sections and, per figure, the run ids it was drawn from)
-and the PNGs into DIR (default: the sweep directory). Sections:
+and the PNGs into DIR (default: the directory). A single run: its curves (loss, eval, LR, gradient norm, MFU,
+tokens/s), MoE routing (moe/*) and quantization errors (quant/*) where logged (run_report.py). A sweep, always: the
+runs ranked by final eval loss, their loss curves, final loss against each varying field and, when only one
+hyperparameter varies, its optimum with an interval (run_report.py); then, where they apply:
 
   transfer                       a hyperparameter (transfer.HP_FIELDS) and a model size vary: optimum per size,
                                  drift in octaves (transfer.py)
@@ -24,12 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import numpy as np
 
-from maxscale import errors
-from maxscale.analysis import horizon, transfer
+from maxscale import cli
+from maxscale.analysis import horizon, plotstyle, run_report, transfer
 from maxscale.errors import ConfigError
 
 SIZE_FIELDS = tuple(f for f in transfer.SCALE_FIELDS if f not in ("train.steps", "train.batch_size"))
@@ -47,7 +50,9 @@ class Context:
 
     def __init__(self, sweep_dir: str, out_dir: str):
         self.dir, self.out = sweep_dir, out_dir
-        self.runs = transfer.load_runs(sweep_dir)
+        self.run_id, self.skipped = os.path.basename(os.path.normpath(sweep_dir)), []
+        self.single = run_report.is_run(sweep_dir)
+        self.runs = [] if self.single else transfer.load_runs(sweep_dir)
         self.vary = [f for f in transfer.varying(self.runs) if not f.startswith(IGNORED)]
         self.hp = next((f for f in transfer.HP_FIELDS if f in self.vary), None)
         self.sizes = [f for f in SIZE_FIELDS if f in self.vary]
@@ -260,10 +265,10 @@ def _plot_scaling(path, N, D, L, C, iso, chin) -> None:
 
     plt = runs_lib.pyplot()
     panels = (["isoflop", "optima"] if iso else []) + (["residuals"] if chin else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), squeeze=False)
     ax = dict(zip(panels, axes[0]))
     keys = _budget_keys(C)
-    cmap = plt.get_cmap("viridis", max(len(np.unique(keys)), 2))
+    cmap = plotstyle.colour
     for i, c in enumerate(np.unique(keys)):
         sel = keys == c
         if iso:
@@ -290,7 +295,7 @@ def _plot_scaling(path, N, D, L, C, iso, chin) -> None:
         a.legend(fontsize=6)
         a.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=plotstyle.DPI)
     plt.close(fig)
 
 
@@ -324,7 +329,20 @@ def schedule_section(ctx: Context) -> str:
     return horizon.schedule_markdown(s) + "\n" + ctx.figure("schedules", ids, "Best loss per schedule vs horizon. ")
 
 
+def _sweep_section(fn):
+    def section(ctx: Context) -> str:
+        try:
+            return fn(ctx)
+        except run_report.Skip as e:
+            raise Skip(str(e)) from None
+
+    return section
+
+
 SECTIONS = (
+    ("runs", "Runs", run_report.runs_section),
+    ("curves", "Loss curves", _sweep_section(run_report.sweep_curves_section)),
+    ("hyperparameters", "Loss vs hyperparameters", _sweep_section(run_report.hp_section)),
     ("transfer", "Transfer", transfer_section),
     ("width consistency and spectra", "Width consistency and spectra", width_section),
     ("scaling laws", "Scaling laws", scaling_section),
@@ -344,25 +362,18 @@ def report(sweep_dir: str, out_dir: str | None = None) -> dict:
     out_dir = out_dir or sweep_dir
     ctx = Context(sweep_dir, out_dir)  # reads the runs first: a bad directory creates nothing
     os.makedirs(out_dir, exist_ok=True)
-    applied, skipped, bodies = [], [], []
-    for name, title, section in SECTIONS:
-        try:
-            bodies.append(f"## {title}\n\n{section(ctx)}")
-            applied.append(name)
-        except (Skip, ConfigError) as e:
-            skipped.append({"section": name, "reason": " ".join(str(e).split())})
-    c = {s: sum(r["status"] == s for r in ctx.runs) for s in ("done", "diverged", "unfinished", "not run")}
-    head = [
-        f"# Report: {sweep_dir}",
-        "",
-        f"{len(ctx.runs)} runs: {c['done']} finished, {c['diverged']} diverged, {c['unfinished']} unfinished, "
-        f"{c['not run']} not run. Varying fields: {', '.join(ctx.vary) or 'none'}.",
-        "",
-        f"Sections: {', '.join(applied) or 'none'}. Skipped:",
-        "",
-        *[f"- {s['section']}: {s['reason']}" for s in skipped],
-        "",
-    ]
+    applied, skipped, bodies = _single_run(ctx) if ctx.single else _sweep(ctx)
+    skipped += ctx.skipped
+    if ctx.single:
+        what = f"A single run ({run_report.describe(ctx.dir)})."
+    else:
+        c = {s: sum(r["status"] == s for r in ctx.runs) for s in ("done", "diverged", "unfinished", "not run")}
+        what = (
+            f"{len(ctx.runs)} runs: {c['done']} finished, {c['diverged']} diverged, {c['unfinished']} unfinished, "
+            f"{c['not run']} not run. Varying fields: {', '.join(ctx.vary) or 'none'}."
+        )
+    head = [f"# Report: {sweep_dir}", "", what, "", f"Sections: {', '.join(applied) or 'none'}. Skipped:", ""]
+    head += [*[f"- {s['section']}: {s['reason']}" for s in skipped], ""]
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
         fh.write("\n".join(head + bodies) + "\n")
     rep = {"sweep": sweep_dir, "sections": applied, "skipped": skipped, "figures": ctx.figures, "tables": ctx.tables}
@@ -371,25 +382,32 @@ def report(sweep_dir: str, out_dir: str | None = None) -> dict:
     return rep
 
 
+def _sweep(ctx: Context) -> tuple[list, list, list]:
+    applied, skipped, bodies = [], [], []
+    for name, title, section in SECTIONS:
+        try:
+            bodies.append(f"## {title}\n\n{section(ctx)}")
+            applied.append(name)
+        except (Skip, ConfigError) as e:
+            skipped.append({"section": name, "reason": " ".join(str(e).split())})
+    return applied, skipped, bodies
+
+
+def _single_run(ctx: Context) -> tuple[list, list, list]:
+    try:
+        parts = run_report.run_sections(ctx)
+    except run_report.Skip as e:
+        return [], [{"section": "curves", "reason": str(e)}], []
+    return [t.lower() for t, _ in parts], [], [f"## {t}\n\n{body}" for t, body in parts]
+
+
+@cli.command("report")
 def main(argv: list[str]) -> int:
-    import argparse
-
-    from maxscale.launch.common import OneLineArgumentParser
-
-    p = OneLineArgumentParser(
-        prog="python tools/report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("sweep_dir", help="a sweep directory (runs/<sweep>)")
+    p = cli.Parser("report", __doc__)
+    p.add_argument("sweep_dir", help="a sweep directory (runs/<sweep>) or a run directory (runs/<run>)")
     p.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a bad flag (2, one line)
-        return int(e.code or 0)
-    try:
-        rep = report(args.sweep_dir, args.out)
-    except ConfigError as e:
-        print(f"report: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return errors.EXIT_USAGE
+    args = p.parse(argv)
+    rep = report(args.sweep_dir, args.out)
     out = args.out or args.sweep_dir
     print(f"sections: {', '.join(rep['sections']) or 'none'}")
     for s in rep["skipped"]:

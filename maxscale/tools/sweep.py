@@ -32,23 +32,16 @@ from typing import Any
 
 import ml_collections
 
+from maxscale import cli, paths
 from maxscale import config as config_lib
-from maxscale import errors, paths
+from maxscale import defaults as schema
 from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
 from maxscale.tools.sweep_slurm import slurm_script
 
-# Fields that do not change what a run computes: left out of the run id.
-NOT_HASHED = (
-    "train.log_every",
-    "train.sample_tokens",
-    "train.sample_prompt",
-    "train.peak_flops",
-    "checkpoint",
-    "mesh",
-    "distributed",
-    "model.remat",
-)
+# Fields that do not change what a run computes: left out of the run id. Derived from the config schema (fields
+# without the `id` kind in maxscale/defaults.py); tests/test_schema.py pins the list, which run ids depend on.
+NOT_HASHED = schema.UNHASHED_FIELDS
 RESULT_FILE = "result.json"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/sweep.py lives there
 RUN_FILE = "sweep_run.json"
@@ -139,11 +132,12 @@ def base_config(sweep: dict) -> ml_collections.ConfigDict:
     return base
 
 
-def expand(sweep: dict, root: str = "runs") -> list[dict]:
-    """[{id, dir, overrides, config (resolved)}] for every run; ConfigError names the first bad point."""
+def expand(sweep: dict, root: str = "runs", sets: dict | None = None) -> list[dict]:
+    """[{id, dir, overrides, config (resolved)}] for every run; ConfigError names the first bad point. `sets`
+    ({field: value}, the command line's --set) is applied to every point last, so it wins over the sweep file."""
     base = base_config(sweep)
     runs, seen = [], {}
-    for i, overrides in enumerate(points(sweep)):
+    for i, overrides in enumerate({**pt, **(sets or {})} for pt in points(sweep)):
         try:
             cfg = config_lib.resolve(apply_overrides(base, overrides))
         except ConfigError as e:
@@ -268,13 +262,13 @@ def _write_result(run_dir: str, cfg, out: dict, wall_s: float, keep_checkpoints:
 
 
 def run_pack(run_dirs: list[str], keep_checkpoints: bool = False, corpus=None, mesh=None, log=print) -> list[dict]:
-    """Trains `run_dirs` as one vectorized program (train/vectorized.run_pack; one: run_one); writes result.json."""
+    """Trains `run_dirs` as one vectorized program (train/loop.run_pack; one: run_one); writes result.json."""
     if len(run_dirs) == 1:
         return [run_one(run_dirs[0], keep_checkpoints, corpus=corpus, mesh=mesh)]
-    from maxscale.train import vectorized
+    from maxscale.train import loop
 
     cfgs = [ml_collections.ConfigDict(json.loads(paths.read_text(paths.join(d, RUN_FILE)))["config"]) for d in run_dirs]
-    return vectorized.run_pack(cfgs, run_dirs, _write_result, keep_checkpoints, corpus=corpus, mesh=mesh, log=log)
+    return loop.run_pack(cfgs, run_dirs, _write_result, keep_checkpoints, corpus=corpus, mesh=mesh, log=log)
 
 
 def run_local(
@@ -288,7 +282,7 @@ def run_local(
         if problem:
             moved = _move_aside(r["dir"])
             log(f"sweep: {r['id']} reruns: its result.json {problem}; the old run is kept in {moved}")
-    todo = [r for r in runs if status(r["dir"]) != "done"]
+    todo, vary = [r for r in runs if status(r["dir"]) != "done"], varying_fields(runs)
     outcome = {r["id"]: "done" for r in runs if status(r["dir"]) == "done"}
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run, {jobs} at a time")
     t0 = time.perf_counter()
@@ -305,7 +299,7 @@ def run_local(
             key = json.dumps(unit[0]["config"].data.to_dict(), sort_keys=True)
             if key not in corpora:
                 corpora = {key: data_lib.load_corpus(unit[0]["config"])}
-            names = "; ".join(f"{r['id']} {_short(r['overrides'])} ({status(r['dir'])})" for r in unit)
+            names = "; ".join(f"{r['id']} {_short(r['overrides'], vary)} ({status(r['dir'])})" for r in unit)
             log(f"sweep: [{i + 1}/{len(units)}] {names}")
             try:
                 results = run_pack([r["dir"] for r in unit], keep_checkpoints, corpora[key], mesh, log)
@@ -356,10 +350,29 @@ def _version() -> str:
         return "unknown"
 
 
-def _short(overrides: dict) -> str:
-    """`field=value` by the field's last name, or its whole name where two share one (train.seed, data.seed)."""
-    last = [k.split(".")[-1] for k in overrides]
-    return " ".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={v}" for k, v in overrides.items())
+def varying_fields(runs: list[dict]) -> list[str]:
+    """The override fields whose value differs between `runs` (a run's log line shows only these)."""
+    keys = dict.fromkeys(k for r in runs for k in r["overrides"])
+    return [k for k in keys if len({repr(r["overrides"].get(k)) for r in runs}) > 1]
+
+
+def _short(overrides: dict, fields: list[str] | None = None) -> str:
+    """`field=value` of `fields` (default: all) by the field's last name, or its whole name where two share one."""
+    shown = {k: v for k, v in overrides.items() if fields is None or k in fields}
+    last = [k.split(".")[-1] for k in shown]
+    return " ".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={v}" for k, v in shown.items())
+
+
+def parse_sets(texts: list[str], base: ml_collections.ConfigDict) -> dict:
+    """{field: value text} of the --set FIELD=VALUE flags, each checked against the sweep's base config."""
+    sets = {}
+    for text in texts:
+        field, eq, value = text.partition("=")
+        if not eq or not field:
+            raise ConfigError(f"--set {text}: expected FIELD=VALUE, e.g. --set train.steps=50")
+        sets[field.removeprefix("config.")] = value
+    apply_overrides(base, sets)  # an unknown field or bad value: one line naming it, before anything is expanded
+    return sets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,70 +380,71 @@ def _short(overrides: dict) -> str:
 
 USAGE = (
     "usage: python tools/sweep.py SWEEP_FILE[:ARG] [--jobs=N] [--root=runs] [--slurm [--partition=P] [--time=T]] "
-    "[--dry_run] [--keep_checkpoints] [--vectorize=K]\n"
+    "[--dry_run] [--limit=N] [--set FIELD=VALUE ...] [--keep_checkpoints] [--vectorize=K]\n"
     "       python tools/sweep.py --run_dir=DIR[,DIR...]   (one run, or runs as one vectorized program)"
 )
 
 
-def _parse(argv: list[str]) -> tuple[list[str], dict]:
-    pos, flags = [], {}
-    valid = {"jobs", "root", "slurm", "partition", "time", "dry_run", "keep_checkpoints", "run_dir", "vectorize"}
-    for a in argv:
-        if a.startswith("--"):
-            name, eq, value = a[2:].partition("=")
-            name = name.replace("-", "_")
-            if name not in valid:
-                raise ConfigError(f"unknown flag --{name}; {config_lib._closest(name, sorted(valid))}")
-            flags[name] = value if eq else True
-        else:
-            pos.append(a)
-    return pos, flags
+def _parser() -> cli.Parser:
+    p = cli.Parser("sweep", USAGE)
+    p.add_argument("sweep_file", nargs="?", default=None, help="a sweep file, SWEEP_FILE[:ARG]")
+    p.add_argument("--jobs", default="1", help="runs at a time (local) or array tasks at a time (--slurm)")
+    p.add_argument("--vectorize", default="1", help="K runs of equal shape trained as one program (K >= 1)")
+    p.add_argument("--root", default="runs", help="the sweep directory goes under it")
+    cli.bool_flag(p, "slurm", "write an sbatch array script instead of running")
+    p.add_argument("--partition", default="", help="--slurm: the partition")
+    p.add_argument("--time", default="", help="--slurm: the time limit, e.g. 24:00:00")
+    dry = {"type": cli.flag_bool, "nargs": "?", "const": True, "default": False, "help": "list the runs; run nothing"}
+    p.add_argument("--dry_run", "--dry-run", dest="dry_run", **dry)
+    cli.bool_flag(p, "keep_checkpoints", "keep every run's checkpoints after it finishes")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="set on every point (repeat)")
+    p.add_argument("--limit", default=None, help="N: only the first N points of the sweep")
+    p.add_argument("--run_dir", default=None, help="DIR[,DIR...]: run one expanded run, or runs as one program")
+    return p
 
 
+def _positive(name: str, value: str) -> int:
+    if not str(value).strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"--{name}={value}: expected a positive integer")
+    return int(value)
+
+
+@cli.command("sweep")
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    args = _parser().parse(argv)
+    if args.run_dir is not None:
+        dirs = args.run_dir.split(",")
+        if not all(os.path.isfile(os.path.join(d, RUN_FILE)) for d in dirs):
+            raise ConfigError(f"--run_dir={args.run_dir}: no {RUN_FILE} there; expand the sweep first")
+        keep = args.keep_checkpoints
+        print(json.dumps(run_one(args.run_dir, keep) if len(dirs) == 1 else run_pack(dirs, keep)))
         return 0
-    try:
-        pos, flags = _parse(argv)
-        if "run_dir" in flags:
-            run_dir, keep = flags["run_dir"], bool(flags.get("keep_checkpoints"))
-            dirs = run_dir.split(",") if isinstance(run_dir, str) else [""]
-            if not all(os.path.isfile(os.path.join(d, RUN_FILE)) for d in dirs):
-                raise ConfigError(f"--run_dir={run_dir}: no {RUN_FILE} there; expand the sweep first")
-            print(json.dumps(run_one(run_dir, keep) if len(dirs) == 1 else run_pack(dirs, keep)))
-            return 0
-        if len(pos) != 1:
-            raise ConfigError("expected one sweep file, e.g. python tools/sweep.py configs/sweeps/width.py")
-        counts = {name: str(flags.get(name, 1)).strip() for name in ("jobs", "vectorize")}
-        for name, value in counts.items():
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--{name}={flags.get(name)}: expected a positive integer")
-        jobs, vectorize = int(counts["jobs"]), int(counts["vectorize"])
-        root = flags.get("root", "runs")
-        if not isinstance(root, str) or not root:
-            raise ConfigError("--root needs a directory, e.g. --root=runs")
-        sweep = load_sweep(pos[0])
-        runs = expand(sweep, root)
-    except ConfigError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return errors.EXIT_USAGE
-
-    if flags.get("dry_run"):
+    if not args.sweep_file:
+        raise ConfigError("expected one sweep file, e.g. python tools/sweep.py configs/sweeps/width.py")
+    jobs, vectorize = _positive("jobs", args.jobs), _positive("vectorize", args.vectorize)
+    if not args.root:
+        raise ConfigError("--root needs a directory, e.g. --root=runs")
+    sweep = load_sweep(args.sweep_file)
+    sets = parse_sets(args.set, base_config(sweep))
+    runs = expand(sweep, args.root, sets)
+    total, runs = len(runs), runs[: _positive("limit", args.limit)] if args.limit is not None else runs
+    if args.dry_run:
+        vary = varying_fields(runs)
         for r in runs:
-            print(f"{r['id']}  {status(r['dir']):<8} {_short(r['overrides'])}")
-        print(f"{len(runs)} runs in {os.path.join(root, sweep['name'])}")
+            print(f"{r['id']}  {status(r['dir']):<8} {_short(r['overrides'], vary)}")
+        fixed = f"; on every run: {_short(sets)}" if sets else ""
+        print(f"{len(runs)} of {total} runs in {os.path.join(args.root, sweep['name'])}{fixed} (dry run: nothing ran)")
         return 0
-    sweep_dir = write_plan(sweep, runs, root)
-    if flags.get("slurm"):
+    sweep_dir = write_plan(sweep, runs, args.root)
+    if args.slurm:
         path, tasks, listing = os.path.join(sweep_dir, "sweep.sbatch"), len(runs), RUNS
         if vectorize > 1:  # one array task per vectorized pack (its directories on one line of packs.txt)
             from maxscale.train import vectorized
 
             tasks, listing = vectorized.write_pack_list(runs, vectorize, sweep_dir), vectorized.PACK_LIST
-        opts = {"partition": flags.get("partition", ""), "time_limit": flags.get("time", ""), "listing": listing}
+        opts = {"partition": args.partition, "time_limit": args.time, "listing": listing}
         paths.write_text_atomic(path, slurm_script(sweep_dir, tasks, jobs, **opts))
         print(f"wrote {path} ({tasks} array tasks, {jobs} at a time); submit with: sbatch {path}")
         return 0
-    outcome = run_local(runs, jobs=jobs, keep_checkpoints=bool(flags.get("keep_checkpoints")), vectorize=vectorize)
+    outcome = run_local(runs, jobs=jobs, keep_checkpoints=args.keep_checkpoints, vectorize=vectorize)
     return 0 if all(s in ("done", "diverged") for s in outcome.values()) else 1

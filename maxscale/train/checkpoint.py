@@ -32,6 +32,7 @@ Safety, in the order things happen (docs/reliability.md has the guarantees and t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -52,6 +53,21 @@ MANIFEST_FORMAT = "maxscale-checkpoint-manifest-v1"
 _STEP_NAME = re.compile(r"(0|[1-9]\d*)")  # orbax's committed step names; tmp, .corrupt and .deleting never match
 # orbax rewrites this file after commit (timestamps); restore does not need it, so it is not hashed
 _UNHASHED = ("_CHECKPOINT_METADATA",)
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops orbax's `WARNING:absl:Given directory is read only=<dir>`, which it logs whenever a CheckpointManager is
+    opened with read_only=True (every checkpoint-reading tool does, on purpose), where the directory is writable:
+    there the warning says nothing about the directory. Other absl messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Given directory is read only") or not record.args:
+            return True
+        directory = os.fspath(record.args[0])
+        return paths.is_url(directory) or not os.access(directory, os.W_OK)
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 class CheckpointError(RunStopped):

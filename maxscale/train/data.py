@@ -137,15 +137,23 @@ def hold_out_tail(train: np.ndarray, evals: np.ndarray, fraction: float) -> tupl
     return everything[:cut], everything[cut:]
 
 
-def _read_documents(files: list, root: str, cfg_data, tok) -> tuple[dict, int, int]:
-    """({"train": ids, "eval": ids}, documents, bytes read) of text files, each document ended by the tokenizer's
-    end-of-document id."""
+def is_binary(raw: bytes) -> bool:
+    """Not text: a NUL byte (no text file holds one; the byte tokenizer ends documents with it) or not UTF-8."""
+    return b"\0" in raw or raw.decode("utf-8", "replace").encode() != raw  # invalid bytes became U+FFFD
+
+
+def _read_documents(files: list, root: str, cfg_data, tok, skip_binary: bool = False) -> tuple[dict, int, int, int]:
+    """({"train": ids, "eval": ids}, documents, bytes read, binary files skipped) of text files, each document ended by
+    the tokenizer's end-of-document id; with `skip_binary` (a directory or glob), binary files are counted, not read."""
     parts = {"train": [], "eval": []}
     dtype = tok_lib.dtype_for(tok.vocab_size)
-    total = 0
+    total = skipped = 0
     for f in files:
         raw = paths.as_path(f).read_bytes()
         if not raw:
+            continue
+        if skip_binary and is_binary(raw):
+            skipped += 1
             continue
         doc = tok_lib.encode_document(tok, raw).astype(dtype, copy=False)
         split = "eval" if is_eval(document_name(f, root), cfg_data.eval_fraction) else "train"
@@ -154,9 +162,10 @@ def _read_documents(files: list, root: str, cfg_data, tok) -> tuple[dict, int, i
         if cfg_data.max_bytes and total >= cfg_data.max_bytes:
             break
     if total == 0:
-        raise ConfigError(f"data.source={cfg_data.source!r}: the files are empty; pass a non-empty text corpus")
+        what = f"all {skipped} files are binary (NUL bytes or not UTF-8)" if skipped else "the files are empty"
+        raise ConfigError(f"data.source={cfg_data.source!r}: {what}; pass a non-empty text corpus")
     out = {k: np.concatenate(v) if v else np.zeros(0, dtype) for k, v in parts.items()}
-    return out, (len(parts["train"]) + len(parts["eval"])) // 2, total
+    return out, (len(parts["train"]) + len(parts["eval"])) // 2, total, skipped
 
 
 def read_token_header(header_path: str, tokenizer: str = "byte") -> dict:
@@ -196,13 +205,8 @@ def _read_token_file(header_path: str, tokenizer: str) -> Corpus:
         else:
             empty = np.zeros(0, header["dtype"])
             arrays[split] = np.memmap(path, dtype=header["dtype"], mode="r", shape=(n,)) if n else empty
-    return Corpus(
-        arrays["train"],
-        arrays["eval"],
-        header["vocab_size"],
-        f"token file {header_path} ({header['train']['tokens'] / 1e6:.1f}M train tokens, "
-        f"{header.get('tokenizer', 'byte')})",
-    )
+    what = f"({header['train']['tokens'] / 1e6:.1f}M train tokens, {header.get('tokenizer', 'byte')})"
+    return Corpus(arrays["train"], arrays["eval"], header["vocab_size"], f"token file {header_path} {what}")
 
 
 class RecordTokens:
@@ -301,9 +305,11 @@ def read_corpus(cfg_data) -> Corpus:
         return _read_token_file(cfg_data.source, cfg_data.tokenizer)
     tok = tok_lib.get(cfg_data.tokenizer)
     files, root = source_files(cfg_data.source)
-    parts, n_docs, total = _read_documents(files, root, cfg_data, tok)
+    several = cfg_data.source not in ("stdlib", os.fspath(files[0]))  # a directory or glob: binary files skipped
+    parts, n_docs, total, skipped = _read_documents(files, root, cfg_data, tok, several)
     train, evals = hold_out_tail(parts["train"], parts["eval"], cfg_data.eval_fraction)
     what = "byte tokens" if tok.name == "byte" else f"{(len(train) + len(evals)) / 1e6:.2f}M tokens of {tok.name}"
+    what += f"; skipped {skipped} binary files (NUL bytes or not UTF-8)" if skipped else ""
     prefix = "Python stdlib sources: " if cfg_data.source == "stdlib" else ""
     return Corpus(train, evals, tok.vocab_size, f"{prefix}{n_docs} documents, {total / 1e6:.1f} MB, {what}")
 
@@ -385,21 +391,14 @@ def eval_batches(
 
 def token_header(tokenizer: str, vocab_size: int, source: str, description: str) -> dict:
     """A token file's header before its splits are added: format, dtype, vocabulary and tokenizer."""
-    return {
-        "format": TOKEN_FILE_FORMAT,
-        "dtype": np.dtype(tok_lib.dtype_for(vocab_size)).name,
-        "vocab_size": int(vocab_size),
-        **tok_lib.header_fields(tokenizer),
-        "source": source,
-        "description": description,
-    }
+    dtype, tok_fields = np.dtype(tok_lib.dtype_for(vocab_size)).name, tok_lib.header_fields(tokenizer)
+    head = {"format": TOKEN_FILE_FORMAT, "dtype": dtype, "vocab_size": int(vocab_size), **tok_fields}
+    return {**head, "source": source, "description": description}
 
 
 def write_header(out: str, header: dict) -> None:
     """Writes `<out>.json` atomically: written last, a header always describes complete files."""
-    with open(f"{out}.json.tmp", "w") as fh:
-        json.dump(header, fh, indent=2)
-    os.replace(f"{out}.json.tmp", f"{out}.json")
+    paths.write_text_atomic(f"{out}.json", json.dumps(header, indent=2))
 
 
 def write_token_file(cfg: ml_collections.ConfigDict, out: str) -> dict:

@@ -235,13 +235,16 @@ class Progress:
     def update(
         self, step: int, loss: float, tokens_per_s: float, mfu: float, seconds_per_step: float, extra: str = ""
     ) -> None:
+        """A step's line. Before a rate is measured (the first logged step: its time includes compilation, so the
+        trainer passes seconds_per_step 0) the rate, MFU and ETA are left out rather than shown as 0."""
         if not self.enabled:
             return
-        eta = _duration((self.total - step) * seconds_per_step)
-        line = (
-            f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-            f"MFU {100 * mfu:.1f}%  ETA {eta}{extra}"
-        )
+        head = f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
+        if seconds_per_step > 0 and tokens_per_s > 0:
+            eta = _duration((self.total - step) * seconds_per_step)
+            line = f"{head}{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {eta}{extra}"
+        else:
+            line = f"{head}(measuring tok/s: this step includes compilation){extra}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
         else:
