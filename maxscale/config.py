@@ -114,7 +114,15 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
 
 
 def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
-    """Applies `--config.<key>=<text>` in place."""
+    """Applies `--config.<key>=<text>` in place. The error names what was typed with unprintable characters
+    escaped (a newline or a control character in a value must not break the one-line message)."""
+    try:
+        _override(cfg, key, text)
+    except ConfigError as e:
+        raise ConfigError("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))) from None
+
+
+def _override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -192,6 +200,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raw["model"]["remat"] = _remat_name(raw["model"].get("remat", "none"))  # may change type: before ConfigDict
     cfg = ml_collections.ConfigDict(raw)
     check_fields(cfg)
+    _check_step_size(cfg)
     tokenizers.resolve_vocab(cfg)  # data.tokenizer is a tokenizer; model.vocab_size 0 = derived from it
     o = cfg.optimizer
     # a fixed threshold does not transfer across widths under muP (docs/training.md); with clipping off the mode
@@ -207,6 +216,17 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _resolve_moe(cfg)
     quant_config.resolve(cfg)
     return cfg
+
+
+def _check_step_size(cfg: ml_collections.ConfigDict) -> None:
+    """The tokens of one step must be countable in int32 (the batch arrays, token counters): a batch size that each
+    field's own bound allows can still not fit once multiplied by the sequence length."""
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    if tokens >= schema.INT_LIMIT:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} x data.seq_len={cfg.data.seq_len} = {tokens} tokens per step "
+            f"is too large; keep it below {schema.INT_LIMIT} (fewer or shorter sequences per step)"
+        )
 
 
 def _resolve_model(m: ml_collections.ConfigDict) -> None:

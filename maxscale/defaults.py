@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -46,6 +47,11 @@ class Field:
             if value in self.choices:
                 return None
             return f"{self.name}={value!r} is not supported; choose one of {', '.join(self.choices)}"
+        numeric = isinstance(self.default, (int, float)) and not isinstance(self.default, bool)
+        if numeric and isinstance(value, (int, float)) and not isinstance(value, bool):
+            too_big = _size_problem(self.name, value, isinstance(self.default, int))
+            if too_big:
+                return too_big
         if not self.check or (self.allow is not None and value == self.allow):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -59,6 +65,17 @@ class Field:
             return f"{self.name}={value} must be >= 0 ({hint or '0 means derived/off'})"
         rule = f"be {self.check[:-1]} {self.check[-1]}" if self.check[0] == ">" else f"lie in {_spaced(self.check)}"
         return f"{self.name}={value} must {rule}" + (f" ({hint})" if hint else "")
+
+
+def _size_problem(name: str, value: int | float, integer: bool) -> str | None:
+    """Non-finite numbers, and integers no array, seed or step counter can hold, are refused for every numeric
+    field (checked or not): they would otherwise pass a range check and fail later with a traceback."""
+    if not math.isfinite(value):
+        return f"{name}={value} must be a finite number"
+    limit = WIDE_INTS.get(name, INT_LIMIT)
+    if integer and abs(value) >= limit:
+        return f"{name}={value} is too large; it must be below {limit} in absolute value"
+    return None
 
 
 def _spaced(interval: str) -> str:
@@ -102,7 +119,11 @@ HINTS = {  # said after a bad value where the rule alone does not say what to do
     "parameterization.attn_exponent": "or -1 for the parameterization's own",
     **{f"mesh.{a}": "-1 fills the remaining devices" for a in MESH_AXES},
     **{f"mesh.dcn_{a}": "1 = the axis stays inside one slice" for a in MESH_AXES},
+    "data.seed": "a seed is an integer in [0, 2**31)",
+    "train.seed": "a seed is an integer in [0, 2**31)",
 }
+INT_LIMIT = 2**31  # integer fields stay below this (seeds, sizes, counts: what int32 and numpy's seeding take)
+WIDE_INTS = {"data.max_bytes": 2**53}  # byte counts may exceed it
 GRANULARITY = "per_tensor|per_channel|per_token|per_block"
 FORMAT = "none | int<b> (b = 2..16) | e<x>m<y> (1+x+y = 3..16 bits), checked by quant/config.py"
 RUN = "-id resume"  # may change on restart and does not change the numbers
@@ -120,10 +141,10 @@ _FIELDS = [
             ("vocab_size", 256, ">=0", ">= the tokenizer's and a token file's; 0 = data.tokenizer's, padded to 128"),
             ("mlp", "swiglu", "swiglu|gelu", "the MLP of dense blocks and experts"),
             ("norm", "rmsnorm", "rmsnorm|layernorm", "the normalization"),
-            ("norm_eps", 1e-6, "", "epsilon of the norms"),
+            ("norm_eps", 1e-6, ">0", "epsilon of the norms"),
             ("tie_embeddings", False, "", "the readout is the embedding table"),
             ("qk_norm", False, "", "normalize queries and keys per head"),
-            ("rope_theta", 10_000.0, "", "rotary embedding base"),
+            ("rope_theta", 10_000.0, ">0", "rotary embedding base"),
             ("dtype", "float32", "float32|bfloat16", "compute dtype (weights, optimizer state and loss stay f32)"),
             ("param_dtype", "float32", "float32|bfloat16", "dtype the weights are stored in"),
             (
@@ -257,7 +278,7 @@ _FIELDS = [
         [
             ("source", "stdlib", "", "stdlib | text file, glob or directory | token file from tools/prepare_data.py"),
             ("seq_len", 128, ">0", "positions per sequence"),
-            ("seed", 0, "pack", "document order and batches"),
+            ("seed", 0, ">=0 pack", "document order and batches"),
             ("eval_fraction", 0.02, "(0,1)", "share of documents held out for eval"),
             ("max_bytes", 0, ">=0", "caps the corpus read; 0 = no limit"),
             ("tokenizer", "byte", "", "byte | tiktoken:<enc> | sentencepiece:<file> | hf:<tokenizer.json>"),
@@ -277,7 +298,7 @@ _FIELDS = [
             ("batch_size", 16, ">0", "global, in sequences"),
             ("microbatches", 1, ">0", "gradient accumulation: the batch as this many slices, one optimizer step"),
             ("steps", 1000, ">0 resume", "optimizer steps"),
-            ("seed", 0, "pack", "initialization"),
+            ("seed", 0, ">=0 pack", "initialization"),
             ("eval_every", 200, ">0 resume", "steps between evals"),
             ("eval_steps", 4, ">=0 resume", "batches per eval"),
             ("log_every", 10, f">0 {RUN}", "steps between logged metrics"),

@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -36,6 +37,24 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 def join(path: str | os.PathLike, *parts: str) -> epath.Path:
     return as_path(path).joinpath(*parts)
+
+
+def walk_files(top: str | os.PathLike) -> Iterator[tuple[str, epath.Path]]:
+    """(path relative to `top` with '/' separators, full path) of every file under `top`, sorted. epath's walk of
+    an object store (fsspec) yields roots without their `gs://` scheme, so `root.relative_to(top)` fails there and
+    `root / name` names a local path: the scheme is put back here."""
+    top = as_path(top)
+    base = os.fspath(top).rstrip("/")
+    scheme = base.split("://", 1)[0] + "://" if is_url(base) else ""
+    found = []
+    for root, _, names in top.walk():
+        text = os.fspath(root).rstrip("/")
+        if scheme and not text.startswith(scheme):
+            text = scheme + text.lstrip("/")
+        rel_root = text[len(base) :].strip("/")
+        for name in names:
+            found.append((f"{rel_root}/{name}" if rel_root else name, epath.Path(f"{text}/{name}")))
+    return iter(sorted(found, key=lambda item: item[0]))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

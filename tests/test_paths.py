@@ -6,6 +6,7 @@ import os
 import fsspec
 import pytest
 from conftest import one_device_mesh, tiny_config
+from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 
 from maxscale import paths
@@ -22,13 +23,26 @@ class FakeGCS(MemoryFileSystem):
     pseudo_dirs = [""]
 
 
+def forget_filesystems() -> None:
+    """epath caches one filesystem per protocol (and fsspec one instance per class and arguments): dropped, so
+    the next `gs://` path meets the implementation registered now (gcsfs, or FakeGCS here)."""
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    fsspec.AbstractFileSystem.clear_instance_cache()
+
+
 @pytest.fixture
 def fake_gcs(monkeypatch):
     FakeGCS.store.clear()
+    registry = {name: fsspec.registry.get(name) for name in ("gs", "gcs")}
     for name in ("gs", "gcs"):
         fsspec.register_implementation(name, FakeGCS, clobber=True)
+    forget_filesystems()
     yield FakeGCS.store
     FakeGCS.store.clear()
+    for name, impl in registry.items():  # gcsfs again for later tests (tests/test_gcs.py)
+        if impl is not None:
+            fsspec.register_implementation(name, impl, clobber=True)
+    forget_filesystems()
 
 
 class Recorder:
@@ -103,3 +117,15 @@ class _NullTB:
 
     def close(self):
         pass
+
+
+def test_walk_files_names_each_file_relative_to_the_top(tmp_path):
+    (tmp_path / "top" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "top" / "z.txt").write_text("z")
+    (tmp_path / "top" / "a" / "b" / "c.bin").write_bytes(b"\0")
+    walked = [(rel, os.fspath(p)) for rel, p in paths.walk_files(tmp_path / "top")]
+    assert walked == [
+        ("a/b/c.bin", str(tmp_path / "top" / "a" / "b" / "c.bin")),
+        ("z.txt", str(tmp_path / "top" / "z.txt")),
+    ]
+    assert list(paths.walk_files(f"file://{tmp_path}/top")) == list(paths.walk_files(tmp_path / "top"))

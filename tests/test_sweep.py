@@ -154,7 +154,7 @@ def test_slurm_array_script(tmp_path):
     assert len(lines) == 3 and all(os.path.isfile(os.path.join(d, "sweep_run.json")) for d in lines)
 
 
-def test_local_runs_skip_finished_resume_interrupted_and_mark_diverged(tmp_path):
+def test_local_runs_skip_finished_resume_interrupted_and_mark_diverged(tmp_path, capfd):
     path = write_sweep(
         tmp_path,
         """
@@ -174,12 +174,16 @@ def test_local_runs_skip_finished_resume_interrupted_and_mark_diverged(tmp_path)
     loop.Trainer(half, first["dir"], mesh=mesh).run()
     assert sweep.status(first["dir"]) == "started"
 
+    capfd.readouterr()
     outcome = sweep.run_local(runs, mesh=mesh)
     assert list(outcome.values()) == ["done", "done", "diverged"]
+    # resumed at step 2, not restarted: the trainer says so (once, for this run only), and each step is logged once
+    said = [line for line in capfd.readouterr().out.splitlines() if line.startswith("resumed from ")]
+    assert said == [f"resumed from {os.path.join(first['dir'], 'checkpoints')} at step 2"], said
     logged_steps = [
         json.loads(line)["step"] for line in open(os.path.join(first["dir"], "metrics.jsonl")) if "train/loss" in line
     ]
-    assert logged_steps.count(1) <= 1 and logged_steps[-1] == 4  # resumed at step 2, not restarted
+    assert logged_steps == [1, 2, 3, 4]
     for r in runs[:2]:
         result = json.load(open(os.path.join(r["dir"], "result.json")))
         assert result["status"] == "done" and result["steps"] == 4 and result["eval_loss"] < 5.6
