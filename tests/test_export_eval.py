@@ -4,8 +4,8 @@ the transformers model computes maxscale's logits (rtol 1e-4) under SP, muP and 
 embeddings and qk-norm (Qwen3 layout), with every forward multiplier away from 1; a run exports end to end with a
 byte-level tokenizer.json; what Llama cannot express is refused in one line. MoE runs export as Mixtral (softmax top-k
 renormalised routing, every block MoE) with the same logits under dropless and capacity dispatch (nothing dropped),
-and what Mixtral cannot express (sigmoid or mean_k routing, shared experts, dense blocks, a routing bias, qk-norm) is
-refused in one line naming the field. The export checks need torch and
+and what Mixtral cannot express goes to Glm4Moe (sigmoid routing) or Qwen3-MoE (qk-norm), or is refused in one
+line naming the field (tests/test_moe_tools.py: the paper's MoE). The export checks need torch and
 transformers (the `hf` extra) and are skipped without them."""
 
 from __future__ import annotations
@@ -179,7 +179,6 @@ def test_export_of_a_run_with_its_tokenizer(byte_run, tmp_path):
 @pytest.mark.parametrize(
     "field,value,words",
     [
-        ("model.moe.num_experts", 4, "Mixtral model: model.moe.score=sigmoid"),
         ("model.mlp", "gelu", "SwiGLU"),
         ("model.norm", "layernorm", "RMSNorm"),
     ],
@@ -252,20 +251,24 @@ def test_export_of_an_moe_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field,value",
+    "field,value,arch",
     [
-        ("score", "sigmoid"),
-        ("combine", "mean_k"),
-        ("num_shared", 1),
-        ("first_dense", 1),
-        ("every", 2),
-        ("balance", "bias"),
-        ("qk_norm", True),
+        ("score", "sigmoid", "glm4_moe"),  # sigmoid routing with its selection-only bias: Glm4Moe
+        ("qk_norm", True, "qwen3_moe"),  # softmax with qk-norm: Qwen3-MoE, any combine and layout
+        ("combine", "mean_k", None),
+        ("num_shared", 1, None),
+        ("first_dense", 1, None),
+        ("every", 2, None),
+        ("balance", "bias", None),
     ],
 )
-def test_what_mixtral_cannot_express_is_refused_in_one_line(field, value):
+def test_what_mixtral_cannot_express_goes_elsewhere_or_is_refused_in_one_line(field, value, arch):
     cfg = tiny_config(**MOE)
     (cfg.model if field == "qk_norm" else cfg.model.moe)[field] = value
-    with pytest.raises(ConfigError, match=f"Mixtral model: model.{'' if field == 'qk_norm' else 'moe.'}{field}=") as e:
+    if arch is not None:
+        assert export_hf.architecture(cfg) == arch
+        return
+    prefix = "this run cannot be exported to transformers: model."
+    with pytest.raises(ConfigError, match=f"^{prefix}{'' if field == 'qk_norm' else 'moe.'}{field}=") as e:
         export_hf.check_exportable(cfg)
     assert "\n" not in str(e.value)

@@ -11,7 +11,10 @@ It sees every matmul through the entry point (`layers.Matmul`), knowing the weig
   quant_errors   per tensor kind (weights, activations, kv, probs), the sum of the relative RMS errors
                  ||x - q(x)|| / ||x|| of every tensor the quantizer changed, and their count
   moments        X^T X (float32 [I, I]) of the input of every named matrix of role `hidden` or `readout`
-                 (GPTQ's Hessians), with I the weight's contracted features in the activation's order
+                 (GPTQ's Hessians), with I the weight's contracted features in the activation's order; for the
+                 routed experts (roles `expert_in`, `expert_out`) one per expert, [E, I, I], over the rows routed
+                 to it: from the grouped rows and their groups (`Matmul.ragged`, `Matmul.grouped`, `grouped_input`)
+                 or, where the activation has an experts axis (capacity's [E, C, D] slots), per slice of that axis
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from maxscale.model.layers import input_moments
 from maxscale.parallel import sharding
 
+EXPERT_ROLES = ("expert_in", "expert_out")  # routed experts' matrices: moments per expert
 CAPTURES = ("stats", "quant_errors", "moments")  # what `capture` may ask of the forward (transformer.Output)
 QUANT_KINDS = ("weights", "activations", "kv", "probs")
 
@@ -35,6 +39,15 @@ def relative_rms_error(x, x_hat) -> jax.Array:
     x, x_hat = jnp.asarray(x, jnp.float32), jnp.asarray(x_hat, jnp.float32)
     num, den = jnp.linalg.norm((x - x_hat).ravel()), jnp.linalg.norm(x.ravel())
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num > 0, jnp.inf, 0.0))
+
+
+def expert_moments(x, eq: str, axis: int) -> jax.Array:
+    """X^T X [E, I, I] per slice of the activation's experts axis `axis` (einsum `eq`, the weight's first axis)."""
+    inputs, _, out = eq.replace(" ", "").partition("->")
+    x_sub = inputs.split(",")[0]
+    letter = x_sub[axis]
+    eq_one = f"{x_sub.replace(letter, '')},{inputs.split(',')[1].replace(letter, '')}->{out.replace(letter, '')}"
+    return jax.vmap(lambda x_e: input_moments(x_e, eq_one))(jnp.moveaxis(x, axis, 0))
 
 
 class Recorder:
@@ -51,8 +64,20 @@ class Recorder:
             self.qerr.setdefault(kind, []).append(relative_rms_error(x, x_hat))
 
     def matmul_input(self, name: str | None, role: str, eq: str, x) -> None:
-        if "moments" in self.capture and name is not None and role in ("hidden", "readout"):
+        if "moments" not in self.capture or name is None:
+            return
+        if role in ("hidden", "readout"):
             self.moments[name] = input_moments(x, eq)
+        elif role in EXPERT_ROLES:
+            x_sub, w_sub = eq.replace(" ", "").partition("->")[0].split(",")
+            if w_sub[0] in x_sub:  # the weight's experts axis is one of the activation's: one X^T X per expert
+                self.moments[name] = expert_moments(x, eq, x_sub.index(w_sub[0]))
+
+    def grouped_input(self, name: str | None, role: str, x_RI, group_R, num_groups: int) -> None:
+        """Per-expert X^T X [E, I, I] of grouped rows `x_RI`, row r belonging to expert group_R[r] (>= E: none)."""
+        if "moments" in self.capture and name is not None and role in EXPERT_ROLES:
+            rows_of = lambda e: jnp.where((group_R == e)[:, None], x_RI, 0)  # noqa: E731  (expert e's rows)
+            self.moments[name] = jax.vmap(lambda e: input_moments(rows_of(e), "ri,io->ro"))(jnp.arange(num_groups))
 
     def outputs(self) -> dict:
         """{"quant_errors": {kind: [sum, count]}, "moments": {name: [I, I]}} for what was asked."""

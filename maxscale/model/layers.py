@@ -95,6 +95,9 @@ class Matmul:
         """Grouped matmul for expert layers: rows of `x_MD` are sorted by group; group e uses `w_EDF[e]`."""
         # for the quantizer, each expert's matrix is its own: e stays out of the contracted axes (only d is summed)
         x_MD, w_EDF = self._operands("md,edf->emf", x_MD, w_EDF, role, name)
+        if self.recorder is not None:  # row m belongs to the group whose cumulative size first exceeds m
+            group_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(x_MD.shape[0]), side="right")
+            self.recorder.grouped_input(name, role, x_MD, group_M, w_EDF.shape[0])
         return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E, preferred_element_type=out_dtype)
 
     def grouped(self, x_NtD, w_EDF, tiles, *, role: str, name: str | None = None, out_dtype=None) -> jax.Array:
@@ -103,6 +106,9 @@ class Matmul:
         on every backend (XLA:CPU expands ragged_dot over every group). The quantizer sees whole per-expert
         matrices, as in `ragged`; zero padding rows stay zero."""
         x_NtD, w_EDF = self._operands("ntd,edf->entf", x_NtD, w_EDF, role, name)
+        if self.recorder is not None:  # each tile's rows belong to its expert; padding rows are zero
+            group_R = jnp.repeat(tiles.expert_N, x_NtD.shape[1])
+            self.recorder.grouped_input(name, role, x_NtD.reshape(-1, x_NtD.shape[-1]), group_R, w_EDF.shape[0])
         return jnp.einsum("ntd,ndf->ntf", x_NtD, tiles.weights(w_EDF), preferred_element_type=out_dtype)
 
     @property

@@ -3,9 +3,10 @@
 GPTQ needs, for every hidden matrix of every layer, the second moment X^T X of its input. The model's forward
 reports them (`ModelDef.forward(capture=("moments",))`: model/context.py's Recorder sees each named matrix's input
 at the matmul entry point, inside the scanned layer stacks), per stack and layer, so dense models and every MoE
-layout (`first_dense`, `every`, shared experts) are calibrated by the code that trains them. GPTQ quantizes layer
-by layer in depth order (`depth_order`), each layer's moments taken with the layers before it already quantized
-(Frantar et al.), which costs one forward per layer and calibration batch.
+layout (`first_dense`, `every`, shared experts) are calibrated by the code that trains them; a routed expert's
+moments are [E, I, I], each over the rows routed to that expert (dense dispatch is calibrated as dropless). GPTQ
+quantizes layer by layer in depth order (`depth_order`), each layer's moments taken with the layers before it
+already quantized (Frantar et al.), which costs one forward per layer and calibration batch.
 
 Shapes: I a matrix's input (contracted) features, O its output features. A weight in its stored layout (e.g. wo
 [H, K, D]) maps to w_IO [I, O] with `weight_to_IO`, its contracted axes being its ParamSpec's `fan_in` (in the
@@ -61,6 +62,10 @@ class Calibrator:
     """The second moments of every hidden matrix's input, from the model's forward, jitted once per model."""
 
     def __init__(self, model: transformer.ModelDef):
+        if model.cfg.model.moe.dispatch == "dense":  # every expert sees every token there; calibrate on the routed
+            cfg = ml_collections.ConfigDict(model.cfg.to_dict())
+            cfg.model.moe.dispatch = "dropless"  # the same function, each expert's matmuls on its own rows
+            model = transformer.ModelDef(cfg, model.ctx)
         self.model = model
         capture = ("moments",)
         self._moments = jax.jit(

@@ -1,12 +1,13 @@
 """Post-training weight quantization (RTN or GPTQ) of a model's params: the math; `maxscale.tools.ptq` is the
 command line (`python tools/ptq.py`) that loads a run, quantizes and evaluates it.
 
-Quantizes the weights of every hidden matrix of every block (wq wk wv wo w_up w_gate w_down, shared experts; norms
-and routed experts stay), optionally the embedding table (RTN, one scale per token row: a lookup has no input to
-calibrate) and the readout. GPTQ (maxscale/quant/gptq.py) runs layer by layer as in Frantar et al.: layer l's
-Hessians H = 2 X^T X / n come from the inputs of its matrices (X of wo is the attention output [heads*head_dim], of
-w_down the MLP hidden), computed by the model's forward on calibration batches through the already-quantized
-layers < l (quant/calibrate.py).
+Quantizes the weights of every hidden matrix of every block (wq wk wv wo w_up w_gate w_down, shared experts) and of
+every routed expert, each expert's matrix on its own (per-expert scales; GPTQ against the X^T X of the rows routed
+to that expert, model/context.py's Recorder); norms and routers stay, optionally the embedding table (RTN, one scale
+per token row: a lookup has no input to calibrate) and the readout. GPTQ (maxscale/quant/gptq.py) runs layer by
+layer as in Frantar et al.: layer l's Hessians H = 2 X^T X / n come from the inputs of its matrices (X of wo is the
+attention output [heads*head_dim], of w_down the MLP hidden), computed by the model's forward on calibration batches
+through the already-quantized layers < l (quant/calibrate.py).
 Float formats by bits: 3 e2m0, 4 e3m0, 5 e3m1, 6 e3m2, 7 e4m2, 8 e5m2, 12 e5m6 (one sign bit, scaled per group).
 """
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
+from maxscale.model.context import EXPERT_ROLES
 from maxscale.parameterization import ParamSpec
 from maxscale.quant import calibrate, gptq
 from maxscale.quant.formats import Format, float_format, int_format
@@ -78,7 +80,7 @@ def quantize_params(model: transformer.ModelDef, params: dict, spec: Spec, calib
     """A copy of `params` with every hidden matrix of every block (and with spec.embeddings the table and readout)
     quantized, layer by layer in depth order. calib_BT1: training batches int32 [B, T+1] (GPTQ only; the last token
     of each row is dropped); each layer's Hessians come from the model's forward with the layers before it already
-    quantized. Expert matrices stay as they are."""
+    quantized, and every routed expert's matrices, expert by expert (each calibrated on the rows routed to it)."""
     cal = calibrate.Calibrator(model)
     params = jax.tree.map(jnp.asarray, params)
     tokens = [jnp.asarray(t)[:, :-1] for t in calib_BT1] if spec.method == "gptq" else []
@@ -87,13 +89,26 @@ def quantize_params(model: transformer.ModelDef, params: dict, spec: Spec, calib
         hessians = cal.hessians(params, tokens, moe_bias).get(stack, {})
         layer = dict(params[stack])
         for name, ps in specs[stack].items():
+            h = hessians[name][i] if name in hessians else None
             if ps.role == "hidden":
-                h = hessians[name][i] if name in hessians else None
                 layer[name] = layer[name].at[i].set(_quantize(layer[name][i], ps, spec, h))
+            elif ps.role in EXPERT_ROLES:
+                layer[name] = layer[name].at[i].set(_quantize_experts(layer[name][i], ps, spec, h))
         params = {**params, stack: layer}
     if spec.embeddings:
         params = _quantize_embeddings(model, params, spec, cal, tokens, moe_bias)
     return params
+
+
+def _quantize_experts(w_E, layout: ParamSpec, spec: Spec, h_EII=None):
+    """One layer's routed experts [E, ...]: each expert's matrix on its own (contracted over `layout.fan_in`), GPTQ
+    against its own Hessian (the rows routed to it) or RTN; an expert no calibration row reached gets RTN."""
+    one = dataclasses.replace(layout, axes=tuple(a for a in layout.axes if a != "experts"))
+    out = []
+    for e in range(w_E.shape[0]):
+        h = None if h_EII is None or not float(jnp.trace(h_EII[e])) else h_EII[e]
+        out.append(_quantize(w_E[e], one, spec, h))
+    return jnp.stack(out)
 
 
 TABLE = ParamSpec("embedding", ("vocab", "embed"), ("embed",))  # a lookup's layout: one scale per token row

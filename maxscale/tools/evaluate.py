@@ -10,7 +10,9 @@ nats per token over non-overlapping windows of data.seq_len (each window reads s
 the first is a target exactly once), so a checkpoint's loss does not depend on the batch size. Bits per byte =
 loss / ln 2 x tokens / bytes, the bytes being the UTF-8 bytes the target tokens decode to, an end of document counting
 as one: models with different tokenizers compare in bits per byte. For the byte tokenizer tokens = bytes, so bits per
-byte = loss / ln 2. Dense models (MoE runs: not yet); one CPU device is enough.
+byte = loss / ln 2. MoE runs also report each MoE layer's expert load on the data (the fraction of token-expert pairs
+each expert receives: 1/E each at balance; Output.moe's moe_load) with the run's routing bias; one CPU device is
+enough.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from maxscale.train import tokenizers as tok_lib
 SPLITS = ("auto", "all", "train", "eval")
 
 
-def run_config(run_dir: str, what: str = "tools/eval.py") -> ml_collections.ConfigDict:
-    """The resolved config a run saved; ConfigError (one line) if there is none or it is MoE."""
-    return ptq.dense_run_config(run_dir, what)
+def run_config(run_dir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved (dense or MoE); ConfigError (one line) if there is none."""
+    return ptq.run_config(run_dir)
 
 
 def load(run_dir: str, step: int | None, tokens: np.ndarray | None = None) -> ptq.Run:
@@ -62,7 +64,8 @@ def read_tokens(cfg: ml_collections.ConfigDict, source: str, split: str = "auto"
 
 
 def evaluate(run: ptq.Run, tokens: np.ndarray, batch_size: int = 0, max_tokens: int = 0) -> dict:
-    """{loss (nats/token), bits_per_token, bits_per_byte, tokens, bytes, windows} of the run's params on `tokens`."""
+    """{loss (nats/token), bits_per_token, bits_per_byte, tokens, bytes, windows; MoE: expert_load [L_moe][E]} of
+    the run's params on `tokens`."""
     cfg, setup = run.cfg, run.setup
     T = cfg.data.seq_len
     windows = (len(tokens) - 1) // T
@@ -73,18 +76,19 @@ def evaluate(run: ptq.Run, tokens: np.ndarray, batch_size: int = 0, max_tokens: 
     B = batch_size or cfg.train.batch_size
 
     @jax.jit
-    def nll(params, tokens_BT1):
-        logits = setup.model.apply(params, tokens_BT1[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT1[:, 1:]).sum(-1)
+    def nll(params, tokens_BT1, bias):
+        out = setup.model.forward(params, tokens_BT1[:, :-1], moe_bias=bias)
+        ce_B = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens_BT1[:, 1:]).sum(-1)
+        return ce_B, out.moe.get("moe_load")  # [L_moe, E] fraction of the batch's token-expert pairs, or None
 
     params = jax.device_put(run.params, jax.devices()[0])  # once, not per batch
-    total = 0.0
+    total, load = 0.0, 0.0
     for start in range(0, windows, B):
-        idx = np.arange(start, min(start + B, windows))
+        idx = np.arange(start, min(start + B, windows))  # the last batch may be smaller: no padding rows routed
         rows = np.stack([np.asarray(tokens[i * T : i * T + T + 1], np.int32) for i in idx])
-        padded = np.zeros((B, T + 1), np.int32)
-        padded[: len(rows)] = rows
-        total += float(np.asarray(nll(params, padded))[: len(rows)].sum(dtype=np.float64))
+        ce_B, load_LE = nll(params, rows, run.moe_bias)
+        total += float(np.asarray(ce_B).sum(dtype=np.float64))
+        load = load + (0.0 if load_LE is None else np.asarray(load_LE, np.float64) * len(idx) / windows)
     n_tokens = windows * T
     n_bytes = tok_lib.num_bytes(tok_lib.of_config(cfg), tokens[1 : n_tokens + 1])
     loss = total / n_tokens
@@ -97,7 +101,19 @@ def evaluate(run: ptq.Run, tokens: np.ndarray, batch_size: int = 0, max_tokens: 
         "windows": windows,
         "seq_len": T,
         "tokenizer": tok_lib.spec_of(cfg),
+        **({"expert_load": np.asarray(load).round(6).tolist()} if cfg.model.moe.num_experts else {}),
     }
+
+
+def load_lines(load_LE) -> list[str]:
+    """The per-expert load of each MoE layer, one line each (none for a dense model)."""
+    if not load_LE:
+        return []
+    E = len(load_LE[0])
+    lines = [f"expert load (fraction of token-expert pairs; {1 / E:.3f} each at balance), per MoE layer:"]
+    for layer, row in enumerate(load_LE):
+        lines.append(f"  moe layer {layer}: " + " ".join(f"{v:.3f}" for v in row) + f"  (max/mean {E * max(row):.2f})")
+    return lines
 
 
 @cli.command("eval")
@@ -125,4 +141,6 @@ def main(argv: list[str]) -> int:
             f"nats/token, {result['bits_per_byte']:.4f} bits/byte "
             f"({result['tokens']:,} tokens, {result['bytes']:,} bytes)"
         )
+        for line in load_lines(result.get("expert_load")):
+            print(line)
     return 0

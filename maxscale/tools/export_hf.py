@@ -3,9 +3,9 @@
   python tools/export_hf.py --run=DIR [--step=S] --out=DIR [--dtype=float32|bfloat16]
 
 Writes OUT/config.json and OUT/model.safetensors for LlamaForCausalLM (Qwen3ForCausalLM when model.qk_norm: the same
-block with RMSNorm on each query and key head; MixtralForCausalLM for MoE runs, below), and the tokenizer's files
-beside them, so that `AutoModelForCausalLM.from_pretrained(OUT)` computes the logits maxscale computes (tests check
-it to rtol 1e-4). tools/import_hf.py is the inverse (maxscale/tools/import_hf.py).
+block with RMSNorm on each query and key head; Glm4Moe, Qwen3-MoE or Mixtral for MoE runs, below), and the
+tokenizer's files beside them, so that `AutoModelForCausalLM.from_pretrained(OUT)` computes the logits maxscale
+computes (tests check it to rtol 1e-4). tools/import_hf.py is the inverse (maxscale/tools/import_hf.py).
 Every forward multiplier of the parameterization is folded into the weights:
   input multiplier      -> the embedding table (and 1/input_mult into the final norm's gain when tied)
   residual multiplier   -> o_proj and down_proj (each branch's last matrix)
@@ -13,12 +13,13 @@ Every forward multiplier of the parameterization is folded into the weights:
                            the query is multiplied by attn_scale * head_dim^1/2 (muP's 1/d, attn_mult, ...)
   output multiplier     -> lm_head (untied) or the final norm's gain (tied: the table stays shared)
 Norm gains are the model's own (they start at one and multiply), rms_norm_eps is model.norm_eps, rope_theta is
-model.rope_theta, and both rotate halves of each head (HF's rotate_half). MoE runs become MixtralForCausalLM (the
-hub's layout: block_sparse_moe.gate, experts.<j>.w1/w3/w2 = gate/up/down, the residual multiplier in w2) when that is
-exactly their function: every block MoE, score=softmax, combine=renorm (top-k of the softmax, renormalised), no
-shared expert, no routing bias (balance=aux or none), no qk_norm. Mixtral computes every token-expert pair, so it
-equals maxscale's dropless (or dense) dispatch, and capacity dispatch whenever no pair is dropped. Refused in one
-line, naming the field: anything else, GELU MLPs and LayerNorm. Tokenizer files: hf -> tokenizer.json +
+model.rope_theta, and both rotate halves of each head (HF's rotate_half). MoE runs (maxscale/tools/hf_moe.py) become
+Glm4MoeForCausalLM (score=sigmoid: the routing bias as e_score_correction_bias, which only selects; mean_k as
+routed_scaling_factor 1/k; shared experts; first_dense; every=1), Qwen3MoeForCausalLM (score=softmax with qk_norm,
+any layout) or MixtralForCausalLM (softmax, renorm, every block MoE), in the hub's per-expert layout, the residual
+multiplier in each down projection. They compute every token-expert pair, so they equal maxscale's dropless (or
+dense) dispatch, and capacity dispatch whenever no pair is dropped. Refused in one line, naming the field: what none
+expresses (hf_moe.architecture), GELU MLPs and LayerNorm. Tokenizer files: hf -> tokenizer.json +
 tokenizer_config.json; sentencepiece -> tokenizer.model; tiktoken -> tokenizer.json via transformers' converter (if
 installed); byte -> a byte-level tokenizer.json whose ids are the UTF-8 bytes (end of document: id 0). docs/data.md:
 lm-evaluation-harness usage.
@@ -37,40 +38,40 @@ import numpy as np
 from maxscale import cli
 from maxscale.errors import ConfigError
 from maxscale.parameterization import Parameterization
+from maxscale.quant import calibrate
+from maxscale.tools import hf_moe
 from maxscale.train import tokenizers as tok_lib
 
 DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 
 
-def check_exportable(cfg) -> None:
-    """ConfigError (one line, naming the field) unless the run's function is exactly a Llama/Qwen3 or Mixtral one."""
-    m, e = cfg.model, cfg.model.moe
-    checks = [
-        (m.mlp == "swiglu", f"model.mlp={m.mlp} (Llama and Mixtral blocks are SwiGLU)"),
-        (m.norm == "rmsnorm", f"model.norm={m.norm} (Llama and Mixtral blocks use RMSNorm)"),
-    ]
-    if e.num_experts:  # Mixtral: every block MoE, softmax over all experts, top-k, weights renormalised, no bias
-        checks += [
-            (e.score == "softmax", f"model.moe.score={e.score} (Mixtral routes by a softmax over the experts)"),
-            (e.combine == "renorm", f"model.moe.combine={e.combine} (Mixtral renormalises the top-k weights: renorm)"),
-            (not e.num_shared, f"model.moe.num_shared={e.num_shared} (Mixtral has no shared expert)"),
-            (not e.first_dense, f"model.moe.first_dense={e.first_dense} (every Mixtral block is MoE)"),
-            (e.every == 1, f"model.moe.every={e.every} (every Mixtral block is MoE)"),
-            (not (e.balance == "bias" and e.bias_rate), "model.moe.balance=bias (the routing bias chooses experts; "
-             "Mixtral's router has none: use balance=aux or none)"),
-            (not m.qk_norm, "model.qk_norm=true (Mixtral has no query/key norm)"),
-        ]  # fmt: skip
-    arch = "Mixtral" if e.num_experts else "Llama"
-    for ok, what in checks:
+def architecture(cfg) -> str:
+    """The transformers model_type that computes this run's function exactly (llama, qwen3, or an MoE one of
+    hf_moe.ARCHS); ConfigError (one line, naming the field) when there is none."""
+    m = cfg.model
+    for ok, what in (
+        (m.mlp == "swiglu", f"model.mlp={m.mlp} (transformers' Llama-family blocks are SwiGLU)"),
+        (m.norm == "rmsnorm", f"model.norm={m.norm} (transformers' Llama-family blocks use RMSNorm)"),
+    ):
         if not ok:
-            raise ConfigError(f"export_hf: this run cannot be a {arch} model: {what}")
+            raise ConfigError(f"this run cannot be exported to transformers: {what}")
+    if m.moe.num_experts:
+        return hf_moe.architecture(cfg)
+    return "qwen3" if m.qk_norm else "llama"
+
+
+def check_exportable(cfg) -> None:
+    """ConfigError (one line, naming the field) unless some transformers architecture computes the run's function."""
+    architecture(cfg)
 
 
 def hf_config(cfg, tok) -> dict:
-    m, e = cfg.model, cfg.model.moe
-    arch, model_type = ("Qwen3ForCausalLM", "qwen3") if m.qk_norm else ("LlamaForCausalLM", "llama")
-    if e.num_experts:
-        arch, model_type = "MixtralForCausalLM", "mixtral"
+    m = cfg.model
+    model_type = architecture(cfg)
+    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", **hf_moe.ARCHS}[model_type]
+    rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if model_type == "glm4_moe":
+        rope["partial_rotary_factor"] = 1.0  # Glm4Moe rotates half of each head unless told otherwise
     config = {
         "architectures": [arch],
         "model_type": model_type,
@@ -85,7 +86,7 @@ def hf_config(cfg, tok) -> dict:
         "max_position_embeddings": cfg.data.seq_len,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": rope,
         "tie_word_embeddings": bool(m.tie_embeddings),
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -95,18 +96,18 @@ def hf_config(cfg, tok) -> dict:
         "torch_dtype": "float32",
         "use_cache": True,
     }
-    if m.qk_norm:
+    if model_type in ("qwen3", "qwen3_moe"):
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.depth)
-    if e.num_experts:
+    if model_type == "mixtral":
         del config["attention_bias"], config["mlp_bias"]
-        config.update(intermediate_size=e.expert_ffn_size, num_local_experts=e.num_experts, sliding_window=None)
-        aux = e.aux_loss_weight if e.balance == "aux" else 0.0
-        config.update(num_experts_per_tok=e.num_active, router_aux_loss_coef=aux, router_jitter_noise=0.0)
+    if m.moe.num_experts:
+        config.update(hf_moe.config_fields(cfg, model_type))
     return config
 
 
-def hf_weights(cfg, params: dict) -> dict[str, np.ndarray]:
-    """{HF name: float32 array} with every forward multiplier folded in (see the module doc)."""
+def hf_weights(cfg, params: dict, moe_bias=None) -> dict[str, np.ndarray]:
+    """{HF name: float32 array} with every forward multiplier folded in (see the module doc); `moe_bias` [L_moe, E]:
+    the run's routing bias (Glm4Moe's e_score_correction_bias)."""
     m = cfg.model
     mults = Parameterization(cfg).multipliers()
     D, H, G, K = m.width, m.num_heads, m.num_kv_heads, m.head_dim
@@ -121,10 +122,12 @@ def hf_weights(cfg, params: dict) -> dict[str, np.ndarray]:
     else:
         out["lm_head.weight"] = (f32(params["unembed"]) * mults["output"]).T
     out["model.norm.weight"] = final
-    moe = bool(m.moe.num_experts)  # Mixtral: every block MoE (check_exportable), one stack "moe_blocks"
-    b = {k: f32(v) for k, v in params["moe_blocks" if moe else "blocks"].items()}
-    for i in range(m.depth):
-        pre = f"model.layers.{i}."
+    arch = architecture(cfg)
+    stacks = {
+        k: {n: f32(v) for n, v in params[k].items()} for k in ("blocks", "interleaved", "moe_blocks") if k in params
+    }
+    for layer, (stack, i) in enumerate(calibrate.depth_order(cfg)):
+        pre, b = f"model.layers.{layer}.", stacks[stack]
         wq = b["wq"][i] * (1.0 if m.qk_norm else q_fold)
         out[pre + "input_layernorm.weight"] = b["attn_norm"][i]
         out[pre + "self_attn.q_proj.weight"] = wq.reshape(D, H * K).T
@@ -135,13 +138,9 @@ def hf_weights(cfg, params: dict) -> dict[str, np.ndarray]:
             out[pre + "self_attn.q_norm.weight"] = b["q_norm"][i] * q_fold
             out[pre + "self_attn.k_norm.weight"] = b["k_norm"][i]
         out[pre + "post_attention_layernorm.weight"] = b["mlp_norm"][i]
-        if moe:  # the hub's Mixtral layout (transformers 5 fuses the experts when loading it)
-            out[pre + "block_sparse_moe.gate.weight"] = b["router"][i].T
-            for j in range(m.moe.num_experts):
-                ex = f"{pre}block_sparse_moe.experts.{j}."
-                out[ex + "w1.weight"] = b["w_gate_e"][i, j].T
-                out[ex + "w3.weight"] = b["w_up_e"][i, j].T
-                out[ex + "w2.weight"] = (b["w_down_e"][i, j] * res).T
+        if stack == "moe_blocks":  # the hub's per-expert layout (transformers 5 fuses the experts when loading it)
+            bias_E = None if moe_bias is None else f32(moe_bias)[i]
+            out.update({pre + k: v for k, v in hf_moe.layer_weights(cfg, arch, b, i, bias_E, res).items()})
             continue
         out[pre + "mlp.gate_proj.weight"] = b["w_gate"][i].T
         out[pre + "mlp.up_proj.weight"] = b["w_up"][i].T
@@ -151,16 +150,17 @@ def hf_weights(cfg, params: dict) -> dict[str, np.ndarray]:
 
 def save_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
     """The safetensors format (8-byte header size, JSON header, raw little-endian data), written atomically; no
-    library needed. bfloat16: rounded to nearest even from float32."""
+    library needed. bfloat16: rounded to nearest even from float32 (a routing bias stays float32: it picks experts)."""
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, array in tensors.items():
-        if dtype == "bfloat16":
+        kind = "float32" if name.endswith("e_score_correction_bias") else dtype
+        if kind == "bfloat16":
             bits = array.astype(np.float32).view(np.uint32)
             blob = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
         else:
             blob = array.astype("<f4").tobytes()
         span = [offset, offset + len(blob)]
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(array.shape), "data_offsets": span}
+        header[name] = {"dtype": DTYPES[kind], "shape": list(array.shape), "data_offsets": span}
         blobs.append(blob)
         offset += len(blob)
     text = json.dumps(header).encode()
@@ -249,14 +249,15 @@ def load_run(run_dir: str, step: int | None) -> tuple:
 def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "float32") -> dict:
     """Writes the model (see the module doc); returns {step, architecture, tokenizer, parameters}."""
     cfg, step, params, bias = load_run(run_dir, step)
-    if bias is not None and np.any(bias):  # e.g. balance=bias with bias_rate=0 never moves it; any other is refused
+    arch = architecture(cfg)
+    if arch != "glm4_moe" and bias is not None and np.any(bias):  # e.g. a bias_rate of 0 never moves it
         raise ConfigError(
-            f"export_hf: this run cannot be a Mixtral model: its routing bias is nonzero (max |b| "
-            f"{np.abs(bias).max():.3g}, model.moe.balance={cfg.model.moe.balance}) and Mixtral's router has none"
+            f"this run cannot be exported to transformers: its routing bias is nonzero (max |b| "
+            f"{np.abs(bias).max():.3g}, model.moe.balance={cfg.model.moe.balance}) and {arch}'s router has none"
         )
     tok = tok_lib.of_config(cfg)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = hf_weights(cfg, params)
+    tensors = hf_weights(cfg, params, bias)
     save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, dtype)
     config = {**hf_config(cfg, tok), "torch_dtype": dtype}
     with open(os.path.join(out_dir, "config.json"), "w") as fh:

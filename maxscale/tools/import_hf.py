@@ -3,7 +3,11 @@
   python tools/import_hf.py --hf=DIR --out=WORKDIR [--config=FILE.py[:arg]] [--config.<section>.<field>=<value> ...]
 
 Reads DIR/config.json and DIR/model.safetensors (or the shards named by model.safetensors.index.json) of a
-LlamaForCausalLM, or a Qwen3ForCausalLM (the Llama block with RMSNorm on each query and key head), and writes
+LlamaForCausalLM, a Qwen3ForCausalLM (the Llama block with RMSNorm on each query and key head), or a mixture of
+experts: Glm4MoeForCausalLM (sigmoid routing, its e_score_correction_bias as the run's routing bias, shared experts,
+first_k_dense_replace), Qwen3MoeForCausalLM (softmax; mlp_only_layers / decoder_sparse_step as first_dense and every)
+or MixtralForCausalLM (tools/hf_moe.py: routed_scaling_factor folded into each expert's down projection; the hub's
+per-expert tensors or transformers 5's fused ones), and writes
 WORKDIR/config.json, WORKDIR/config.py (a --config file returning the config.json beside it) and an orbax checkpoint
 at step 0 in the trainer's format (the imported params, a fresh optimizer state, step 0, the run's RNG and the data
 iterator's start), so that
@@ -12,7 +16,9 @@ continues training from the checkpoint. It is the inverse of tools/export_hf.py:
 embedding (split halves, rope_theta), GQA, tied or untied embeddings, RMSNorm gains and eps, SwiGLU.
 
 The model fields come from config.json (width, depth, heads, kv heads, head_dim, ffn_size, vocab_size, norm_eps,
-tie_embeddings, qk_norm, rope_theta); an override giving one of them another value is refused. Everything else (data,
+tie_embeddings, qk_norm, rope_theta; an MoE's model.moe num_experts, num_active, expert_ffn_size, num_shared,
+shared_ffn_size, first_dense, every, score, combine, balance); an override giving a model field another value is
+refused. Everything else (data,
 optimizer, schedule, train, mesh) is --config's, maxscale's defaults without one. The parameterization is SP with
 every multiplier 1 (a Llama checkpoint has none; base shapes are the model's own), whatever --config's file says;
 under another one set by --config.parameterization.* its forward multipliers are divided out of the weights, so the
@@ -43,9 +49,10 @@ from maxscale import cli, paths
 from maxscale import config as config_lib
 from maxscale.errors import ConfigError
 from maxscale.parameterization import Parameterization
+from maxscale.tools import hf_moe
 from maxscale.train import tokenizers as tok_lib
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", **hf_moe.ARCHS}
 # model.<field> <- config.json key (None: set below from other keys)
 MODEL_FIELDS = {
     "width": "hidden_size",
@@ -103,7 +110,7 @@ def model_fields(hf: dict) -> dict:
         (hf.get("rope_scaling") is not None, f"rope_scaling={hf.get('rope_scaling')} (only null is supported)"),
         (rope.get("rope_type", "default") != "default", f"rope_parameters.rope_type={rope.get('rope_type')!r} "
          "(only 'default' is supported: maxscale's rotary embedding has no scaling)"),
-        (rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0,
+        (rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5 if kind == "glm4_moe" else 1.0)) != 1,
          "partial_rotary_factor (only 1.0: every dimension rotates)"),
         (sliding, f"sliding_window={hf.get('sliding_window')} (only full attention is supported)"),
         (any(t != "full_attention" for t in hf.get("layer_types") or []), "layer_types (only full_attention)"),
@@ -112,6 +119,8 @@ def model_fields(hf: dict) -> dict:
         if bad:
             raise ConfigError(f"config.json has {what}")
     fields = {k: hf[key] for k, key in MODEL_FIELDS.items() if key and hf.get(key) is not None}
+    if kind == "mixtral":  # its intermediate_size is the experts'; no block is dense
+        fields["ffn_size"] = hf.get("intermediate_size")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(hf.get(key), int):
             raise ConfigError(f"config.json has no integer {key}")
@@ -120,7 +129,8 @@ def model_fields(hf: dict) -> dict:
     fields.setdefault("norm_eps", 1e-6)
     fields.setdefault("tie_embeddings", False)
     theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    fields.update(qk_norm=kind == "qwen3", rope_theta=float(theta), mlp="swiglu", norm="rmsnorm")
+    qk_norm = kind in ("qwen3", "qwen3_moe") or (kind == "glm4_moe" and bool(hf.get("use_qk_norm")))
+    fields.update(qk_norm=qk_norm, rope_theta=float(theta), mlp="swiglu", norm="rmsnorm")
     fields["norm_eps"], fields["tie_embeddings"] = float(fields["norm_eps"]), bool(fields["tie_embeddings"])
     return fields
 
@@ -154,57 +164,90 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def maxscale_params(cfg: ml_collections.ConfigDict, tensors: dict[str, np.ndarray]) -> dict:
-    """The params tree of `cfg`'s model from HF tensors: export_hf.hf_weights inverted (multipliers divided out)."""
-    from maxscale.model import transformer
+class Tensors:
+    """The checkpoint's tensors, popped as they find their place: `take(name, shape)` (float32, shape checked)."""
 
-    m = cfg.model
-    mults = Parameterization(cfg).multipliers()
-    D, H, G, K, F, L, V = m.width, m.num_heads, m.num_kv_heads, m.head_dim, m.ffn_size, m.depth, m.vocab_size
-    q_fold, res = mults["attn_scale"] * math.sqrt(K), mults["residual"]
-    left = dict(tensors)
+    def __init__(self, tensors: dict):
+        self.left = dict(tensors)
 
-    def take(name: str, shape: tuple) -> np.ndarray:
-        if name not in left:
+    def __call__(self, name: str, shape: tuple) -> np.ndarray:
+        if name not in self.left:
             raise ConfigError(f"the checkpoint has no tensor {name}, which config.json implies")
-        a = np.asarray(left.pop(name), np.float32)
-        if a.shape != shape:
+        a = np.asarray(self.left.pop(name), np.float32)
+        if a.shape != tuple(shape):
             raise ConfigError(f"{name} has shape {list(a.shape)}, config.json implies {list(shape)}")
         return a
 
-    def stack(suffix: str, shape: tuple) -> np.ndarray:
-        return np.stack([take(f"model.layers.{i}.{suffix}", shape) for i in range(L)])
+    def has(self, name: str) -> bool:
+        return name in self.left
 
-    matrix = lambda suffix, rows, cols, *split: stack(suffix, (rows, cols)).transpose(0, 2, 1).reshape(L, *split)
-    blocks = {
-        "attn_norm": stack("input_layernorm.weight", (D,)),
+    def pop(self, name: str) -> None:
+        self.left.pop(name, None)
+
+
+def _block(cfg, hf: dict, take: Tensors, pre: str, moe: bool, mults: dict) -> tuple[dict, np.ndarray | None]:
+    """One block's arrays (and an MoE block's routing bias) from the tensors under `pre` (multipliers divided out)."""
+    m = cfg.model
+    D, H, G, K, F = m.width, m.num_heads, m.num_kv_heads, m.head_dim, m.ffn_size
+    q_fold, res = mults["attn_scale"] * math.sqrt(K), mults["residual"]
+    matrix = lambda suffix, rows, cols, *split: take(pre + suffix, (rows, cols)).T.reshape(*split)  # noqa: E731
+    b = {
+        "attn_norm": take(pre + "input_layernorm.weight", (D,)),
         "wq": matrix("self_attn.q_proj.weight", H * K, D, D, H, K) / (1.0 if m.qk_norm else q_fold),
         "wk": matrix("self_attn.k_proj.weight", G * K, D, D, G, K),
         "wv": matrix("self_attn.v_proj.weight", G * K, D, D, G, K),
         "wo": matrix("self_attn.o_proj.weight", D, H * K, H, K, D) / res,
-        "mlp_norm": stack("post_attention_layernorm.weight", (D,)),
-        "w_gate": matrix("mlp.gate_proj.weight", F, D, D, F),
-        "w_up": matrix("mlp.up_proj.weight", F, D, D, F),
-        "w_down": matrix("mlp.down_proj.weight", D, F, F, D) / res,
+        "mlp_norm": take(pre + "post_attention_layernorm.weight", (D,)),
     }
     if m.qk_norm:
-        blocks["q_norm"] = stack("self_attn.q_norm.weight", (K,)) / q_fold
-        blocks["k_norm"] = stack("self_attn.k_norm.weight", (K,))
-    params = {"embed": take("model.embed_tokens.weight", (V, D)) / mults["input"], "blocks": blocks}
+        b["q_norm"] = take(pre + "self_attn.q_norm.weight", (K,)) / q_fold
+        b["k_norm"] = take(pre + "self_attn.k_norm.weight", (K,))
+    if moe:
+        ff, bias = hf_moe.import_layer(cfg, hf, take, pre, res)
+        return {**b, **ff}, bias
+    b["w_gate"] = matrix("mlp.gate_proj.weight", F, D, D, F)
+    b["w_up"] = matrix("mlp.up_proj.weight", F, D, D, F)
+    b["w_down"] = matrix("mlp.down_proj.weight", D, F, F, D) / res
+    return b, None
+
+
+def maxscale_params(cfg: ml_collections.ConfigDict, tensors: dict[str, np.ndarray], hf: dict | None = None) -> tuple:
+    """(params tree of `cfg`'s model, MoE routing bias [L_moe, E] or None) from HF tensors: export_hf.hf_weights
+    inverted (multipliers divided out)."""
+    from maxscale.model import transformer
+    from maxscale.quant import calibrate
+
+    m = cfg.model
+    hf = hf or {"model_type": "llama"}
+    mults = Parameterization(cfg).multipliers()
+    D, V = m.width, m.vocab_size
+    take = Tensors(tensors)
+    stacks: dict = {}
+    biases = []
+    for layer, (stack, _) in enumerate(calibrate.depth_order(cfg)):
+        b, bias = _block(cfg, hf, take, f"model.layers.{layer}.", stack == "moe_blocks", mults)
+        stacks.setdefault(stack, []).append(b)
+        biases += [] if bias is None else [bias]
+    params = {"embed": take("model.embed_tokens.weight", (V, D)) / mults["input"]}
+    params.update({k: {n: np.stack([b[n] for b in bs]) for n in bs[0]} for k, bs in stacks.items()})
     final = take("model.norm.weight", (D,))
     if m.tie_embeddings:  # transformers ties lm_head to the table and ignores a stored copy
-        left.pop("lm_head.weight", None)
+        take.pop("lm_head.weight")
         params["final_norm"] = final / (mults["output"] / mults["input"])
     else:
         params["final_norm"] = final
         params["unembed"] = take("lm_head.weight", (V, D)).T / mults["output"]
-    extra = sorted(k for k in left if not k.endswith("rotary_emb.inv_freq"))  # old checkpoints keep the buffer
+    extra = sorted(k for k in take.left if not k.endswith("rotary_emb.inv_freq"))  # old checkpoints keep the buffer
     if extra:
         raise ConfigError(f"tensor {extra[0]} has no place in a maxscale model (biases are not supported)")
     abstract = transformer.ModelDef(cfg).abstract_params
     if jax.tree.structure(abstract) != jax.tree.structure(params):  # a layout this file does not know: a bug here
         raise ConfigError(f"the model's params {sorted(abstract)} differ from the import's {sorted(params)}")
-    return jax.tree.map(lambda a, s: np.ascontiguousarray(a, dtype=s.dtype), params, abstract)
+    params = jax.tree.map(lambda a, s: np.ascontiguousarray(a, dtype=s.dtype), params, abstract)
+    if not m.moe.num_experts:
+        return params, None
+    zeros = np.zeros((len(stacks["moe_blocks"]), m.moe.num_experts), np.float32)  # softmax routers have no bias
+    return params, np.stack(biases) if biases else zeros
 
 
 def build_config(hf: dict, base: str | None, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
@@ -226,6 +269,8 @@ def build_config(hf: dict, base: str | None, overrides: list[tuple[str, str]]) -
     with cfg.unlocked():
         cfg.model.update(fields)
         cfg.model.moe.num_experts = 0
+        for key, value in (hf_moe.import_fields(hf) if hf["model_type"] in hf_moe.ARCHS else {}).items():
+            cfg.model.moe[key.removeprefix("model.moe.")] = value
     return config_lib.resolve(cfg)
 
 
@@ -239,8 +284,9 @@ def _tokenizer_files(hf_dir: str) -> tuple[str, list[str]] | None:
     return None
 
 
-def write_checkpoint(cfg: ml_collections.ConfigDict, params: dict, ckpt_dir: str) -> None:
-    """Step 0 in the trainer's format: state as Setup.init_state builds it, with `params`; a fresh data iterator."""
+def write_checkpoint(cfg: ml_collections.ConfigDict, params: dict, ckpt_dir: str, moe_bias=None) -> None:
+    """Step 0 in the trainer's format: state as Setup.init_state builds it, with `params` (and an MoE run's routing
+    bias); a fresh data iterator."""
     from maxscale.tools import ptq
     from maxscale.train import checkpoint as ckpt_lib
     from maxscale.train import data as data_lib
@@ -250,9 +296,10 @@ def write_checkpoint(cfg: ml_collections.ConfigDict, params: dict, ckpt_dir: str
     build.model.attention_impl = "xla"  # only the state's layout is needed here, on this machine's first device
     setup = step_lib.Setup.build(build, ptq.one_device_mesh(build))
 
-    def init(p):
+    def init(p, bias):
         zero = jax.numpy.zeros([], jax.numpy.int32)
         return {
+            **({"moe_bias": jax.numpy.asarray(bias, jax.numpy.float32)} if bias is not None else {}),
             "params": p,
             "opt_state": setup.tx.init(p),
             "step": zero,
@@ -261,7 +308,7 @@ def write_checkpoint(cfg: ml_collections.ConfigDict, params: dict, ckpt_dir: str
             "last_nonfinite_step": zero,
         }
 
-    state = jax.jit(init, out_shardings=setup.state_shardings)(params)
+    state = jax.jit(init, out_shardings=setup.state_shardings)(params, moe_bias)
     expected = jax.eval_shape(setup.init_state)
     same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype
     if jax.tree.structure(state) != jax.tree.structure(expected) or not all(
@@ -296,7 +343,7 @@ def import_hf(hf_dir: str, out: str, base: str | None = None, overrides=()) -> d
         first = os.path.join(out, "tokenizer", tokenizer[1][0])
         overrides.append(("data.tokenizer", f"{tokenizer[0]}:{first}"))
     cfg = build_config(hf, base, overrides)
-    params = maxscale_params(cfg, read_tensors(hf_dir))
+    params, moe_bias = maxscale_params(cfg, read_tensors(hf_dir), hf)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.import-", dir=os.path.dirname(out))
     try:
@@ -307,7 +354,7 @@ def import_hf(hf_dir: str, out: str, base: str | None = None, overrides=()) -> d
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, "tokenizer", name))
             spec = f"{tokenizer[0]}:{os.path.join(tmp, 'tokenizer', tokenizer[1][0])}"
         tok_lib.check_model_vocab(tok_lib.get(spec), cfg.model.vocab_size)
-        write_checkpoint(cfg, params, os.path.join(tmp, "checkpoints"))
+        write_checkpoint(cfg, params, os.path.join(tmp, "checkpoints"), moe_bias)
         paths.write_text_atomic(os.path.join(tmp, "config.json"), config_lib.to_json(cfg))
         paths.write_text_atomic(os.path.join(tmp, "config.py"), CONFIG_PY)
         source = {"hf": os.path.abspath(hf_dir), "architecture": ARCHITECTURES[hf["model_type"]], "config": hf}

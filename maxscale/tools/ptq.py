@@ -3,10 +3,12 @@
   python tools/ptq.py --run=DIR [--step=S] --bits=3,4,5,6,8 --method=rtn|gptq [--granularity=per_channel]
                       [--format=int|float] [--calib_batches=8] [--group_size=128] [--embeddings]
 
-Reads the run's resolved config.json and a checkpoint (the newest, or --step), quantizes the weights of every hidden
-matrix of every block (wq wk wv wo w_up w_gate w_down; norms stay), with --embeddings also the embedding table (RTN,
-one scale per token row: a lookup has no input to calibrate) and the readout, then evaluates the eval loss exactly
-as the trainer does (`Setup.eval_step` over `data.eval_batches`) and merges one entry per bit width into
+Reads the run's resolved config.json and a checkpoint (the newest, or --step) of a dense or MoE run, quantizes the
+weights of every hidden matrix of every block (wq wk wv wo w_up w_gate w_down, shared experts; norms and routers
+stay) and of every routed expert, expert by expert (w_up_e w_gate_e w_down_e: per-expert scales, GPTQ calibrated on
+the rows routed to that expert), with --embeddings also the embedding table (RTN, one scale per token row: a lookup
+has no input to calibrate) and the readout, then evaluates the eval loss exactly as the trainer does
+(`Setup.eval_step` over `data.eval_batches`, with an MoE run's routing bias) and merges one entry per bit width into
 <run>/ptq.json: {bits, method, format, quant_format (e.g. int4, e3m0), granularity, group_size, embeddings,
 calib_batches, step, eval_loss, eval_loss_unquantized, delta}; an entry replaces one with the same settings.
 
@@ -61,6 +63,7 @@ class Run:
     setup: object
     eval_batches: list
     corpus: object
+    moe_bias: object = None  # [L_moe, E] routing bias of an MoE run (state["moe_bias"]), None for a dense one
 
 
 def one_device_mesh(cfg: ml_collections.ConfigDict):
@@ -96,30 +99,20 @@ def checkpoint_state(run_dir: str, cfg, step: int | None = None, mesh=None):
     return setup, step, state
 
 
-def dense_run_config(run_dir: str, what: str) -> ml_collections.ConfigDict:
-    """`run_config`, refused (one line) for an MoE model, which `what` (a tool that reads dense blocks) does not
-    cover."""
-    cfg = run_config(run_dir)
-    if cfg.model.moe.num_experts:
-        raise ConfigError(
-            f"--run={run_dir}: {what} covers dense models; this run has "
-            f"model.moe.num_experts={cfg.model.moe.num_experts}"
-        )
-    return cfg
-
-
 def load_run(run_dir: str, step: int | None = None, mesh=None, corpus=None) -> Run:
-    """Config, checkpoint (newest or `step`) and eval batches of a run; ConfigError (one line) if any is missing."""
-    cfg = dense_run_config(run_dir, "post-training quantization")
+    """Config, checkpoint (newest or `step`), eval batches and (MoE) routing bias of a dense or MoE run; ConfigError
+    (one line) if any is missing."""
+    cfg = run_config(run_dir)
     setup, step, state = checkpoint_state(run_dir, cfg, step, mesh)
     corpus = corpus if corpus is not None else data_lib.load_corpus(cfg)
     batches = [setup.global_batch(b["tokens"]) for b in data_lib.eval_batches(corpus, cfg)]
-    return Run(cfg, step, state["params"], setup, batches, corpus)
+    return Run(cfg, step, state["params"], setup, batches, corpus, state.get("moe_bias"))
 
 
 def eval_loss(run: Run, params: dict) -> float:
     """The held-out loss as the trainer computes it: the mean of eval_step over the fixed eval batches."""
-    return float(np.mean(jax.device_get([run.setup.eval_step(params, b) for b in run.eval_batches])))
+    losses = [run.setup.eval_step(params, b, run.moe_bias) for b in run.eval_batches]
+    return float(np.mean(jax.device_get(losses)))
 
 
 def calibration_batches(run: Run, n: int) -> list[np.ndarray]:
@@ -136,7 +129,7 @@ def evaluate(run: Run, specs: Sequence[Spec]) -> list[dict]:
     out = []
     for spec in specs:
         batches = calib[: spec.calib_batches] if spec.method == "gptq" else []
-        q = quantize_params(run.setup.model, run.params, spec, batches)
+        q = quantize_params(run.setup.model, run.params, spec, batches, run.moe_bias)
         loss = eval_loss(run, q)
         entry = {k: getattr(spec, k) for k in ENTRY_KEY if k != "step"}
         entry.update(quant_format=spec.fmt.name, step=run.step, eval_loss=loss, eval_loss_unquantized=base)
