@@ -36,8 +36,9 @@ def stats_of(out: Output) -> dict:
 
 def gather(outs: dict, capture: frozenset, rec: Recorder | None, logits, groups: int) -> dict:
     """Output.captured from the stacks' outs: "stats" {"layers": {series: [depth, ...]} in depth order, "logits"},
-    "quant_errors" {kind: float32 mean over every tensor of that kind}, "moments" {stack: {name: [L, I, I], or [L, E, I, I] for an expert matrix}, plus
-    "top": {readout name: [D, D]}}. `groups`: the number of MoE groups (MoE blocks) of an interleaved layout."""
+    "quant_errors" {kind: float32 mean over every tensor of that kind}, "moments" {stack: {name: [L, I, I], or
+    [L, E, I, I] for an expert matrix}, plus "top": {readout name: [D, D]}}. `groups`: the number of MoE groups (MoE
+    blocks) of an interleaved layout."""
     captured: dict = {}
     if "stats" in capture:
         series = {k: {n: v for n, v in o["stats"].items() if not n.startswith("moe")} for k, o in outs.items()}

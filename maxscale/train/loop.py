@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 import time
@@ -19,71 +18,19 @@ import ml_collections
 import numpy as np
 
 from maxscale import config as config_lib
-from maxscale import defaults as schema
 from maxscale import errors, paths
-from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
 from maxscale.parallel import distributed, sharding
-from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import checkpoint_tiers, faults, sample, vectorized
 from maxscale.train import data as data_lib
 from maxscale.train import dyn as dyn_lib
 from maxscale.train import metrics as metrics_lib
 from maxscale.train import step as step_lib
-
-# Fields that may change between a run and its restart; every other field must match the run in the workdir.
-# Derived from the config schema (the `resume` kind of each field in maxscale/defaults.py).
-RESUMABLE_FIELDS = schema.RESUMABLE_FIELDS
-
+from maxscale.train.workdir import RESUMABLE_FIELDS, check_workdir  # noqa: F401 - part of this module's API
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run
-
-
-def check_workdir(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-    """The workdir must be writable and, if it holds a run, a run of the same config: its config.json and its
-    newest readable checkpoint (which may come from elsewhere) are both compared. Reads only; ConfigError."""
-    problem = paths.writable_dir_problem(workdir)
-    if problem:
-        raise ConfigError(f"--workdir={workdir}: {problem}; choose another --workdir")
-    new = json.loads(config_lib.to_json(cfg))
-    existing = paths.join(workdir, "config.json")
-    if existing.exists():
-        try:
-            old = json.loads(existing.read_text())
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"--workdir={workdir}: config.json is unreadable ({' '.join(str(e).split())}); "
-                f"restore it (a copy is in each checkpoint's config/metadata) or use a new --workdir"
-            ) from None
-        diff = diff_fields(old, new, RESUMABLE_FIELDS, defaults=_default_json())
-        if diff:
-            raise ConfigError(
-                f"--workdir={workdir} holds a run with a different config ({'; '.join(diff[:3])}); "
-                f"use a new --workdir or the run's own config"
-            )
-    ckpt_dir = paths.join(workdir, "checkpoints")
-    if not paths.is_url(ckpt_dir) and ckpt_dir.exists() and not (ckpt_dir.is_dir() and os.access(ckpt_dir, os.W_OK)):
-        raise ConfigError(
-            f"--workdir={workdir}: {ckpt_dir} is not a writable directory; move it away or use a new --workdir"
-        )
-    saved = ckpt_lib.read_saved_config(ckpt_dir)
-    if saved is not None:
-        diff = diff_fields(saved[1], new, RESUMABLE_FIELDS, defaults=_default_json())
-        if diff:
-            raise ConfigError(
-                f"--workdir={workdir}: checkpoint {saved[0]} was written with a different config "
-                f"({'; '.join(diff[:3])}) and cannot resume this run; use a new --workdir or move "
-                f"{ckpt_dir} away"
-            )
-    checkpoint_tiers.check_local_dir(workdir, cfg, new, RESUMABLE_FIELDS)
-
-
-def _default_json() -> dict:  # the defaults as JSON: a field added since a run was written, at its default
-    return json.loads(config_lib.to_json(config_lib.defaults()))
 
 
 class Trainer:
