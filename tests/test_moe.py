@@ -18,6 +18,7 @@ from maxscale import config as config_lib
 from maxscale.errors import ConfigError
 from maxscale.model import transformer
 from maxscale.parallel import sharding
+from maxscale.quant import formats
 from maxscale.tools import chaos
 from maxscale.train import data
 from maxscale.train import step as step_lib
@@ -59,8 +60,8 @@ def test_dispatch_paths_give_the_same_loss_and_gradients_through_the_model(tiny_
 
 @pytest.mark.parametrize("n_data,n_expert,dispatch", [(1, 2, "capacity"), (2, 4, "capacity"), (2, 2, "dropless")])
 def test_expert_parallel_mesh_matches_one_device(n_data, n_expert, dispatch, reference, tiny_corpus):
-    """EP runs (capacity: all_to_all; dropless: all-gather + reduce-scatter) equal the one-device capacity run
-    (capacity_factor 2 drops nothing, so both paths compute the same model)."""
+    """EP runs (all-gather + reduce-scatter) equal the one-device capacity run (capacity_factor 2 drops nothing with
+    4 experts, so both paths compute the same model)."""
     cfg = moe_config(**{"mesh.data": n_data, "mesh.expert": n_expert, "model.moe.dispatch": dispatch})
     mesh = sharding.make_mesh(cfg, jax.devices()[: n_data * n_expert])
     got, setup, state = losses(cfg, mesh, tiny_corpus)
@@ -72,6 +73,25 @@ def test_expert_parallel_mesh_matches_one_device(n_data, n_expert, dispatch, ref
     E = cfg.model.moe.num_experts
     assert params["w_up_e"].addressable_shards[0].data.shape[1] == E // n_expert  # each rank holds its experts
     assert setup.batch_sharding.spec == P(("data", "expert") if n_data > 1 else "expert", None)
+
+
+def test_capacity_drops_do_not_depend_on_the_mesh(tiny_corpus):
+    """8 experts top-2 at capacity_factor 2 drop pairs (6.6% at step 1): on data=2 x expert=2 the same pairs drop as
+    on one device, since capacity is counted over the global batch (per-shard groups dropped 7.4%)."""
+    runs = {}
+    for n_data, n_expert in ((1, 1), (2, 2)):
+        over = {"model.moe.num_experts": 8, "parameterization.check_kappa": False}
+        cfg = moe_config(**over, **{"mesh.data": n_data, "mesh.expert": n_expert})
+        setup = step_lib.Setup.build(cfg, sharding.make_mesh(cfg, jax.devices()[: n_data * n_expert]))
+        state, it, rows = setup.init_state(), iter(data.train_dataset(tiny_corpus, cfg)), []
+        for _ in range(3):
+            state, m = setup.train_step(state, setup.global_batch(next(it)["tokens"]))
+            rows.append((float(m["train/loss"]), float(m["moe/dropped_fraction"])))
+        runs[n_data, n_expert] = np.asarray(rows)
+    one, ep = runs[1, 1], runs[2, 2]
+    assert one[0, 1] > 0.03 and np.all(np.diff(one[:, 1]) != 0)  # drops happen and change as the router trains
+    np.testing.assert_allclose(ep[:, 1], one[:, 1], atol=1e-7)  # the same pairs dropped, step by step
+    np.testing.assert_allclose(ep[:, 0], one[:, 0], rtol=2e-6)  # per-shard groups were 5e-5 apart at step 1
 
 
 def test_interleaved_layout_on_an_expert_mesh_matches_one_device(tiny_corpus):
@@ -149,7 +169,8 @@ def test_first_dense_blocks_then_moe_blocks(tiny_corpus):
     state = setup.init_state()
     assert state["params"]["blocks"]["w_up"].shape[0] == 1 and state["params"]["moe_blocks"]["w_up_e"].shape[0] == 2
     tokens = setup.global_batch(next(iter(data.train_dataset(tiny_corpus, cfg)))["tokens"])
-    logits, stats = setup.model.apply(state["params"], tokens[:, :-1], capture=True)
+    out = setup.model.forward(state["params"], tokens[:, :-1], capture=("stats",))
+    logits, stats = out.logits, transformer.stats_of(out)
     assert {k: stats["layers"][k].shape for k in ("attn", "mlp", "resid")} == {"attn": (3,), "mlp": (3,), "resid": (3,)}
     assert all(v.shape[0] == 3 for v in stats["layers"].values())  # every per-layer series spans both stacks
     assert np.isfinite(np.asarray(logits)).all()
@@ -164,7 +185,8 @@ def test_every_nth_block_is_moe_in_depth_order(tiny_corpus):
     params = jax.jit(model.init, static_argnums=0)(0)
     tokens = np.asarray(next(iter(data.train_dataset(tiny_corpus, cfg)))["tokens"])[:2, :-1]
     bias_LE = jax.random.normal(jax.random.key(1), (2, cfg.model.moe.num_experts)) * 0.1
-    logits, stats = model.apply(params, tokens, capture=True, moe_bias=bias_LE)
+    out = model.forward(params, tokens, capture=("stats",), moe_bias=bias_LE)
+    logits, stats = out.logits, transformer.stats_of(out)
     assert all(v.shape[0] == 5 for v in stats["layers"].values()) and stats["moe"]["moe_load"].shape == (2, 4)
 
     mults = transformer.Parameterization(cfg).multipliers()
@@ -174,8 +196,8 @@ def test_every_nth_block_is_moe_in_depth_order(tiny_corpus):
     resid = []
     for stack, i in order:
         p = {k: v[i] for k, v in params[stack].items()}
-        out = transformer.block(p, x, cfg, mults, bias_E=bias_LE[i] if stack == "moe_blocks" else None)
-        x = out[0] if isinstance(out, tuple) else out
+        ctx = transformer.build_context(cfg)
+        x, _ = transformer.block(p, x, cfg, mults, ctx, bias_E=bias_LE[i] if stack == "moe_blocks" else None)
         resid.append(float(np.abs(np.asarray(x)).mean()))
     x = transformer.norm(x, params["final_norm"], None, m.norm, m.norm_eps)
     expected = np.asarray(x @ params["unembed"]) * mults["output"]
@@ -271,3 +293,20 @@ def test_quantized_training_reaches_the_experts(tiny_corpus):
     assert losses["hp", "capacity"] == pytest.approx(losses["hp", "dropless"], rel=1e-5)
     assert losses["int2", "capacity"] == pytest.approx(losses["int2", "dropless"], rel=1e-4)
     assert abs(losses["int2", "capacity"] - losses["hp", "capacity"]) > 1e-4
+    # The experts themselves are quantized (not only the attention matmuls): rounding the expert matrices to int2 by
+    # hand beforehand moves the float loss but leaves the int2 loss as it is (rounding twice is rounding once).
+    cfg = moe_config(**{"quant.weights": "int2"})
+    setup = step_lib.Setup.build(cfg, one_device_mesh(cfg))
+    params = setup.init_state()["params"]
+    rounded = jax.tree.map(lambda w: w, params)
+    for name, w in params["moe_blocks"].items():
+        spec = setup.model.specs[f"moe_blocks/{name}"]
+        if spec.role in ("expert_in", "expert_out"):  # scaled up 20x (in both) so the experts move the loss
+            axes = tuple(spec.axes[1:].index(a) for a in spec.fan_in)  # one layer's slice: `layers` dropped
+            params["moe_blocks"][name] = w = 20 * w
+            rounded["moe_blocks"][name] = jax.vmap(lambda m, a=axes: formats.fake_quant(m, "int2", "per_channel", a))(w)
+    batch = setup.global_batch(tokens)
+    hp = step_lib.Setup.build(moe_config(), one_device_mesh(cfg))
+    hp_moved = abs(float(hp.eval_step(rounded, batch)) - float(hp.eval_step(params, batch)))
+    int2_moved = abs(float(setup.eval_step(rounded, batch)) - float(setup.eval_step(params, batch)))
+    assert hp_moved > 1e-2 and int2_moved < 1e-5, (hp_moved, int2_moved)

@@ -99,9 +99,9 @@ def remat(body, cfg: ml_collections.ConfigDict):
 
 def _moe_dispatch(moe: MoEConfig, ctx: Context, recording: bool):
     """On a mesh with an expert axis, the capacity and dropless paths run expert-parallel inside shard_map
-    (all_to_all, resp. all-gather + reduce-scatter); the dense reference, meshes without an expert axis, and
-    forwards that record (capture quant_errors/moments: nothing may leave a shard_map body) use the layer's own
-    table (XLA partitions them)."""
+    (all-gather + reduce-scatter; capacity drops over the global batch, as on one device: moe_ep.py); the dense
+    reference, meshes without an expert axis, and forwards that record (capture quant_errors/moments: nothing may
+    leave a shard_map body) use the layer's own table (XLA partitions them)."""
     mesh = ctx.mesh
     ep_paths = {"capacity": moe_lib.capacity_dispatch_ep, "dropless": moe_lib.dropless_dispatch_ep}
     if recording or moe.dispatch not in ep_paths or mesh is None or mesh.shape["expert"] == 1:
