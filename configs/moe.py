@@ -2,7 +2,8 @@
 
     python -m maxscale.train --config=configs/moe.py --workdir=runs/moe
 
-The capacity path (the fast one on CPU; dropless is the GPU/TPU path); each expert has the dense model's
+The capacity path (dropless, the tiled grouped matmul, runs at 0.77-0.98x its speed on CPU: docs/moe.md); each
+expert has the dense model's
 ffn_size / k hidden units, so the active FLOPs per token equal configs/stdlib.py's dense model.
 """
 
