@@ -1,7 +1,6 @@
 """Accelerator-performance features (docs/performance.md): attention kernels, the chunked loss, remat policies,
 gradient accumulation, mixed precision, launcher XLA flags, and the one-line refusals of what cannot run."""
 
-import importlib.util
 import os
 
 import jax
@@ -302,9 +301,8 @@ def test_launcher_xla_flags_come_first_so_the_users_win(monkeypatch):
 
 
 def test_device_bench_parses_its_arguments_and_builds_valid_configs():
-    spec = importlib.util.spec_from_file_location("device_bench", os.path.join(ROOT, "tools", "device_bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from maxscale.tools import device_bench as bench  # tools/device_bench.py is its shim
+
     args = bench.parse_args(["--models=dense", "--steps=3", "--peak_tflops=989", "--out=/tmp/x.json"])
     assert (args.models, args.steps, args.out) == (["dense"], 3, "/tmp/x.json")
     for name in ("dense", "moe"):
