@@ -120,7 +120,7 @@ def test_cli(sweep_dir, tmp_path):
     bad = run(str(tmp_path / "nope"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     bad = run(sweep_dir, "--scal=model.width")
-    assert bad.returncode == 2 and "--hp=FIELD" in bad.stderr
+    assert bad.returncode == 2 and "unknown flag '--scal' (did you mean --scale?)" in bad.stderr
 
 
 def test_seeds_are_replicates_with_bootstrap_intervals(tmp_path):

@@ -100,12 +100,12 @@ def test_killed_pack_resumes_exactly(tmp_path, tiny_corpus):
     cfgs = [cfg_of(**{"optimizer.lr": lr}) for lr in (1e-2, 3e-3)]
     mesh = one_device_mesh(cfgs[0])
     full = [str(tmp_path / f"full{i}") for i in range(2)]
-    vectorized.VectorizedRun(cfgs, full, str(tmp_path / "pack_full"), mesh=mesh, corpus=tiny_corpus).run()
+    loop.train_pack(vectorized.VectorizedRun(cfgs, full, str(tmp_path / "pack_full"), mesh=mesh, corpus=tiny_corpus))
     split = [str(tmp_path / f"split{i}") for i in range(2)]
     first = [cfg_of(**{"optimizer.lr": lr, "train.steps": 15}) for lr in (1e-2, 3e-3)]
-    vectorized.VectorizedRun(first, split, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus).run()
+    loop.train_pack(vectorized.VectorizedRun(first, split, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus))
     shutil.rmtree(tmp_path / "pack" / "checkpoints" / "15")  # killed before its step-15 save committed: from 10
-    vectorized.VectorizedRun(cfgs, split, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus).run()
+    loop.train_pack(vectorized.VectorizedRun(cfgs, split, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus))
     for a, b in zip(full, split):
         la, lb = losses(a), losses(b)
         assert sorted(lb) == list(range(1, STEPS + 1))
@@ -235,7 +235,7 @@ def test_moe_members_equal_their_runs_alone(tmp_path, tiny_corpus):
         c.mesh.members = 2
     dirs = [str(tmp_path / f"m{i}") for i in range(2)]
     mesh = vmesh.make_mesh(cfgs[0], 2, jax.devices()[:2])
-    vectorized.VectorizedRun(cfgs, dirs, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus).run()
+    loop.train_pack(vectorized.VectorizedRun(cfgs, dirs, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus))
     for i, cfg in enumerate(cfgs):
         out = loop.Trainer(cfg, str(tmp_path / f"alone{i}"), mesh=one_device_mesh(cfg), corpus=tiny_corpus).run()
         assert np.abs(np.asarray(out["state"]["moe_bias"])).max() > 0  # the bias moved: it is in the comparison
