@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import threading
+import time
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -44,6 +45,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from maxscale import errors, paths
 from maxscale.errors import RunStopped
@@ -291,7 +293,21 @@ class Checkpointer:
                     self._move_aside(old, ".deleting", delete=True)
                 except OSError:
                     pass  # still whole (the rename failed): retention tries again after the next save
-        self.manager.reload()
+        self._reload()
+
+    def _reload(self, tries: int = 50) -> None:
+        """Refreshes orbax's cached step list. On a non-primary process the primary may be renaming old steps
+        aside while orbax lists them (a step listed, then its metadata gone): list again. A step that vanishes
+        after a successful listing stays in this process's cache, which is harmless: it is older than any step
+        saved later, and restore_newest() reloads after a barrier."""
+        for attempt in range(tries):
+            try:
+                self.manager.reload()
+                return
+            except FileNotFoundError:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
         intact = [s for s in self.steps() if s != step]
@@ -384,8 +400,10 @@ def restore_newest(
                 f"checkpoint {bad} in {bad_ckpt.directory} is unusable ({why}); moved it to "
                 f"{os.path.basename(moved)} and resuming from checkpoint {step}{where}"
             )
+        if jax.process_count() > 1:  # every process reloads after the primary's moves, not during them
+            multihost_utils.sync_global_devices("maxscale: corrupt checkpoints moved aside")
         for c in {id(c): c for c, _, _ in failed}.values():
-            c.manager.reload()
+            c._reload()
         ckpt.adopt(step)
         return ckpt, step, state
     if failed:
