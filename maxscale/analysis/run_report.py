@@ -56,7 +56,7 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
-    if key in SPEED:  # the first logged step has no measured rate (0): left out, not drawn as a dip
+    if key in SPEED:  # runs before 2026-12 wrote 0 at an attempt's first logged step (no rate yet): not drawn as a dip
         pts = [p for p in pts if p[1] > 0]
     return [p[0] for p in pts], [p[1] for p in pts]
 

@@ -219,8 +219,10 @@ class Trainer:
             sec_per_step = (now - self.last_time) / max(step - self.last_step, 1)
             rate = self.tokens_per_step / sec_per_step
         self.last_time, self.last_step = now, step
-        timing = dict(tokens_seen=float(step * self.tokens_per_step), tokens_per_s=rate)
-        timing["mfu"] = rate * self.flops_tok / self.peak_total
+        timing = dict(tokens_seen=float(step * self.tokens_per_step))
+        mfu = rate * self.flops_tok / self.peak_total
+        if sec_per_step > 0:  # the first logged step of an attempt has no rate: no speed fields, rather than zeros
+            timing.update(tokens_per_s=rate, mfu=mfu)
         stopped = []
         for i in range(self.members.M):
             if self.active[i] and not self._write_member(
@@ -238,7 +240,7 @@ class Trainer:
                     f"  moe drop {100 * r['moe/dropped_fraction']:.1f}% max load {r['moe/load_max']:.2f}"
                     f" H {r['moe/router_entropy']:.2f}"
                 )
-            self.progress.update(step, r["train/loss"], rate, timing["mfu"], sec_per_step, extra)
+            self.progress.update(step, r["train/loss"], rate, mfu, sec_per_step, extra)
 
     def _write_member(self, i: int, step: int, values: dict, timing: dict) -> bool:
         """Writes member i's metrics of `step`; False when the member stopped there (a pack's nan_policy=stop)."""
