@@ -12,6 +12,7 @@ import pytest
 
 from maxscale import config as config_lib
 from maxscale.analysis import coord_check, law_cli, report
+from maxscale.errors import ConfigError
 from maxscale.train import data as data_lib
 
 
@@ -114,3 +115,27 @@ def test_coord_check_exit_code_is_its_verdict(names, code, tmp_path, capsys):
     saved = json.loads((tmp_path / "coord_check.json").read_text())
     assert saved["verdict"]["series"][names]["pass"] == (code == 0) and saved["data"]["lr"] == coord_check.DEFAULT_LR
     print(saved["verdict"]["series"][names]["max_slope"])
+
+
+def test_prepare_data_skips_the_binary_files_the_trainer_skips(tmp_path):
+    """tools/prepare_data.py on a directory corpus leaves out what the trainer's own reader leaves out (binary
+    files; a file named alone is read as it is): the token file equals the in-memory corpus, bit for bit."""
+    from maxscale.tools import prepare
+
+    corpus = tmp_path / "corpus"
+    os.makedirs(corpus / "__pycache__")
+    (corpus / "a.py").write_text("def f(x):\n    return 'h\u00e9llo'\n" * 50)
+    (corpus / "b.txt").write_text("two words\n" * 30)
+    (corpus / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00\x00" + bytes(range(256)) * 4)
+    (corpus / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1") * 20)
+    header = prepare.prepare(str(corpus), str(tmp_path / "tok"), eval_fraction=0.0, processes=1)
+    assert "skipped 2 binary files" in header["description"]
+    cfg = config_lib.defaults().data
+    cfg.update(source=str(corpus), eval_fraction=0.0)
+    expected = data_lib.read_corpus(cfg)
+    got = np.fromfile(tmp_path / "tok.train.bin", np.uint8)
+    np.testing.assert_array_equal(got, np.concatenate([np.asarray(expected.train), np.asarray(expected.eval)]))
+    with pytest.raises(ConfigError, match="all 1 files are binary"):
+        os.makedirs(tmp_path / "bin_only")
+        (tmp_path / "bin_only" / "x.bin").write_bytes(b"\x00\x01\x02" * 10)
+        prepare.prepare(str(tmp_path / "bin_only"), str(tmp_path / "tok2"), processes=1)

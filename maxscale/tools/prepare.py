@@ -22,6 +22,7 @@ last, and renamed to OUT/ (data.write_record_dir). An interrupted conversion is 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -44,7 +45,8 @@ JOURNAL_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """A part of one file: `kind` text | jsonl (byte range [start, end)) | parquet (row group `start`, first row
-    `end`). `last`: the end of a text document (its end-of-document id follows)."""
+    `end`). `last`: the end of a text document (its end-of-document id follows). `text_only`: a whole text file of
+    a directory or glob, left out if binary (as the trainer's own reader does: maxscale/train/data.py)."""
 
     kind: str
     path: str
@@ -52,6 +54,7 @@ class Piece:
     start: int
     end: int
     last: bool = True
+    text_only: bool = False
 
 
 def _kind(path: str) -> str:
@@ -72,9 +75,24 @@ def _cut_points(path: str, size: int) -> list[int]:
     return cuts + [size] if cuts[-1] < size else cuts
 
 
+def _starts_binary(path: str) -> bool:
+    """A large file of a directory corpus is judged by its first MiB (a NUL byte, or bytes that are not UTF-8 before
+    a character cut at the end): the whole file would be read twice."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return True
+    return b"\0" in head
+
+
 def plan(source: str, max_bytes: int = 0, text_column: str = "text") -> list[list[Piece]]:
-    """The units of work (lists of pieces) for a source, in document order, cut after max_bytes (at a file)."""
+    """The units of work (lists of pieces) for a source, in document order, cut after max_bytes (at a file). In a
+    directory or glob, binary files are left out, as the trainer leaves them out (one file named alone is read as
+    it is)."""
     files, root = data_lib.source_files(source)
+    several = source not in ("stdlib", os.fspath(files[0]))
     units, group, group_bytes, total = [], [], 0, 0
     for f in files:
         path, size = os.fspath(f), os.path.getsize(f)
@@ -95,6 +113,8 @@ def plan(source: str, max_bytes: int = 0, text_column: str = "text") -> list[lis
                 units.append([Piece(kind, path, name, g, first)])
                 first += meta.metadata.row_group(g).num_rows
         elif size > PIECE_BYTES:
+            if several and kind == "text" and _starts_binary(path):
+                continue
             cuts = _cut_points(path, size)
             for a, b in zip(cuts[:-1], cuts[1:]):
                 units.append([Piece(kind, path, name, a, b, last=b == size)])
@@ -102,7 +122,7 @@ def plan(source: str, max_bytes: int = 0, text_column: str = "text") -> list[lis
             if group_bytes + size > PIECE_BYTES and group:
                 units.append(group)
                 group, group_bytes = [], 0
-            group.append(Piece(kind, path, name, 0, size))
+            group.append(Piece(kind, path, name, 0, size, text_only=several and kind == "text"))
             group_bytes += size
         total += size + 1
         if max_bytes and total >= max_bytes:
@@ -119,6 +139,7 @@ def _init_worker(tokenizer: str, eval_fraction: float, text_field: str, text_col
     tok = tok_lib.get(tokenizer)
     dtype = tok_lib.dtype_for(tok.vocab_size)
     _WORKER.update(tok=tok, dtype=dtype, fraction=eval_fraction, field=text_field, column=text_column)
+    _WORKER.update(skipped=0, binary_files=0)
 
 
 def _documents(piece: Piece):
@@ -135,7 +156,10 @@ def _documents(piece: Piece):
         fh.seek(piece.start)
         raw = fh.read(piece.end - piece.start)
     if piece.kind == "text":
-        yield piece.name, raw, piece.last
+        if piece.text_only and data_lib.is_binary(raw):
+            _WORKER["binary_files"] += 1
+        else:
+            yield piece.name, raw, piece.last
         return
     offset = piece.start
     for line in raw.split(b"\n"):
@@ -153,7 +177,7 @@ def _documents(piece: Piece):
 def _work(unit: list[Piece]) -> dict:
     """Token ids of one unit, per split, end-of-document ids included; and counts."""
     tok, dtype, fraction = _WORKER["tok"], _WORKER["dtype"], _WORKER["fraction"]
-    _WORKER["skipped"] = 0
+    _WORKER["skipped"] = _WORKER["binary_files"] = 0
     out = {s: [] for s in ("train", "eval")}
     stats = {"train_docs": 0, "eval_docs": 0, "bytes": 0}
     docs = [d for piece in unit for d in _documents(piece)]
@@ -169,7 +193,7 @@ def _work(unit: list[Piece]) -> dict:
         if last:
             out[split].append(np.array([tok.eos_id], dtype))
             stats[f"{split}_docs"] += 1
-    stats["skipped"] = _WORKER["skipped"]
+    stats["skipped"], stats["binary_files"] = _WORKER["skipped"], _WORKER["binary_files"]
     return {"tokens": {s: np.concatenate(v) if v else np.zeros(0, dtype) for s, v in out.items()}, **stats}
 
 
@@ -199,7 +223,7 @@ def _resume(out: str, plan_id: str, itemsize: int) -> dict:
     """The journal of an interrupted run of the same plan, its partial files truncated to what it recorded; else a
     fresh journal (partial files emptied)."""
     fresh = {"plan": plan_id, "units": 0, "train": 0, "eval": 0, "train_docs": 0, "eval_docs": 0, "bytes": 0}
-    fresh["skipped"] = 0
+    fresh["skipped"] = fresh["binary_files"] = 0
     try:
         journal = json.load(open(f"{out}.progress.json"))
         lengths_ok = all(os.path.getsize(f"{out}.{s}.bin.partial") >= journal[s] * itemsize for s in ("train", "eval"))
@@ -278,8 +302,8 @@ def prepare(
                 fh.flush()
                 os.fsync(fh.fileno())
                 journal[split] += len(result["tokens"][split])
-            for key in ("train_docs", "eval_docs", "bytes", "skipped"):
-                journal[key] += result[key]
+            for key in ("train_docs", "eval_docs", "bytes", "skipped", "binary_files"):
+                journal[key] = journal.get(key, 0) + result[key]
             journal["units"] += 1
             _save_journal(out, {k: v for k, v in journal.items() if not k.startswith("_")})
             if time.perf_counter() - last_log > 2.0 and journal["units"] < len(units):
@@ -300,7 +324,9 @@ def _finish(out: str, tokenizer: str, source: str, eval_fraction: float, journal
     """Renames the partial files into place (or converts them to ArrayRecord) and writes the header last."""
     tok = tok_lib.get(tokenizer)
     if journal["train_docs"] + journal["eval_docs"] == 0:
-        raise ConfigError(f"--source={source!r}: no documents (empty files, or no --text_field / --text_column text)")
+        binary = journal.get("binary_files", 0)
+        why = f"all {binary} files are binary" if binary else "empty files, or no --text_field / --text_column text"
+        raise ConfigError(f"--source={source!r}: no documents ({why})")
     dtype = tok_lib.dtype_for(tok.vocab_size)
     lengths = [journal["train"], journal["eval"]]
     if min(lengths) < 2:  # too few documents to split by document: as the trainer does, hold out the tail
@@ -311,6 +337,8 @@ def _finish(out: str, tokenizer: str, source: str, eval_fraction: float, journal
         _save_journal(out, {k: v for k, v in journal.items() if not k.startswith("_")})  # a rerun redoes no harm
     docs = journal["train_docs"] + journal["eval_docs"]
     description = f"{docs} documents, {journal['bytes'] / 1e6:.1f} MB, {tok.name}"
+    if journal.get("binary_files"):
+        description += f", skipped {journal['binary_files']} binary files"
     header = data_lib.token_header(tokenizer, tok.vocab_size, source, description)
     header["plan"] = plan_id
     splits = ("train", "eval")
