@@ -12,6 +12,7 @@ from maxscale.model import transformer
 
 PACKAGE = os.path.join(ROOT, "maxscale")
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 80
 
 
 def module_files(package_dir: str) -> dict[str, str]:
@@ -171,6 +172,21 @@ def test_no_file_is_longer_than_the_limit():
             if n > MAX_LINES:
                 long.append(f"{os.path.relpath(path, ROOT)}: {n} lines")
     assert not long, f"split these files (limit {MAX_LINES}): {long}"
+
+
+def test_no_function_is_longer_than_the_limit():
+    """STYLE: a function that does not fit a screen does several things; split it into named helpers."""
+    long = []
+    for d in ("maxscale", "tools", "launch"):
+        for path in _py_files(d):
+            with open(path) as fh:
+                tree = ast.parse(fh.read())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not long, f"split these functions (limit {MAX_FUNCTION_LINES}): {long}"
 
 
 def _py_files(d: str) -> list[str]:

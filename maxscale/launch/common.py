@@ -264,6 +264,69 @@ def k8s_manifest(
     if tpu_topology and not tpu_accelerator:
         raise ValueError("tpu_topology needs tpu_accelerator, e.g. --tpu_accelerator=tpu-v5p-slice.")
     labels = {"app.kubernetes.io/name": "maxscale", "maxscale/job": name}
+    pod_spec = _k8s_pod_spec(
+        command,
+        name,
+        image,
+        num_processes,
+        gpus_per_process,
+        tpu_topology,
+        tpu_accelerator,
+        tpu_chips_per_process,
+        port,
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        # Headless, and published before readiness so pod 0's DNS name resolves
+        # while the other pods are still starting and retrying the connection.
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"maxscale/job": name},
+            "ports": [{"name": "coordinator", "port": port}],
+        },
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": num_processes,
+            "parallelism": num_processes,
+            "backoffLimit": 0,  # one lost process stalls the collectives: fail the whole job
+            # ... except a preemption: a pod that exits 75 (saved and stopped after SIGTERM) or is evicted by a
+            # node drain/preemption is recreated without counting as a failure, and resumes from its checkpoint;
+            # bad input (exit 2) fails the job at once (docs/launch.md, Kubernetes)
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onExitCodes": _exit_codes(75)},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    {"action": "FailJob", "onExitCodes": _exit_codes(2)},
+                ]
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+    return {"apiVersion": "v1", "kind": "List", "items": [service, job]}
+
+
+def _k8s_pod_spec(
+    command: Sequence[str],
+    name: str,
+    image: str,
+    num_processes: int,
+    gpus_per_process: int,
+    tpu_topology: str,
+    tpu_accelerator: str,
+    tpu_chips_per_process: int,
+    port: int,
+) -> dict:
+    """The pod of process i: the coordinator's address and the process id (the Job's completion index) in its
+    environment, this environment's XLA flags, and its accelerators (TPU chips with the slice's node selector,
+    or GPUs)."""
     env = [
         {"name": "MAXSCALE_COORDINATOR_ADDRESS", "value": f"{name}-0.{name}:{port}"},
         {"name": "MAXSCALE_NUM_PROCESSES", "value": str(num_processes)},
@@ -292,48 +355,7 @@ def k8s_manifest(
         }
     elif gpus_per_process:
         container["resources"] = {"limits": {"nvidia.com/gpu": gpus_per_process}}
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "labels": labels},
-        # Headless, and published before readiness so pod 0's DNS name resolves
-        # while the other pods are still starting and retrying the connection.
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": {"maxscale/job": name},
-            "ports": [{"name": "coordinator", "port": port}],
-        },
-    }
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "completionMode": "Indexed",
-            "completions": num_processes,
-            "parallelism": num_processes,
-            "backoffLimit": 0,  # one lost process stalls the collectives: fail the whole job
-            # ... except a preemption: a pod that exits 75 (saved and stopped after SIGTERM) or is evicted by a
-            # node drain/preemption is recreated without counting as a failure, and resumes from its checkpoint;
-            # bad input (exit 2) fails the job at once (docs/launch.md, Kubernetes)
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "Ignore",
-                        "onExitCodes": {"containerName": "maxscale", "operator": "In", "values": [75]},
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": "maxscale", "operator": "In", "values": [2]},
-                    },
-                ]
-            },
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        },
-    }
-    return {"apiVersion": "v1", "kind": "List", "items": [service, job]}
+    return pod_spec
 
 
 def k8s_yaml(manifest: dict) -> str:
