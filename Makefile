@@ -40,7 +40,7 @@ train: install
 
 ## The whole suite, heavy cases included.
 test: install-all
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=20 $(ARGS)
 
 ## Everything but the cases marked slow.
 test-fast: install-all
