@@ -101,6 +101,34 @@ def test_chunked_attention_branch_equals_xla(qk_norm):
     assert_trees_close(got_grads, want_grads, rtol=1e-5, atol=1e-6)
 
 
+def _shapes_in(jaxpr) -> set[tuple]:
+    """Every intermediate array shape of a jaxpr, sub-jaxprs (scan, while, cond, custom_vjp) included."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes |= _shapes_in(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("T,chunk", [(64, 16), (40, 16)])
+def test_chunked_attention_never_builds_a_T_by_T_array(T, chunk):
+    """The chunked kernel's point is memory, which equal values cannot show: in its forward and backward no
+    intermediate has a T x T face; the chunk x chunk logit blocks do. A kernel that ignored `chunk` (one block of
+    T) fails here while still equalling the XLA kernel in value."""
+    q, k, v, ct = _qkv(T, 4, 2)
+    f = lambda *a: _values_and_grads(lambda *b: kernels.chunked_attention(*b, chunk=chunk), *a)  # noqa: E731
+    shapes = _shapes_in(jax.make_jaxpr(f)(q, k, v, ct).jaxpr)
+    padded = T + (-T % chunk)
+    assert any(s[-2:] == (chunk, chunk) for s in shapes), sorted(shapes)
+    assert not any(s[-2:] in ((T, T), (padded, padded)) for s in shapes), sorted(s for s in shapes if len(s) > 1)
+    xla = _shapes_in(jax.make_jaxpr(lambda *a: _values_and_grads(kernels.xla_attention, *a))(q, k, v, ct).jaxpr)
+    assert any(s[-2:] == (T, T) for s in xla)  # the check sees a T x T array where one exists
+
+
 def test_splash_attention_equals_xla_per_shard_in_the_pallas_interpreter():
     """The TPU kernel, run by the Pallas interpreter on the CPU, per shard of a data=2 x tensor=2 mesh (rows and
     heads split, as attention.attend runs it under shard_map)."""
