@@ -3,6 +3,7 @@ give each member the losses of the same config run alone; a diverging member sto
 on packing; a killed pack resumes exactly; the member axis split over devices (mesh.members) gives the replicated
 pack's losses; MoE members equal their runs alone; --slurm --vectorize runs a pack per array task."""
 
+import itertools
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import one_device_mesh, tiny_config
 
 from maxscale.errors import ConfigError
+from maxscale.parallel import sharding
 from maxscale.train import loop, metrics, vectorized
 
 STEPS = 20
@@ -213,9 +215,10 @@ def test_member_mesh_choices_and_refusals():
         vmesh.member_batch(cfg_of(**{"mesh.members": 2, "mesh.member_batch": 2}), 6, "cpu")
     with pytest.raises(ConfigError, match=r"mesh.member_batch=-1 must be an integer >= 0"):
         vmesh.member_batch(cfg_of(**{"mesh.member_batch": -1}), 6, "cpu")
-    ep = cfg_of(**{"mesh.expert": 2})
-    with pytest.raises(ConfigError, match=r"expert parallelism \(mesh.expert=2\)"):
-        vmesh.check(sharding.make_mesh(ep, jax.devices()[:2]), 2)
+    ep = cfg_of(**{"mesh.expert": 2, "mesh.members": 2})
+    vmesh.check(sharding.make_mesh(ep, jax.devices()[:2]), 2)  # members on the whole mesh: expert parallelism works
+    with pytest.raises(ConfigError, match=r"expert parallelism \(mesh.expert=2\) with the members split"):
+        vmesh.check(vmesh.make_mesh(ep, 2, jax.devices()[:4]), 2)
 
 
 def test_moe_members_equal_their_runs_alone(tmp_path, tiny_corpus):
@@ -236,16 +239,24 @@ def test_moe_members_equal_their_runs_alone(tmp_path, tiny_corpus):
     dirs = [str(tmp_path / f"m{i}") for i in range(2)]
     mesh = vmesh.make_mesh(cfgs[0], 2, jax.devices()[:2])
     loop.train_pack(vectorized.VectorizedRun(cfgs, dirs, str(tmp_path / "pack"), mesh=mesh, corpus=tiny_corpus))
+    # the same pack with the members on a whole expert=2 mesh: the experts split over 2 devices (moe_ep)
+    ep_cfgs = [moe_config(**{**base, **m, "mesh.expert": 2}) for m in members]
+    ep_dirs = [str(tmp_path / f"ep{i}") for i in range(2)]
+    ep_mesh = sharding.make_mesh(ep_cfgs[0], jax.devices()[:2])
+    loop.train_pack(vectorized.VectorizedRun(ep_cfgs, ep_dirs, str(tmp_path / "ep"), mesh=ep_mesh, corpus=tiny_corpus))
     for i, cfg in enumerate(cfgs):
         out = loop.Trainer(cfg, str(tmp_path / f"alone{i}"), mesh=one_device_mesh(cfg), corpus=tiny_corpus).run()
         assert np.abs(np.asarray(out["state"]["moe_bias"])).max() > 0  # the bias moved: it is in the comparison
-        for key in ("train/loss", "moe/load_max", "moe/router_entropy", "eval/loss"):
-            a, v = losses(tmp_path / f"alone{i}", key), losses(dirs[i], key)
+        for key, d in itertools.product(
+            ("train/loss", "moe/load_max", "moe/router_entropy", "eval/loss"), (dirs, ep_dirs)
+        ):
+            a, v = losses(tmp_path / f"alone{i}", key), losses(d[i], key)
             assert sorted(a) == sorted(v) and a, key
-            np.testing.assert_allclose([v[s] for s in a], [a[s] for s in a], rtol=1e-5, err_msg=f"{i} {key}")
-        rows = [[json.loads(line) for line in open(f"{d}/moe_load.jsonl")] for d in (tmp_path / f"alone{i}", dirs[i])]
-        assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
-        np.testing.assert_allclose([r["moe_load"] for r in rows[1]], [r["moe_load"] for r in rows[0]], atol=1e-6)
+            np.testing.assert_allclose([v[s] for s in a], [a[s] for s in a], rtol=1e-5, err_msg=f"{d[i]} {key}")
+        for d in (dirs[i], ep_dirs[i]):
+            rows = [[json.loads(line) for line in open(f"{x}/moe_load.jsonl")] for x in (tmp_path / f"alone{i}", d)]
+            assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+            np.testing.assert_allclose([r["moe_load"] for r in rows[1]], [r["moe_load"] for r in rows[0]], atol=1e-6)
 
 
 def test_slurm_array_runs_one_pack_per_task(tmp_path, capsys):

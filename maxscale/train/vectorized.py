@@ -21,9 +21,9 @@ What may differ between members (VECTORIZABLE), and how each is kept exact:
                                         stay constants. On vs off and int vs float are refused (qat.member_bits)
 Anything else that differs is a ConfigError naming the field; train.debug_nan_at_step is not supported. MoE models
 are: each member's routing bias (balance=bias) is stacked with its state and updated from its own load, and its
-moe/ metrics and moe_load.jsonl are those of its run alone; expert parallelism (mesh.expert > 1) is refused. Where
-the members live: each on the whole mesh (mesh.members = 1, the default) or split over groups of devices
-(mesh.members = n; vectorized_mesh.py says when to choose which).
+moe/ metrics and moe_load.jsonl are those of its run alone; expert parallelism (mesh.expert > 1) needs the
+members on the whole mesh (mesh.members = 1). Where the members live: each on the whole mesh (mesh.members = 1,
+the default) or split over groups of devices (mesh.members = n; vectorized_mesh.py says when to choose which).
 
 Each member writes its run directory as a single run does (config.json, metrics.jsonl and TensorBoard with the
 same records at the same steps, quant/*_rel_err of quantized runs included; tokens_per_s and mfu are per member,

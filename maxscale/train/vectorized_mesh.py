@@ -116,10 +116,11 @@ def check(mesh: Mesh, num_members: int) -> None:
             f"vectorized run: {num_members} members do not split over mesh.members={n}; use a pack size "
             f"(--vectorize=K) that is a multiple of {n}, or a mesh.members that divides {num_members}"
         )
-    if mesh.shape["expert"] > 1:
+    if axis and mesh.shape["expert"] > 1:  # the expert shard_map under the members' vmap: JAX cannot bind `members`
         raise ConfigError(
-            f"vectorized run: expert parallelism (mesh.expert={mesh.shape['expert']}) inside a pack is not "
-            "supported; set mesh.expert=1 or run the members alone"
+            f"vectorized run: expert parallelism (mesh.expert={mesh.shape['expert']}) with the members split over "
+            f"devices (mesh.members={mesh.shape[axis]}) is not supported; set mesh.members=1 (every member on the "
+            "whole mesh) or mesh.expert=1"
         )
 
 
