@@ -28,6 +28,8 @@ def forget_filesystems() -> None:
     the next `gs://` path meets the implementation registered now (gcsfs, or FakeGCS here)."""
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
     fsspec.AbstractFileSystem.clear_instance_cache()
+    for name in ("gs", "gcs"):  # each class keeps its own instances (and their cached listings)
+        fsspec.get_filesystem_class(name).clear_instance_cache()
 
 
 @pytest.fixture
@@ -129,3 +131,24 @@ def test_walk_files_names_each_file_relative_to_the_top(tmp_path):
         ("z.txt", str(tmp_path / "top" / "z.txt")),
     ]
     assert list(paths.walk_files(f"file://{tmp_path}/top")) == list(paths.walk_files(tmp_path / "top"))
+
+
+def test_tree_helpers_list_copy_and_remove_local_trees(tmp_path):
+    assert paths.list_dir(tmp_path / "absent") == []  # an object-store prefix with no objects is absent too
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "a" / "marker").write_text("m")
+    (tmp_path / "a" / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    paths.copy_tree(tmp_path / "a", tmp_path / "b")
+    assert [rel for rel, _ in paths.walk_files(tmp_path / "b")] == ["marker", "sub/x.bin"]
+    assert (tmp_path / "b" / "sub" / "x.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in paths.list_dir(tmp_path)) == ["a", "b"]
+    paths.remove_tree(tmp_path / "a", first=("marker",))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").chmod(0o500)  # nothing under b can go (unless root, who may delete anyway)
+    try:
+        paths.remove_tree(tmp_path / "b" / "sub", ignore_errors=True)  # never raises
+        if os.geteuid() != 0:
+            with pytest.raises(OSError):
+                paths.remove_tree(tmp_path / "b" / "sub")
+    finally:
+        (tmp_path / "b").chmod(0o700)

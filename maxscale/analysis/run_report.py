@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from maxscale import paths
 from maxscale.analysis import plotstyle, transfer
 
 CURVES = (("loss", ("train/loss", "eval/loss")), ("lr", ("lr",)), ("grad norm", ("grad_norm",)))
@@ -34,14 +35,14 @@ class Skip(Exception):
 
 
 def is_run(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "sweep_run.json"))
+    return any(paths.as_path(os.path.join(path, f)).is_file() for f in ("config.json", "sweep_run.json"))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
     """metrics.jsonl's records (torn or non-JSON lines skipped)."""
     out = []
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        with paths.as_path(os.path.join(run_dir, "metrics.jsonl")).open() as fh:  # a gs:// run too
             for line in fh:
                 try:
                     rec = json.loads(line)

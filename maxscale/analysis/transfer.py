@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from maxscale import cli
+from maxscale import cli, paths
 from maxscale.analysis import plotstyle
 from maxscale.errors import ConfigError
 
@@ -70,7 +70,7 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def read_json(path: str) -> Any:
     try:
-        with open(path) as fh:
+        with paths.as_path(path).open() as fh:  # a gs:// run too
             return json.load(fh)
     except (OSError, ValueError):  # missing, unreadable, torn or not JSON
         return None

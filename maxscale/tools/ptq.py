@@ -74,10 +74,10 @@ def one_device_mesh(cfg: ml_collections.ConfigDict):
 
 def run_config(run_dir: str) -> ml_collections.ConfigDict:
     """The resolved config a run saved (config.json); ConfigError (one line) if there is no such run or file."""
-    if not os.path.isdir(run_dir):
+    if not paths.as_path(run_dir).is_dir():  # a gs:// run too
         raise ConfigError(f"--run={run_dir}: no such run directory; pass a run dir such as runs/<sweep>/<id>")
     path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+    if not paths.as_path(path).is_file():
         raise ConfigError(f"--run={run_dir}: no config.json; pass a run directory written by the trainer")
     return config_lib.from_json(paths.read_text(path))
 
@@ -86,7 +86,7 @@ def checkpoint_state(run_dir: str, cfg, step: int | None = None, mesh=None):
     """(Setup on `mesh` (default: one device), step, state) of the run's newest committed checkpoint or `step`;
     ConfigError (one line) when there is none."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    steps = ckpt_lib.committed_steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    steps = ckpt_lib.committed_steps(ckpt_dir)  # [] when there is no such directory
     if not steps:
         raise ConfigError(
             f"--run={run_dir}: no committed checkpoint in {ckpt_dir}; train with checkpoints kept "

@@ -18,10 +18,12 @@ Two tiers (a frequent node-local one and the persistent one) are two Checkpointe
 
 Safety, in the order things happen (docs/reliability.md has the guarantees and the tests that check them):
   * orbax writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` on commit, so a step directory is
-    complete or absent; leftovers of a killed save are removed when the next Checkpointer opens the directory.
+    complete or absent (on gs://, which cannot rename, it writes `<step>/` in place and commits by writing
+    commit_success.txt last); leftovers of a killed save are removed when the next Checkpointer opens the directory.
   * orbax's own `max_to_keep` is off: it forgets old steps when a save *starts*. Here old steps are deleted only
-    after a newer one has committed and been hashed, by renaming to `<step>.deleting` first (never a half-deleted
-    step that looks whole). Steps in `keep_steps` are never deleted.
+    after a newer one has committed and been hashed, by renaming to `<step>.deleting` first (on an object store:
+    deleting its commit marker and manifest first), never a half-deleted step that looks whole. Steps in
+    `keep_steps` are never deleted.
   * a step without a manifest (killed between commit and hashing: only ever the newest save) is checked by orbax's
     own reads when restored, and hashed in the background once it has restored, so it is checked fully later.
   * a failed save (full disk, permissions) raises CheckpointError naming the step that is still intact.
@@ -49,12 +51,14 @@ from jax.experimental import multihost_utils
 
 from maxscale import errors, paths
 from maxscale.errors import RunStopped
+from maxscale.train import faults
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "maxscale-checkpoint-manifest-v1"
 _STEP_NAME = re.compile(r"(0|[1-9]\d*)")  # orbax's committed step names; tmp, .corrupt and .deleting never match
 # orbax rewrites this file after commit (timestamps); restore does not need it, so it is not hashed
 _UNHASHED = ("_CHECKPOINT_METADATA",)
+COMMIT_FILE = "commit_success.txt"  # gs:// cannot rename: orbax writes `<step>/` in place, commits it by this file
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -78,21 +82,26 @@ class CheckpointError(RunStopped):
     exit_code = errors.EXIT_CHECKPOINT
 
 
+def is_committed(step_dir: epath.Path) -> bool:
+    """On local disk the atomic rename to `<step>/` is the commit; on gs:// (where orbax commits by file) the step
+    directory exists while orbax writes it, and only COMMIT_FILE, written last, says it is whole."""
+    return (step_dir / COMMIT_FILE).exists() if os.fspath(step_dir).startswith("gs://") else step_dir.is_dir()
+
+
 def committed_steps(directory: str | os.PathLike) -> list[int]:
     """Steps with a committed step directory, ascending (no orbax objects: safe before anything is written)."""
-    directory = paths.as_path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(int(d.name) for d in directory.iterdir() if _STEP_NAME.fullmatch(d.name) and d.is_dir())
+    entries = paths.list_dir(directory)  # [] before anything is written
+    return sorted(int(d.name) for d in entries if _STEP_NAME.fullmatch(d.name) and is_committed(d))
 
 
 def read_saved_config(directory: str | os.PathLike) -> tuple[int, dict] | None:
     """(step, config dict) of the newest committed checkpoint whose config item reads; None if there is none."""
     for step in reversed(committed_steps(directory)):
         try:
+            verify_manifest(paths.join(directory, str(step)), only="config/metadata")  # a damaged copy says nothing
             saved = json.loads(paths.join(directory, str(step), "config", "metadata").read_text())
-        except (OSError, ValueError):
-            continue  # unreadable: the restore fallback deals with it
+        except Exception:  # noqa: BLE001 - unreadable or damaged (even a bad manifest): restore_newest deals with it
+            continue
         if isinstance(saved, dict):
             return step, saved
     return None
@@ -115,21 +124,17 @@ def _crc32(path: epath.Path) -> int:
 def write_manifest(step_dir: str | os.PathLike) -> None:
     step_dir = paths.as_path(step_dir)
     files = {}
-    for root, _, names in step_dir.walk():
-        for name in sorted(names):
-            path = root / name
-            rel = os.fspath(path.relative_to(step_dir))
-            if rel in (MANIFEST, MANIFEST + ".tmp") or rel in _UNHASHED:
-                continue
+    for rel, path in paths.walk_files(step_dir):  # epath's own walk loses the gs:// scheme of its roots
+        if rel not in (MANIFEST, MANIFEST + ".tmp") and rel not in _UNHASHED:
             files[rel] = [path.stat().length, _crc32(path)]
     paths.write_text_atomic(
         step_dir / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, sort_keys=True)
     )
 
 
-def verify_manifest(step_dir: str) -> None:
-    """Raises ValueError naming the first file whose size or CRC-32 differs. A step without a manifest (the run
-    was killed between commit and hashing) passes: orbax's atomic commit already vouches that it is complete."""
+def verify_manifest(step_dir: str, only: str | None = None) -> None:
+    """Raises ValueError naming the first file whose size or CRC-32 differs (`only`: that one file). A step without
+    a manifest (killed between commit and hashing) passes: orbax's atomic commit already vouches that it is complete."""
     step_dir = paths.as_path(step_dir)
     path = step_dir / MANIFEST
     if not path.exists():
@@ -139,6 +144,8 @@ def verify_manifest(step_dir: str) -> None:
         raise ValueError(f"{MANIFEST} is not a {MANIFEST_FORMAT} file")
     for rel, (size, crc) in sorted(manifest["files"].items()):
         full = step_dir / rel
+        if only is not None and rel != only:
+            continue
         if not full.is_file():
             raise ValueError(f"{rel} is missing")
         if full.stat().length != size:
@@ -181,16 +188,16 @@ class Checkpointer:
             max_to_keep=None,  # retention is ours: see the module docstring
             enable_async_checkpointing=self.async_save,
             create=not read_only,
-            cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=not read_only and not os.fspath(self.directory).startswith("gs://"),
             read_only=read_only,
             save_interval_steps=0 if read_only else 1,
             multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
-        if self.primary:
-            for leftover in self.directory.iterdir():
-                if leftover.name.endswith(".deleting"):
-                    _remove_tree(leftover)
+        if self.primary:  # leftovers of a killed deletion or gs:// save (there in place of orbax's async cleanup)
+            for left in paths.list_dir(self.directory):  # what cannot go now is retried by the next Checkpointer
+                if left.name.endswith(".deleting") or (_STEP_NAME.fullmatch(left.name) and not is_committed(left)):
+                    paths.remove_tree(left, ignore_errors=True)
 
     def steps(self) -> list[int]:
         return committed_steps(self.directory)
@@ -283,7 +290,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self._written.set()
         step_dir = self.directory / str(step)
-        if not step_dir.is_dir():
+        if not is_committed(step_dir):
             raise OSError(f"{step_dir} was not committed")
         if self.primary:
             write_manifest(step_dir)
@@ -310,6 +317,7 @@ class Checkpointer:
                 time.sleep(0.02 * (attempt + 1))
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        e = faults.storage_error(e)  # the OS cause (a full disk) first, not cut off at the end of orbax's message
         intact = [s for s in self.steps() if s != step]
         kept = f"the checkpoint at step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
         return CheckpointError(
@@ -318,14 +326,20 @@ class Checkpointer:
         )
 
     def _move_aside(self, step: int, suffix: str, delete: bool = False) -> str:
-        target = self.directory / f"{step}{suffix}"
-        n = 1
+        """Renames `<step>/` to `<step><suffix>` (then deletes it if `delete`). An object store renames object by
+        object: there it copies, then deletes commit marker and manifest first (no partial step ever looks whole)."""
+        source, target, n = self.directory / str(step), self.directory / f"{step}{suffix}", 1
         while target.exists():
             n += 1
             target = self.directory / f"{step}{suffix}{n}"
-        (self.directory / str(step)).rename(target)
+        if paths.is_url(source):
+            if not delete:
+                paths.copy_tree(source, target)
+            paths.remove_tree(source, first=(COMMIT_FILE, MANIFEST))
+            return os.fspath(target)
+        source.rename(target)
         if delete:
-            _remove_tree(target)
+            paths.remove_tree(target, ignore_errors=True)
         return os.fspath(target)
 
     # -- restoring ---------------------------------------------------------------------------------------------------
@@ -333,6 +347,7 @@ class Checkpointer:
         """Restores `state` with the shardings in `abstract_state` (ShapeDtypeStructs); sets the iterator in place.
 
         Verifies the manifest first (when checkpoint.verify) and that the restored state is at `step`."""
+        paths.forget_listings(self.directory / str(step))  # another process wrote it: no stale listing of it
         if self.verify:
             verify_manifest(self.directory / str(step))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -416,13 +431,6 @@ def restore_newest(
             f"{'them' if many else 'it'} from a backup"
         )
     return None, None, None
-
-
-def _remove_tree(path: epath.Path) -> None:
-    try:
-        path.rmtree()
-    except OSError:
-        pass  # a leftover that cannot go now is retried by the next Checkpointer
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
