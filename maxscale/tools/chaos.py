@@ -325,14 +325,18 @@ class _Chaos:
 @cli.command("chaos")
 def main(argv: list[str]) -> int:
     """maxscale chaos --config=configs/tiny.py --kills=20 [--seed=0] [--workdir=runs/chaos] [--sigterm_share=0.5]
-    [--compile_cache=true] [--config.a.b=v ...]: exit 0 when nothing diverged and nothing failed, 1 otherwise."""
+    [--compile_cache=true] [--moments=all|<point>[@n][:SIG][+...][,...]] [--config.a.b=v ...]: exit 0 when nothing
+    diverged and nothing failed, 1 otherwise. --moments kills at named fault points instead (chaos_moments.py)."""
     p = cli.Parser("chaos", __doc__, config=True)
     p.add_argument("--kills", type=int, default=20, help="how many times the training is killed (>= 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments and signals")
     p.add_argument("--workdir", default=os.path.join("runs", "chaos"))
     p.add_argument("--sigterm_share", type=float, default=0.5, help="share of kills by SIGTERM (the rest SIGKILL)")
     p.add_argument("--compile_cache", type=cli.flag_bool, default=True, help="share JAX's compilation cache")
+    p.add_argument("--moments", default="", help="kill at named moments: all, or rounds like step@5+startup,eval")
     args = p.parse(argv)
+    if args.moments:
+        return _moments_main(args)
     if args.kills < 0 or not 0.0 <= args.sigterm_share <= 1.0:
         raise errors.ConfigError("--kills must be an integer >= 0 and --sigterm_share a number in [0, 1]")
     spec = [a for a in args.config_args if a.startswith("--config=")]
@@ -353,3 +357,22 @@ def main(argv: list[str]) -> int:
         print(f"chaos: failure: {failure}")
     print(report.line(), flush=True)
     return 0 if report.diverged == 0 and not report.failures else 1
+
+
+def _moments_main(args) -> int:
+    """`--moments`: each round's kills at named fault points, a table of where they landed, and the divergences."""
+    from maxscale.tools import chaos_moments
+
+    rounds = chaos_moments.parse_rounds(args.moments)
+    spec = [a for a in args.config_args if a.startswith("--config=")]
+    overrides = [a for a in args.config_args if a.startswith("--config.")]
+    train_args = spec + list(chaos_moments.MOMENT_OVERRIDES) + overrides
+    workdir = args.workdir or os.path.join("runs", "chaos")
+    print(f"chaos: python -m maxscale.train {' '.join(train_args)} --workdir={workdir}/...", flush=True)
+    results = chaos_moments.run_moments(
+        train_args, rounds, workdir, compile_cache=args.compile_cache, log=lambda line: print(line, flush=True)
+    )
+    kills = [k for r in results for k in r.kills]
+    bad = sum(r.divergences for r in results), sum(len(r.failures) for r in results)
+    print(f"moments: kills={len(kills)} landed={sum(k.landed for k in kills)} divergences={bad[0]} failures={bad[1]}")
+    return 0 if bad == (0, 0) else 1

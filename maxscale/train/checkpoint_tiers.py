@@ -37,6 +37,7 @@ from etils import epath
 from maxscale import paths
 from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
+from maxscale.train import faults, orbax_quiet  # noqa: F401 - orbax_quiet: no tracebacks from a damaged step's reads
 from maxscale.train.checkpoint import Checkpointer, read_saved_config, restore_newest
 
 PERSISTENT, LOCAL = "persistent", "local"
@@ -149,6 +150,7 @@ class TieredCheckpointer:
             if other is not target:
                 other.wait_written()
         target.save(step, state, data_iterator, cfg)
+        faults.point("final_save" if step == cfg.train.steps else f"{tier}_save")  # orbax writing, not committed
 
     def poll(self) -> None:
         for t in self.tiers:

@@ -1,5 +1,6 @@
-"""What the trainer does about faults: preemption signals, non-finite steps, loss spikes, and a run log that
-describes one run after a resume. docs/reliability.md states the guarantees and names the tests that check them.
+"""What the trainer does about faults: preemption signals, non-finite steps, loss spikes, a run log that describes
+one run after a resume, the OS error inside a failed save; and named fault points where tests kill a run on purpose.
+docs/reliability.md states the guarantees and names the tests that check them.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 
@@ -161,3 +163,71 @@ def rewind_metrics(workdir: str, step: int) -> list[dict]:
     kept = [r for r in metrics_lib.read_metrics(workdir) if r.get("step", math.inf) <= step]
     paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))  # the writer's own format
     return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Named fault points (chaos at chosen moments)
+
+FAULT_ENV = "MAXSCALE_FAULT"
+# The moments a run can be killed at, in the order a run meets them: after start-up (the checkpoint restored, before
+# the first step), after a step is dispatched (before its metrics, eval and save), during eval (its losses
+# dispatched, not yet written), and just after a save of either tier started (orbax still writing, nothing
+# committed): a periodic or preemption save of the persistent tier, a local-tier save, the save of the last step.
+POINTS = ("startup", "step", "eval", "persistent_save", "local_save", "final_save")
+_hits: dict[str, int] = {}
+
+
+def parse_fault(spec: str) -> tuple[str, int, signal.Signals]:
+    """`<point>[@<n-th hit>][:<signal>]` -> (point, n, signal); ConfigError (one line) for anything else."""
+    usage = f"{FAULT_ENV}={spec!r}: expected <point>[@<n>][:<signal>] with <point> one of {', '.join(POINTS)}"
+    rest, _, sig_name = spec.partition(":")
+    name, at, nth = rest.partition("@")
+    try:
+        n = int(nth) if at else 1
+        sig_name = (sig_name or "SIGKILL").upper()
+        sig = signal.Signals[sig_name if sig_name.startswith("SIG") else "SIG" + sig_name]
+    except (ValueError, KeyError):
+        raise errors.ConfigError(f"{usage}, <n> >= 1 and <signal> a name such as SIGKILL or SIGTERM") from None
+    if name not in POINTS or n < 1:
+        raise errors.ConfigError(f"{usage} and <n> >= 1; unset {FAULT_ENV} to run without a fault")
+    return name, n, sig
+
+
+def armed() -> tuple[str, int, signal.Signals] | None:
+    """The fault point named by $MAXSCALE_FAULT, parsed (ConfigError when malformed), or None."""
+    spec = os.environ.get(FAULT_ENV)
+    return parse_fault(spec) if spec else None
+
+
+def point(name: str) -> None:
+    """A named moment of the run (POINTS). A no-op unless $MAXSCALE_FAULT names it: then its n-th hit in this process
+    writes `maxscale.train: fault point <name> hit <n>: killing with <signal>` to stderr and sends the signal to this
+    process (the style of FreeBSD's fail points and etcd's gofail). The chaos tool's moments mode and
+    tests/test_chaos_moments.py use it to kill at an exact moment rather than after a random delay."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, n, sig = parse_fault(spec)
+    if name != target:
+        return
+    _hits[name] = hit = _hits.get(name, 0) + 1
+    if hit == n:
+        _say(f"fault point {name} hit {hit}: killing with {sig.name}")
+        os.kill(os.getpid(), sig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage failures
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def storage_error(e: BaseException) -> BaseException:
+    """The operating system's error inside a failed checkpoint write, as an OSError that names it first: orbax
+    passes on tensorstore's long message (`Error writing "params/..." in OCDBT database at local file "...": ...
+    File too large [os_error_code='27']`), whose cause would be cut off at the end of a one-line report. `e` itself
+    when it holds no OS error code."""
+    if isinstance(e, OSError) and e.errno:
+        return e
+    m = _OS_ERROR_CODE.search(str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else e

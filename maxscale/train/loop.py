@@ -63,6 +63,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._start()
+        faults.point("startup")  # restored (or initialised), before the first step (faults.POINTS: chaos moments)
         with faults.PreemptionWatch(cfg.train.preempt_grace_s, jax.process_count()) as preempt:
             try:
                 for step in range(self.start, cfg.train.steps):
@@ -168,6 +169,7 @@ class Trainer:
         cfg, members = self.cfg, self.members
         batch = members.batch(self.data_iter)
         self.state, dev_metrics = members.train_step(self.state, batch)
+        faults.point("step")  # the step dispatched, its metrics, eval and save not yet done
         if self.pending is not None:
             self._flush()
             self.checkpointer.poll()
@@ -197,6 +199,7 @@ class Trainer:
     def _eval(self, done: int) -> None:
         self._flush()
         losses = [self.members.eval_loss(self.state, b) for b in self.eval_data]
+        faults.point("eval")  # the eval losses dispatched, not yet written
         losses = np.mean(np.stack(jax.device_get(losses)), 0)
         for i in range(self.members.M):
             if self.active[i]:
@@ -372,6 +375,7 @@ def main(argv: list[str]) -> int:
         if not args.workdir:
             raise ConfigError("--workdir is required, e.g. --workdir=runs/tiny")
         check_workdir(args.workdir, cfg)
+        faults.armed()  # a malformed $MAXSCALE_FAULT is refused (exit 2) before anything is written
         try:
             distributed.initialize(cfg.distributed)
         except ValueError as e:
