@@ -34,7 +34,6 @@ Safety, in the order things happen (docs/reliability.md has the guarantees and t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import threading
@@ -51,7 +50,7 @@ from jax.experimental import multihost_utils
 
 from maxscale import errors, paths
 from maxscale.errors import RunStopped
-from maxscale.train import faults
+from maxscale.train import faults, orbax_quiet  # noqa: F401 - orbax_quiet: orbax's log records, filtered
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "maxscale-checkpoint-manifest-v1"
@@ -59,21 +58,6 @@ _STEP_NAME = re.compile(r"(0|[1-9]\d*)")  # orbax's committed step names; tmp, .
 # orbax rewrites this file after commit (timestamps); restore does not need it, so it is not hashed
 _UNHASHED = ("_CHECKPOINT_METADATA",)
 COMMIT_FILE = "commit_success.txt"  # gs:// cannot rename: orbax writes `<step>/` in place, commits it by this file
-
-
-class _ReadOnlyNotice(logging.Filter):
-    """Drops orbax's `WARNING:absl:Given directory is read only=<dir>`, which it logs whenever a CheckpointManager is
-    opened with read_only=True (every checkpoint-reading tool does, on purpose), where the directory is writable:
-    there the warning says nothing about the directory. Other absl messages pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Given directory is read only") or not record.args:
-            return True
-        directory = os.fspath(record.args[0])
-        return paths.is_url(directory) or not os.access(directory, os.W_OK)
-
-
-logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 class CheckpointError(RunStopped):
@@ -180,6 +164,7 @@ class Checkpointer:
         self.primary = primary and not read_only
         self.background = background
         self._pending: int | None = None  # a save that was started and is not yet known to be committed
+        self._failed = False  # a save failure was reported (CheckpointError)
         self._job: threading.Thread | None = None  # confirms `_pending` (or hashes a restored step)
         self._error: BaseException | None = None  # what `_job` raised, reported by the training thread
         self._written = threading.Event()  # orbax has finished writing the newest save (its host copy is free)
@@ -317,6 +302,7 @@ class Checkpointer:
                 time.sleep(0.02 * (attempt + 1))
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        self._failed = True
         e = faults.storage_error(e)  # the OS cause (a full disk) first, not cut off at the end of orbax's message
         intact = [s for s in self.steps() if s != step]
         kept = f"the checkpoint at step {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
@@ -387,7 +373,11 @@ class Checkpointer:
         try:
             self.finish()
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - orbax raises a save failure again that was reported once already
+                if not self._failed:
+                    raise
 
 
 def restore_newest(

@@ -37,7 +37,7 @@ from etils import epath
 from maxscale import paths
 from maxscale.configdiff import diff_fields
 from maxscale.errors import ConfigError
-from maxscale.train import faults, orbax_quiet  # noqa: F401 - orbax_quiet: no tracebacks from a damaged step's reads
+from maxscale.train import faults
 from maxscale.train.checkpoint import Checkpointer, read_saved_config, restore_newest
 
 PERSISTENT, LOCAL = "persistent", "local"

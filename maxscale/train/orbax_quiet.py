@@ -1,22 +1,31 @@
-"""Silences the leftovers of orbax's abandoned reads when a damaged checkpoint fails to restore.
+"""orbax's log records and leftovers that say nothing to a maxscale user (imported by checkpoint.py).
 
-orbax reads a checkpoint's arrays concurrently on an event loop of its own. When one read fails (a step without a
+The leftovers of orbax's abandoned reads when a damaged checkpoint fails to restore: orbax reads a checkpoint's arrays concurrently on an event loop of its own. When one read fails (a step without a
 manifest, killed between commit and hashing, and then truncated), orbax raises at once and closes that loop while
 the other reads are still in flight; they end later and Python prints each of them as a traceback on stderr:
   * tensorstore's completion callbacks find the loop closed: `RuntimeError: Event loop is closed` (unraisable);
   * orbax's read coroutines are closed mid-read: `Exception ignored in: <coroutine _read_array_index_...>`;
   * their tasks are collected: `ERROR:asyncio:Task exception was never retrieved` with a traceback.
 Hundreds of lines for one damaged step, after restore_newest has already said in one line what was wrong and which
-step the run resumed from. Imported for its effect (checkpoint_tiers.py); everything else passes to the previous
+step the run resumed from.
+
+A failed save (a full disk) is the same story: orbax logs the exception with its traceback from each of its
+background threads and again when it is waited for (468 lines for one EFBIG), and then re-raises it to the caller,
+where Checkpointer reports it in one line naming the step, the OS error and the fix. Orbax's ERROR records that carry
+an exception are therefore dropped: every one of them reaches maxscale as the exception itself. MAXSCALE_ORBAX_LOGS=1
+keeps them (debugging orbax). And the read-only notice of _ReadOnlyNotice. Everything else passes to the previous
 hook and handlers unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 import types
+
+from maxscale import paths
 
 
 def _in_orbax(filename: str) -> bool:
@@ -52,6 +61,28 @@ class _LostTask(logging.Filter):
         return "orbax" not in record.getMessage().replace("\\", "/").split("/")
 
 
+class _RaisedAgain(logging.Filter):
+    """Drops orbax's ERROR records with an exception attached: orbax raises that exception to its caller too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info and _in_orbax(record.pathname))
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops orbax's `WARNING:absl:Given directory is read only=<dir>`, which it logs whenever a CheckpointManager is
+    opened with read_only=True (every checkpoint-reading tool does, on purpose), where the directory is writable:
+    there the warning says nothing about the directory. Other absl messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Given directory is read only") or not record.args:
+            return True
+        directory = os.fspath(record.args[0])
+        return paths.is_url(directory) or not os.access(directory, os.W_OK)
+
+
 if not getattr(sys.unraisablehook, "maxscale_orbax_quiet", False):
+    logging.getLogger("absl").addFilter(_ReadOnlyNotice())
     sys.unraisablehook = _hook(sys.unraisablehook)
     logging.getLogger("asyncio").addFilter(_LostTask())
+    if os.environ.get("MAXSCALE_ORBAX_LOGS") != "1":
+        logging.getLogger("absl").addFilter(_RaisedAgain())
