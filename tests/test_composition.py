@@ -39,8 +39,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from maxscale.tools import chaos
+from maxscale.tools import run_compare as chaos
 from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import metrics
 
 pytestmark = pytest.mark.slow
 BASE_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
@@ -200,7 +201,7 @@ def test_the_cases_cover_every_pair_and_the_resumed_every_value():
 
 
 def _losses(run_dir: str, key: str) -> dict:
-    return {r["step"]: r[key] for r in chaos.metrics.read_metrics(run_dir) if key in r}
+    return {r["step"]: r[key] for r in metrics.read_metrics(run_dir) if key in r}
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=NAMES)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import math
 import os
 import random
 import shutil
@@ -27,8 +26,15 @@ import time
 from typing import Callable
 
 from maxscale import cli, errors
-from maxscale import config as config_lib
-from maxscale.train import metrics
+from maxscale.tools import chaos_moments
+from maxscale.tools.run_compare import (  # noqa: F401 - read and compared by tests and chaos_moments too
+    TIMING_KEYS,
+    child_env,
+    compare_records,
+    final_state,
+    read_records,
+    same_state,
+)
 
 # Defaults for a chaos run of configs/tiny.py: short, every step logged, frequent asynchronous checkpoints (so that
 # many kills land inside a save), an eval. The caller's overrides come after these and win.
@@ -42,7 +48,6 @@ DEFAULT_OVERRIDES = (
     "--config.train.sample_tokens=0",
     "--config.data.max_bytes=300000",
 )
-TIMING_KEYS = ("tokens_per_s", "mfu")  # wall-clock figures: the only fields allowed to differ
 
 
 @dataclasses.dataclass
@@ -72,59 +77,6 @@ class Report:
             f"mismatched={self.records_mismatched} final_states_identical={self.states_identical}/{self.rounds} "
             f"wall={self.wall_s:.0f}s"
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading run directories
-
-
-def read_records(workdir: str) -> dict:
-    """{(step, 'train'|'eval'): record without timing fields} of metrics.jsonl, skipping a torn last line."""
-    return {
-        (r["step"], "eval" if "eval/loss" in r else "train"): {k: v for k, v in r.items() if k not in TIMING_KEYS}
-        for r in metrics.read_metrics(workdir)
-    }
-
-
-def _same(a, b) -> bool:
-    if a.keys() != b.keys():
-        return False
-    return all(
-        x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
-        for x, y in ((a[k], b[k]) for k in a)
-    )
-
-
-def compare_records(records: dict, reference: dict) -> tuple[int, list]:
-    """(records compared, keys of those that differ from the reference or that it lacks)."""
-    bad = [key for key, rec in records.items() if key not in reference or not _same(rec, reference[key])]
-    return len(records), bad
-
-
-def final_state(workdir: str) -> tuple[int, dict]:
-    """(step, state as numpy arrays) of the newest checkpoint, restored onto one device."""
-    import jax
-
-    from maxscale.parallel import sharding
-    from maxscale.train import checkpoint
-    from maxscale.train import step as step_lib
-
-    with open(os.path.join(workdir, "config.json")) as fh:
-        cfg = config_lib.from_json(fh.read())
-    cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
-    setup = step_lib.Setup.build(cfg, sharding.make_mesh(cfg, jax.devices()[:1]))
-    return checkpoint.load_state(os.path.join(workdir, "checkpoints"), setup.abstract_state())
-
-
-def same_state(a: dict, b: dict) -> bool:
-    import jax
-    import numpy as np
-
-    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-    return len(la) == len(lb) and all(
-        pa == pb and x.dtype == y.dtype and x.shape == y.shape and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        for (pa, x), (pb, y) in zip(la, lb)
-    )
 
 
 def _interrupted_save(workdir: str) -> bool:
@@ -187,7 +139,7 @@ def run(
     """Runs the chaos test; `train_args` are the --config flags of the run (no --workdir)."""
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    chaos = _Chaos(_Runner(train_args, workdir, _env(workdir, compile_cache)), random.Random(seed), log)
+    chaos = _Chaos(_Runner(train_args, workdir, child_env(workdir, compile_cache)), random.Random(seed), log)
     chaos.references(workdir)
     while chaos.report.kills < kills:
         round_dir = os.path.join(workdir, f"round{chaos.report.rounds:02d}")
@@ -198,19 +150,6 @@ def run(
         chaos.check_round(round_dir)
     chaos.report.wall_s = time.perf_counter() - t0
     return chaos.report
-
-
-def _env(workdir: str, compile_cache: bool) -> dict:
-    """The training subprocesses' environment: this checkout on PYTHONPATH and, with `compile_cache`, a persistent
-    compilation cache (restarts load the compiled step instead of compiling it again: same program, faster)."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    if compile_cache:
-        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
-        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    return env
 
 
 class _Chaos:
@@ -361,8 +300,6 @@ def main(argv: list[str]) -> int:
 
 def _moments_main(args) -> int:
     """`--moments`: each round's kills at named fault points, a table of where they landed, and the divergences."""
-    from maxscale.tools import chaos_moments
-
     rounds = chaos_moments.parse_rounds(args.moments)
     spec = [a for a in args.config_args if a.startswith("--config=")]
     overrides = [a for a in args.config_args if a.startswith("--config.")]

@@ -26,7 +26,7 @@ from typing import Callable
 
 from maxscale import config as config_lib
 from maxscale import errors
-from maxscale.tools import chaos
+from maxscale.tools import run_compare
 from maxscale.train import faults
 
 # Short runs with every save tier and an eval: steps 1..12, local saves at 3, 6, 9, persistent at 4, 8 and the final
@@ -128,7 +128,7 @@ class _Moments:
 
     def __init__(self, train_args: list[str], workdir: str, compile_cache: bool, log: Callable[[str], None]):
         self.train_args, self.workdir, self.log = train_args, workdir, log
-        self.env = chaos._env(workdir, compile_cache)
+        self.env = run_compare.child_env(workdir, compile_cache)
         self.env.pop(faults.FAULT_ENV, None)
         self.count = 0
 
@@ -151,8 +151,8 @@ class _Moments:
             if rc != 0:
                 raise RuntimeError(f"the uninterrupted run in {ref_dir} exited {rc}: {out[-500:]}")
             open(os.path.join(ref_dir, "done"), "w").close()
-        self.ref_records = chaos.read_records(ref_dir)
-        self.ref_step, self.ref_state = chaos.final_state(ref_dir)
+        self.ref_records = run_compare.read_records(ref_dir)
+        self.ref_step, self.ref_state = run_compare.final_state(ref_dir)
 
     def kill(self, round_dir: str, spec: str) -> tuple[Kill, str]:
         """One attempt killed at `spec`: its Kill and its log."""
@@ -163,7 +163,7 @@ class _Moments:
         k.landed = said and (k.exit == -sig or (sig == signal.SIGTERM and k.exit == errors.EXIT_PREEMPTED))
         if os.path.exists(os.path.join(round_dir, "config.json")):
             k.committed, k.tmp_left = _committed(round_dir)
-        k.records, bad = chaos.compare_records(chaos.read_records(round_dir), self.ref_records)
+        k.records, bad = run_compare.compare_records(run_compare.read_records(round_dir), self.ref_records)
         k.mismatched = len(bad)
         return k, out
 
@@ -189,11 +189,11 @@ class _Moments:
                 r.failures.append(f"{k.spec}: the next attempt resumed at {k.resumed}, not at {k.committed}")
         if r.final_exit != 0:
             r.failures.append(f"the last attempt (no fault) exited {r.final_exit}")
-        records = chaos.read_records(round_dir)
-        r.records, bad = chaos.compare_records(records, self.ref_records)
+        records = run_compare.read_records(round_dir)
+        r.records, bad = run_compare.compare_records(records, self.ref_records)
         missing = set(self.ref_records) - set(records)
-        step, state = chaos.final_state(round_dir)
-        r.state_identical = step == self.ref_step and chaos.same_state(state, self.ref_state)
+        step, state = run_compare.final_state(round_dir)
+        r.state_identical = step == self.ref_step and run_compare.same_state(state, self.ref_state)
         r.divergences = sum(k.mismatched for k in r.kills) + len(bad) + len(missing) + (not r.state_identical)
         return r
 
