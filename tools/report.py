@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """One report of a sweep (logic in maxscale/analysis/report.py): detects what the sweep varies and writes report.md
-with the sections that apply (transfer, width consistency and spectra, scaling laws, LR horizon, schedules) and PNGs.
+with the sections that apply (transfer, width consistency and spectra, scaling laws, LR horizon, schedules,
+width and horizon) and PNGs.
 
 python tools/report.py runs/<sweep> [--out=DIR]
 

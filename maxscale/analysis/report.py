@@ -20,6 +20,8 @@ hyperparameter varies, its optimum with an interval (run_report.py); then, where
                                  points; with an HP grid, each (N, D) takes its lowest loss over the grid
   LR horizon                     train.steps and an HP vary: eta*(T) ~ T^-xi with a 95% interval (horizon.py)
   schedules                      a schedule field and an HP vary: best loss per schedule at equal compute
+  width and horizon              model.width, train.steps and an HP vary: best loss vs width per horizon and
+                                 parameterization, where width starts to pay, narrow vs wide consistency
 Sections that do not apply are listed with the reason; so is an analysis that fails on these runs.
 """
 
@@ -329,6 +331,15 @@ def schedule_section(ctx: Context) -> str:
     return horizon.schedule_markdown(s) + "\n" + ctx.figure("schedules", ids, "Best loss per schedule vs horizon. ")
 
 
+def width_horizon_section(ctx: Context) -> str:
+    from maxscale.analysis import width_horizon
+
+    try:
+        return width_horizon.section(ctx)
+    except width_horizon.Skip as e:
+        raise Skip(str(e)) from None
+
+
 def _sweep_section(fn):
     def section(ctx: Context) -> str:
         try:
@@ -348,6 +359,7 @@ SECTIONS = (
     ("scaling laws", "Scaling laws", scaling_section),
     ("LR horizon", "LR horizon", horizon_section),
     ("schedules", "Schedules", schedule_section),
+    ("width and horizon", "Width and horizon", width_horizon_section),
 )
 
 
