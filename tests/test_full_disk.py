@@ -54,8 +54,8 @@ def _killed_at_the_second_save(workdir: str, env: dict) -> None:
 
 
 def _check_failed_save(stderr: str, listing: list[str], cause: str, ckpt_dir: str) -> None:
-    """One error line (all of stderr), naming the directory, the step that is intact, the OS error and the fix; nothing in
-    the checkpoint directory that looks like a step 8."""
+    """One error line (all of stderr), naming the directory, the step that is intact, the OS error and the fix;
+    nothing in the checkpoint directory that looks like a step 8."""
     errors_said = [line for line in stderr.splitlines() if line.startswith("maxscale.train: error:")]
     assert errors_said == stderr.strip().splitlines(), stderr[-3000:]  # that line is all of stderr (orbax_quiet)
     assert errors_said[0] == (

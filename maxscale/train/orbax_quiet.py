@@ -1,8 +1,9 @@
 """orbax's log records and leftovers that say nothing to a maxscale user (imported by checkpoint.py).
 
-The leftovers of orbax's abandoned reads when a damaged checkpoint fails to restore: orbax reads a checkpoint's arrays concurrently on an event loop of its own. When one read fails (a step without a
-manifest, killed between commit and hashing, and then truncated), orbax raises at once and closes that loop while
-the other reads are still in flight; they end later and Python prints each of them as a traceback on stderr:
+The leftovers of orbax's abandoned reads when a damaged checkpoint fails to restore: orbax reads a checkpoint's
+arrays concurrently on an event loop of its own. When one read fails (a step without a manifest, killed between
+commit and hashing, and then truncated), orbax raises at once and closes that loop while the other reads are still
+in flight; they end later and Python prints each of them as a traceback on stderr:
   * tensorstore's completion callbacks find the loop closed: `RuntimeError: Event loop is closed` (unraisable);
   * orbax's read coroutines are closed mid-read: `Exception ignored in: <coroutine _read_array_index_...>`;
   * their tasks are collected: `ERROR:asyncio:Task exception was never retrieved` with a traceback.
