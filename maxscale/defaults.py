@@ -186,8 +186,8 @@ _FIELDS = [
             (
                 "grouped_impl",
                 "auto",
-                "auto|tiled|ragged_dot -id resume",
-                "dropless's grouped matmuls (all exact); auto: ragged_dot on TPU, else tiled (docs/moe.md)",
+                "auto|tiled|tiled_loop|ragged_dot -id resume",
+                "dropless's grouped matmuls (all exact); auto: ragged_dot on TPU, tiled_loop on CPU, else tiled",
             ),
             ("capacity_factor", 1.25, ">0", "capacity: slots per expert = ceil(cf k tokens / E); later tokens drop"),
         ],

@@ -4,7 +4,6 @@ balance statistics and the bias update, capacity dropping, the matmul entry poin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 
@@ -12,8 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from maxscale.errors import ConfigError
 from maxscale.model import moe as moe_lib
@@ -81,7 +78,7 @@ def test_paths_agree(score, combine, num_shared, mlp):
     p, h = init(moe, jax.random.PRNGKey(1)), inputs()
     ref_out, _, ref_grads = value_and_grads(moe, p, h, dispatch=moe_lib.DISPATCH["dense"])
     assert float(jnp.abs(ref_out).mean()) > 0.05
-    for path, impl in (("dropless", "tiled"), ("dropless", "ragged_dot"), ("capacity", "auto")):
+    for path, impl in [("dropless", impl) for impl in ("tiled", "tiled_loop", "ragged_dot")] + [("capacity", "auto")]:
         moe_i = dataclasses.replace(moe, grouped_impl=impl)
         out, stats, grads = value_and_grads(moe_i, p, h, dispatch=moe_lib.DISPATCH[path])
         assert_tree_close(out, ref_out)
@@ -89,7 +86,7 @@ def test_paths_agree(score, combine, num_shared, mlp):
         assert float(stats["moe_dropped_fraction"]) == 0.0
 
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["tiled", "tiled_loop", "ragged_dot"])
 @pytest.mark.parametrize(
     "E,K,bias,tile",
     [
@@ -146,9 +143,10 @@ def test_tiles_layout(tile):
     np.testing.assert_allclose(np.asarray(gw[:, 0, 0]), [np.arange(N)[ex == e].sum() for e in range(E)])
 
 
-def test_tiled_dropless_does_the_routed_flops_only():
-    """The compiled tiled path costs the 3 expert matmuls of the P pairs plus the tile padding (<= E * (tile - 1)
-    rows), not E times that (XLA:CPU's ragged_dot). The choice and the config field are validated."""
+def test_tiled_dropless_does_the_routed_flops_only(monkeypatch):
+    """The compiled tiled path (tiles in one batched matmul) costs the 3 expert matmuls of the P pairs plus the tile
+    padding (<= E * (tile - 1) rows), not E times that (XLA:CPU's ragged_dot). The loop over the tiles (CPU default)
+    is checked in test_tile_loop_equals_batched. The choice and the config field are validated."""
     moe = make_moe(num_experts=8, num_active=2, grouped_impl="tiled")
     p, h_TD = init(moe, jax.random.PRNGKey(9)), jax.random.normal(jax.random.PRNGKey(10), (256, D))
     weights_TK, experts_TK, _ = moe_lib.route(h_TD, p["router"], None, moe, MM)
@@ -158,7 +156,7 @@ def test_tiled_dropless_does_the_routed_flops_only():
     assert tile == 16 and moe_dispatch.tile_size(2048 * 2, 8) == 128 and moe_dispatch.tile_size(48, 4) == 8
     routed = 2 * P * D * 32 * 3
     assert routed < flops < routed * (P + 8 * (tile - 1)) / P + 0.2 * routed, (flops, routed)
-    auto = "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
+    auto = {"tpu": "ragged_dot", "cpu": "tiled_loop"}.get(jax.default_backend(), "tiled")
     assert moe_dispatch.grouped_impl(make_moe()) == auto
     assert moe_dispatch.grouped_impl(make_moe(grouped_impl="ragged_dot")) == "ragged_dot"
     assert set(moe_lib.CHOICES["grouped_impl"]) == {"auto", *moe_dispatch.GROUPED}
@@ -167,8 +165,40 @@ def test_tiled_dropless_does_the_routed_flops_only():
     from maxscale import config as config_lib
 
     cfg, _ = config_lib.parse_argv(["--config=configs/moe.py", "--config.model.moe.grouped_impl=mega"], ())
-    with pytest.raises(ConfigError, match="grouped_impl='mega' is not supported; choose one of auto, tiled, ragged"):
+    with pytest.raises(ConfigError, match="grouped_impl='mega' is not supported; choose one of auto, tiled, tiled_l"):
         config_lib.resolve(cfg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tile_loop_equals_batched(dtype, monkeypatch):
+    """Tiles.matmul as a loop over the tiles that hold pairs == one batched matmul (values, gradients of x and w,
+    dtypes), with an empty expert and a full one; the tiles past tile_end_E[-1] are not computed (zero even for
+    non-zero rows there, whose gradient is zero too)."""
+    E, P, tile = 5, 60, 8
+    experts_P = jnp.asarray(np.random.default_rng(1).choice([0, 1, 1, 3, 4, 4, 4, 4], P))
+    t = moe_dispatch.Tiles.build(experts_P, E, tile)
+    sizes = np.bincount(np.asarray(experts_P), minlength=E)
+    used = int(np.sum(-(-sizes // tile)))
+    assert int(t.tile_end_E[-1]) == used < t.expert_N.shape[0]
+    x = jax.random.normal(jax.random.PRNGKey(0), (t.expert_N.shape[0], tile, 6)).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (E, 6, 3)).astype(dtype)
+    r = jax.random.normal(jax.random.PRNGKey(2), (t.expert_N.shape[0], tile, 3))
+    mask = (jnp.arange(t.expert_N.shape[0]) < used)[:, None, None]
+
+    def run(loop):
+        tl = dataclasses.replace(t, loop=loop)
+        f = lambda x, w: (tl.matmul(x, w, jnp.float32) * r * mask).sum()  # noqa: E731
+        return jax.jit(lambda x, w: (tl.matmul(x, w), jax.grad(f, (0, 1))(x, w)))(x, w)
+
+    (y_loop, g_loop), (y_batched, g_batched) = run(True), run(False)
+    assert y_loop.dtype == dtype and g_loop[0].dtype == dtype and g_loop[1].dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(y_loop[:used]), f32(y_batched[:used]), rtol=tol, atol=tol)
+    assert float(jnp.abs(y_loop[used:].astype(jnp.float32)).max()) == 0.0 < float(jnp.abs(x[used:]).max())
+    for a, b in zip(g_loop, g_batched):
+        np.testing.assert_allclose(f32(a), f32(b), rtol=tol, atol=tol * float(jnp.abs(f32(b)).max()))
+    assert float(jnp.abs(g_loop[1][2].astype(jnp.float32)).max()) == 0.0  # the empty expert
 
 
 @pytest.mark.parametrize("path", ["dropless", "capacity", "dense"])
@@ -279,7 +309,8 @@ class CountingQuantizer:
 
 
 @pytest.mark.parametrize(
-    "path,impl", [("dropless", "tiled"), ("dropless", "ragged_dot"), ("capacity", "auto"), ("dense", "auto")]
+    "path,impl",
+    [("dropless", i) for i in ("tiled", "tiled_loop", "ragged_dot")] + [("capacity", "auto"), ("dense", "auto")],
 )
 def test_every_matmul_goes_through_the_entry_point(path, impl):
     moe = make_moe(dispatch=path, num_shared=1, grouped_impl=impl)
@@ -322,96 +353,6 @@ def test_specs_and_config():
         {"model": {"mlp": "gelu", "moe": {f: getattr(moe, f) for f in moe.__dataclass_fields__ if f != "mlp"}}}
     )
     assert moe_lib.MoEConfig.from_config(cfg) == moe
-
-
-def expert_mesh(shape, names):
-    n = math.prod(shape)
-    return Mesh(np.asarray(jax.devices()[:n]).reshape(shape), names)
-
-
-EP_MESHES = [((2,), ("expert",)), ((4,), ("expert",)), ((2, 2), ("data", "expert")), ((2, 4), ("data", "expert"))]
-
-
-@pytest.mark.parametrize("shape,names", EP_MESHES)
-@pytest.mark.parametrize("cf", [0.75, 2.0])
-def test_expert_parallel_capacity_drops_as_one_device(shape, names, cf):
-    """EP capacity decides the drops over the global batch: == one-device capacity (one group) on every mesh, the
-    same pairs dropped (cf=0.75) or none (cf=2). Values, stats (dropped fraction included) and grads."""
-    mesh = expert_mesh(shape, names)
-    moe = make_moe(dispatch="capacity", capacity_factor=cf, num_shared=int(cf > 1))
-    p, h = init(moe, jax.random.PRNGKey(6), router_std=2.0), inputs(3)
-    bias = jnp.array([1.0, 0.0, 0.0, -1.0])  # skewed loads: expert 0 overflows, so drops depend on the order
-    ep = functools.partial(moe_lib.capacity_dispatch_ep, mesh=mesh, token_axes=names)
-    out, stats, grads = value_and_grads(moe, p, h, bias, dispatch=ep)
-    ref_out, ref_stats, ref_grads = value_and_grads(moe, p, h, bias, dispatch=moe_dispatch.capacity)
-    assert_tree_close(out, ref_out)
-    assert_tree_close(grads, ref_grads)
-    assert_tree_close(stats, ref_stats)
-    dropped = float(stats["moe_dropped_fraction"])
-    assert (dropped > 0.1) if cf < 1 else (dropped == 0.0)
-    grouped = moe_dispatch.capacity(
-        p,
-        h.reshape(T, D),
-        *moe_lib.route(h.reshape(T, D), p["router"], bias, moe, MM)[:2],
-        moe,
-        MM,
-        num_groups=math.prod(shape),
-    )[1]
-    if cf < 1:  # per-shard groups would have dropped other pairs: the global decision is what makes them equal
-        assert float(grouped) != pytest.approx(dropped, abs=1e-6)
-
-
-def test_global_positions_follow_the_batch_order():
-    """Each pair's global queue position, computed per shard from exchanged counts, == one device's over the batch."""
-    mesh = expert_mesh((2, 4), ("data", "expert"))
-    experts_TK = jax.random.randint(jax.random.PRNGKey(3), (T, 2), 0, 4)
-    run = jax.shard_map(
-        lambda e: moe_ep.global_positions(e, 4, ("data", "expert")).reshape(e.shape),
-        mesh=mesh,
-        in_specs=P(("data", "expert")),
-        out_specs=P(("data", "expert")),
-    )
-    want, _ = moe_dispatch.queue_positions(experts_TK.reshape(-1), 4)
-    np.testing.assert_array_equal(np.asarray(run(experts_TK)).reshape(-1), np.asarray(want))
-
-
-@pytest.mark.parametrize("shape,names", EP_MESHES[:3])
-def test_expert_parallel_grouped_capacity_matches_per_shard_groups(shape, names):
-    """The all_to_all variant keeps one capacity group per token shard: == capacity(num_groups=shards)."""
-    groups = math.prod(shape)
-    mesh = expert_mesh(shape, names)
-    moe = make_moe(dispatch="capacity", capacity_factor=0.75)
-    p, h = init(moe, jax.random.PRNGKey(6), router_std=2.0), inputs(3)
-    ep = functools.partial(moe_dispatch.capacity_dispatch_ep_grouped, mesh=mesh, token_axes=names)
-    one = functools.partial(moe_dispatch.capacity, num_groups=groups)
-    out, stats, grads = value_and_grads(moe, p, h, dispatch=ep)
-    ref_out, ref_stats, ref_grads = value_and_grads(moe, p, h, dispatch=one)
-    assert_tree_close(out, ref_out)
-    assert_tree_close(grads, ref_grads)
-    assert_tree_close(stats, ref_stats)
-    assert float(stats["moe_dropped_fraction"]) > 0.05
-
-
-@pytest.mark.parametrize("shape,names", EP_MESHES)
-@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
-def test_expert_parallel_dropless_matches_single_device(shape, names, impl):
-    """All-gather + reduce-scatter EP dropless (each grouped matmul) == one-device dropless: values, stats and
-    gradients, with a skewed bias (expert 0 on every token, expert 3 on none) so the local groups are ragged and
-    one is empty."""
-    mesh = expert_mesh(shape, names)
-    moe = make_moe(dispatch="dropless", num_shared=1, grouped_impl=impl)
-    p, h = init(moe, jax.random.PRNGKey(7), router_std=2.0), inputs(5)
-    bias = jnp.array([10.0, 0.0, 0.0, -10.0])
-    ep = functools.partial(moe_lib.dropless_dispatch_ep, mesh=mesh, token_axes=names)
-    out, stats, grads = value_and_grads(moe, p, h, bias, dispatch=ep)
-    ref_out, ref_stats, ref_grads = value_and_grads(moe, p, h, bias, dispatch=moe_dispatch.dropless)
-    assert_tree_close(out, ref_out)
-    assert_tree_close(grads, ref_grads)
-    assert_tree_close(stats, ref_stats)
-    np.testing.assert_allclose(
-        np.asarray(stats["moe_load"])[[0, 3]], [0.5, 0.0]
-    )  # half the pairs on expert 0, none on 3
-    assert float(jnp.abs(grads[0]["w_up_e"][3]).max()) == 0.0  # the expert without tokens gets no gradient
 
 
 def test_bias_chooses_experts_but_not_weights():

@@ -102,14 +102,14 @@ class Matmul:
 
     def grouped(self, x_NtD, w_EDF, tiles, *, role: str, name: str | None = None, out_dtype=None) -> jax.Array:
         """Block-sparse grouped matmul for expert layers: tile n of `x_NtD` (rows of one group, zero-padded) times
-        its group's matrix `tiles.weights(w_EDF)[n]` (tiles: moe_dispatch.Tiles), so only the tiles' FLOPs are done
+        its group's matrix `w_EDF[tiles.expert_N[n]]` (tiles: moe_dispatch.Tiles), so only the tiles' FLOPs are done
         on every backend (XLA:CPU expands ragged_dot over every group). The quantizer sees whole per-expert
         matrices, as in `ragged`; zero padding rows stay zero."""
         x_NtD, w_EDF = self._operands("ntd,edf->entf", x_NtD, w_EDF, role, name)
         if self.recorder is not None:  # each tile's rows belong to its expert; padding rows are zero
             group_R = jnp.repeat(tiles.expert_N, x_NtD.shape[1])
             self.recorder.grouped_input(name, role, x_NtD.reshape(-1, x_NtD.shape[-1]), group_R, w_EDF.shape[0])
-        return jnp.einsum("ntd,ndf->ntf", x_NtD, tiles.weights(w_EDF), preferred_element_type=out_dtype)
+        return tiles.matmul(x_NtD, w_EDF, out_dtype)
 
     @property
     def quantizes_kv(self) -> bool:

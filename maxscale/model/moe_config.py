@@ -27,7 +27,7 @@ class MoEConfig:
     combine: str = "mean_k"  # mean_k | renorm
     dispatch: str = "dropless"  # dropless | capacity | dense
     capacity_factor: float = 1.25  # capacity path: slots per expert = ceil(cf * K * tokens / E)
-    grouped_impl: str = "auto"  # dropless's grouped matmul: auto | tiled | ragged_dot (moe_dispatch.grouped_impl)
+    grouped_impl: str = "auto"  # dropless's grouped matmul: auto|tiled|tiled_loop|ragged_dot (moe_layout.grouped_impl)
     mlp: str = "swiglu"  # swiglu | gelu
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ capacity buffers) in moe_layout.py; both are re-exported here.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable
 
 import jax
@@ -64,11 +65,11 @@ def _dropless_ragged(p: dict, h_TD, experts_TK, moe: MoEConfig, mm: Matmul):
     return jnp.take(y_PD, inverse_P, axis=0)
 
 
-def _dropless_tiled(p: dict, h_TD, experts_TK, moe: MoEConfig, mm: Matmul):
+def _dropless_tiled(p: dict, h_TD, experts_TK, moe: MoEConfig, mm: Matmul, loop: bool = False):
     """Expert outputs of the pairs [P, D] via mm.grouped on Tiles. The pairs' rows are h repeated K times, so every
     move is a gather both ways (the K copies' gradients are summed by the broadcast's transpose)."""
     T, K = experts_TK.shape
-    tiles = Tiles.build(experts_TK.reshape(-1), moe.num_experts, tile_size(T * K, moe.num_experts))
+    tiles = Tiles.build(experts_TK.reshape(-1), moe.num_experts, tile_size(T * K, moe.num_experts), loop)
     x_PD = jnp.broadcast_to(h_TD[:, None, :], (T, K, h_TD.shape[-1])).reshape(T * K, -1)
     mm_in = lambda x, w, name: mm.grouped(x, w, tiles, role="expert_in", name=name)  # noqa: E731
     mm_out = lambda x, w, name: mm.grouped(x, w, tiles, role="expert_out", name=name)  # noqa: E731
@@ -76,7 +77,11 @@ def _dropless_tiled(p: dict, h_TD, experts_TK, moe: MoEConfig, mm: Matmul):
 
 
 # model.moe.grouped_impl (besides auto) -> (p, h_TD, experts_TK, moe, mm) -> expert outputs of the pairs [P, D]
-GROUPED: dict[str, Callable] = {"tiled": _dropless_tiled, "ragged_dot": _dropless_ragged}
+GROUPED: dict[str, Callable] = {
+    "tiled": _dropless_tiled,
+    "tiled_loop": functools.partial(_dropless_tiled, loop=True),
+    "ragged_dot": _dropless_ragged,
+}
 
 
 def dropless(p: dict, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul):

@@ -23,8 +23,9 @@ all-gather/reduce-scatter one, which runs and is tested everywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,23 @@ if TYPE_CHECKING:
     from maxscale.model.layers import Matmul
 
 
-def _ep_layout(p: dict, h_TD, moe: MoEConfig, mesh, axis: str, token_axes: tuple[str, ...]):
-    """(E, ep ranks, E/ep local experts, token shards, the routed experts' params): what every expert-parallel path
-    shards by; ConfigError (one line) when the mesh cannot split the experts or the tokens evenly."""
+@dataclasses.dataclass(frozen=True)
+class _EP:
+    """Where an expert-parallel path runs: `mesh`, the experts' mesh axis `axis` (ep ranks, E / ep = El local experts
+    each) and the tokens' `token_axes` (`groups` shards)."""
+
+    mesh: Any
+    axis: str
+    token_axes: tuple[str, ...]
+    E: int
+    ep: int
+    El: int
+    groups: int
+
+
+def _ep_layout(p: dict, h_TD, moe: MoEConfig, mesh, axis: str, token_axes: tuple[str, ...]) -> tuple[_EP, dict]:
+    """(the layout, the routed experts' params): what every expert-parallel path shards by; ConfigError (one line)
+    when the mesh cannot split the experts or the tokens evenly."""
     E, ep = moe.num_experts, mesh.shape[axis]
     groups = math.prod(mesh.shape[a] for a in token_axes)
     if axis not in token_axes or E % ep or h_TD.shape[0] % groups:
@@ -62,15 +77,29 @@ def _ep_layout(p: dict, h_TD, moe: MoEConfig, mesh, axis: str, token_axes: tuple
             f"mesh.{axis}={ep} and {h_TD.shape[0]} tokens divisible by the {groups} token shards"
         )
     p_e = {name: w for name, w in p.items() if name.endswith("_e")}  # only the routed experts enter the shard_map
-    return E, ep, E // ep, groups, p_e
+    return _EP(mesh, axis, tuple(token_axes), E, ep, E // ep, groups), p_e
 
 
-def _run(local, p_e: dict, mesh, axis: str, token_axes: tuple[str, ...], *args):
-    """`local(p_e, *token-sharded args) -> (y_SD, dropped)` under shard_map: weights over `axis`, tokens over
-    `token_axes`, the dropped fraction replicated."""
-    tok = P(token_axes)
-    in_specs = ({n: P(axis) for n in p_e}, *(tok for _ in args))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))(p_e, *args)
+def _expert_parallel(make_local: Callable) -> Callable:
+    """The dispatch path `(p, h_TD, weights_TK, experts_TK, moe, mm, *, mesh, axis="expert", token_axes=("expert",))
+    -> (y_TD, dropped)` built from `make_local(lay: _EP, T tokens, moe, mm) -> local`: `local(p_e, h_SD, w_SK, e_SK)
+    -> (y_SD, dropped)` runs under shard_map with the weights over `axis`, the tokens over `token_axes` and the
+    dropped fraction replicated (its docstring is the path's)."""
+
+    def path(
+        p, h_TD, weights_TK, experts_TK, moe: MoEConfig, mm: Matmul, *, mesh, axis="expert", token_axes=("expert",)
+    ):
+        lay, p_e = _ep_layout(p, h_TD, moe, mesh, axis, token_axes)
+        tok = P(lay.token_axes)
+        in_specs = ({n: P(axis) for n in p_e}, tok, tok, tok)
+        local = make_local(lay, h_TD.shape[0], moe, mm)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))(
+            p_e, h_TD, weights_TK, experts_TK
+        )
+
+    path.__name__ = path.__qualname__ = make_local.__name__
+    path.__doc__ = make_local.__doc__
+    return path
 
 
 def _local_experts(e_AK, axis: str, El: int):
@@ -90,18 +119,8 @@ def global_positions(e_SK, num_experts: int, token_axes: tuple[str, ...]):
     return pos_P + (counts_GE * before_G[:, None]).sum(0)[e_SK.reshape(-1)]
 
 
-def capacity_dispatch_ep(
-    p: dict,
-    h_TD,
-    weights_TK,
-    experts_TK,
-    moe: MoEConfig,
-    mm: Matmul,
-    *,
-    mesh,
-    axis: str = "expert",
-    token_axes: tuple[str, ...] = ("expert",),
-):
+@_expert_parallel
+def capacity_dispatch_ep(lay: _EP, T: int, moe: MoEConfig, mm: Matmul):
     """Expert-parallel capacity dispatch with the drops of one device: C = capacity_of(moe, T) slots per expert over
     the global batch, earlier tokens first (equals `capacity(..., num_groups=1)` on any mesh). Per rank:
 
@@ -114,8 +133,8 @@ def capacity_dispatch_ep(
     Bytes per rank: gathers of (ep-1)*S*(D + 3K) values and a reduce-scatter of A*D. Compute: (E/ep)*C buffer rows,
     one device's E*C split over ep (on a mesh with data > 1, each data row pads its own C: data x one device's).
     Returns (y_TD, dropped_fraction of the T*K pairs)."""
-    E, ep, El, _, p_e = _ep_layout(p, h_TD, moe, mesh, axis, token_axes)
-    C = capacity_of(moe, h_TD.shape[0])
+    E, El, axis, token_axes = lay.E, lay.El, lay.axis, lay.token_axes
+    C = capacity_of(moe, T)
 
     def local(p, h_SD, w_SK, e_SK):
         pos_SK = global_positions(e_SK, E, token_axes).reshape(e_SK.shape)
@@ -132,28 +151,18 @@ def capacity_dispatch_ep(
         y_AD = _from_buffers(y_ECD.reshape(1, El * C, -1), slot_1P, w_AK[None])[0]
         return jax.lax.psum_scatter(y_AD, axis, scatter_dimension=0, tiled=True), dropped
 
-    return _run(local, p_e, mesh, axis, token_axes, h_TD, weights_TK, experts_TK)
+    return local
 
 
-def capacity_dispatch_ep_grouped(
-    p: dict,
-    h_TD,
-    weights_TK,
-    experts_TK,
-    moe: MoEConfig,
-    mm: Matmul,
-    *,
-    mesh,
-    axis: str = "expert",
-    token_axes: tuple[str, ...] = ("expert",),
-):
+@_expert_parallel
+def capacity_dispatch_ep_grouped(lay: _EP, T: int, moe: MoEConfig, mm: Matmul):
     """Expert-parallel capacity with one capacity group per token shard (equals `capacity(..., num_groups=prod of
     token_axes sizes)`, so its drops depend on the mesh), two `jax.lax.all_to_all`s over `axis`. Each rank fills its
     [E, C, D] buffers from its own tokens, the all_to_all sends each expert's slice to the rank that owns it, the rank
     runs its local experts on [E/ep, ep*C, D], and the reverse all_to_all brings the results home. Mesh axes not
     named are replicated inside (redundant compute). Returns (y_TD, dropped_fraction)."""
-    E, ep, El, groups, p_e = _ep_layout(p, h_TD, moe, mesh, axis, token_axes)
-    C = capacity_of(moe, h_TD.shape[0] // groups)
+    E, ep, El, axis, token_axes = lay.E, lay.ep, lay.El, lay.axis, lay.token_axes
+    C = capacity_of(moe, T // lay.groups)
 
     def local(p, h_SD, w_SK, e_SK):
         D = h_SD.shape[-1]
@@ -167,7 +176,7 @@ def capacity_dispatch_ep_grouped(
         y_SD = _from_buffers(y_XD, slot_1P, w_SK[None])[0]
         return y_SD, jax.lax.pmean(_dropped_fraction(slot_1P, E * C), token_axes)
 
-    return _run(local, p_e, mesh, axis, token_axes, h_TD, weights_TK, experts_TK)
+    return local
 
 
 def _local_ragged(p: dict, h_AD, local_P, mine_P, K: int, El: int, moe: MoEConfig, mm: Matmul):
@@ -183,12 +192,14 @@ def _local_ragged(p: dict, h_AD, local_P, mine_P, K: int, El: int, moe: MoEConfi
     return jnp.take(y_PD, inverse_P, axis=0)
 
 
-def _local_tiled(p: dict, h_AD, local_P, mine_P, K: int, El: int, moe: MoEConfig, mm: Matmul):
+def _local_tiled(p: dict, h_AD, local_P, mine_P, K: int, El: int, moe: MoEConfig, mm: Matmul, loop: bool = False):
     """This rank's pairs [A*K, D] via mm.grouped on Tiles: other ranks' pairs form the tiles of a virtual expert El
     after the real ones, with zero rows and the last local expert's matrix (zero rows stay zero), so each rank does
     A*K rows plus padding, not E/ep times that (what XLA:CPU's ragged_dot costs)."""
-    tiles = Tiles.build(jnp.where(mine_P, local_P, El), El + 1, tile_size(local_P.shape[0], El + 1))
-    tiles = dataclasses.replace(tiles, expert_N=jnp.minimum(tiles.expert_N, El - 1), num_experts=El)
+    tiles = Tiles.build(jnp.where(mine_P, local_P, El), El + 1, tile_size(local_P.shape[0], El + 1), loop)
+    tiles = dataclasses.replace(
+        tiles, expert_N=jnp.minimum(tiles.expert_N, El - 1), tile_end_E=tiles.tile_end_E[:El], num_experts=El
+    )
     x_PD = jnp.broadcast_to(h_AD[:, None, :], (h_AD.shape[0], K, h_AD.shape[-1])).reshape(-1, h_AD.shape[-1])
     x_PD = jnp.where(mine_P[:, None], x_PD, jnp.zeros_like(x_PD))
     mm_in = lambda x, w, name: mm.grouped(x, w, tiles, role="expert_in", name=name)  # noqa: E731
@@ -196,21 +207,15 @@ def _local_tiled(p: dict, h_AD, local_P, mine_P, K: int, El: int, moe: MoEConfig
     return tiles.unpad(_experts(p, tiles.pad(x_PD), mm_in, mm_out, moe))
 
 
-LOCAL_GROUPED = {"tiled": _local_tiled, "ragged_dot": _local_ragged}
+LOCAL_GROUPED = {
+    "tiled": _local_tiled,
+    "tiled_loop": functools.partial(_local_tiled, loop=True),
+    "ragged_dot": _local_ragged,
+}
 
 
-def dropless_dispatch_ep(
-    p: dict,
-    h_TD,
-    weights_TK,
-    experts_TK,
-    moe: MoEConfig,
-    mm: Matmul,
-    *,
-    mesh,
-    axis: str = "expert",
-    token_axes: tuple[str, ...] = ("expert",),
-):
+@_expert_parallel
+def dropless_dispatch_ep(lay: _EP, T: int, moe: MoEConfig, mm: Matmul):
     """Expert-parallel dropless dispatch: all-gather the tokens over `axis`, compute the local experts' pairs,
     reduce-scatter the outputs. Inside `jax.shard_map` over `mesh`:
 
@@ -222,7 +227,7 @@ def dropless_dispatch_ep(
 
     Exact (nothing dropped; the same sums as `dropless`). Bytes per rank: gathers of (ep-1)*S*(D + 2K) values and a
     reduce-scatter of A*D. Gradients flow through the collectives' transposes. Returns (y_TD, 0.0)."""
-    E, ep, El, _, p_e = _ep_layout(p, h_TD, moe, mesh, axis, token_axes)
+    El, axis, token_axes = lay.El, lay.axis, lay.token_axes
     local_pairs = LOCAL_GROUPED[grouped_impl(moe)]
     others = tuple(a for a in token_axes if a != axis)
 
@@ -237,4 +242,4 @@ def dropless_dispatch_ep(
         y_AD = _combine(jnp.where(mine_P[:, None], y_PD, jnp.zeros_like(y_PD)), w_AK)
         return jax.lax.psum_scatter(y_AD, axis, scatter_dimension=0, tiled=True), jnp.float32(0.0)
 
-    return _run(local, p_e, mesh, axis, token_axes, h_TD, weights_TK, experts_TK)
+    return local
