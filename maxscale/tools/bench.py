@@ -1,6 +1,8 @@
 """Benchmark of the train step: compile time, step time, tokens/s, MFU, peak host memory, and the ratio to a
 minimal hand-written `jax.jit` step of the same math (no Flax, no optax, no sharding machinery) timed in the same
-process. The hand-written step is the yardstick for framework overhead: it should not be faster.
+process. The hand-written step is the yardstick for framework overhead: it should not be faster. For an MoE model,
+also the dense model of equal active size and the other dispatch paths. The steps compared are interleaved (A B C A
+B C ...), so that a ratio does not depend on which step ran while another process on the machine was busy.
 
 `checkpoint_blocking` times what a checkpoint save costs the training thread, with the manifest hashed on the
 background thread and, for comparison, on the training thread (as before that thread existed).
@@ -19,26 +21,54 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maxscale.errors import ConfigError
 from maxscale.model import transformer
+from maxscale.model.moe_config import CHOICES
 from maxscale.parallel import sharding
 from maxscale.train import checkpoint as ckpt_lib
 from maxscale.train import metrics
 from maxscale.train import step as step_lib
 
 
-def _time_steps(step, state, batch, steps: int) -> tuple[float, float, object]:
-    """(compile+first-step seconds, median seconds per step, final state)."""
-    t0 = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
+def _spread(xs) -> dict:
+    """Median and interquartile range of per-round figures (the spread a shared machine puts on them)."""
+    q25, q50, q75 = np.percentile(np.asarray(xs, np.float64), [25, 50, 75])
+    return {"median": float(q50), "iqr": [float(q25), float(q75)]}
+
+
+class _Variant:
+    """One train step being timed: its jitted step, its state (donated and replaced each step) and its batch."""
+
+    def __init__(self, step, state, batch):
+        self.step, self.state, self.batch = step, state, batch
+
+    def __call__(self) -> float:
         t = time.perf_counter()
-        state, m = step(state, batch)
+        self.state, m = self.step(self.state, self.batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return first, float(np.median(times)), state
+        return time.perf_counter() - t
+
+
+def interleave(variants: dict[str, _Variant], steps: int, rounds: int = 0) -> tuple[dict, dict]:
+    """(compile+first-step seconds, per-round seconds per step) of each variant, timed round-robin: every variant
+    runs one compile step, then `rounds` rounds (default `steps`) in which each variant in turn runs steps // rounds
+    steps (A B C A B C ...). A load swing on a shared machine then hits every variant alike, so per-round ratios
+    compare like with like; a ratio is read as the median over the rounds."""
+    compile_s = {name: v() for name, v in variants.items()}
+    rounds = max(1, min(rounds or steps, steps))
+    per_round = max(1, steps // rounds)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, v in variants.items():
+            times[name].append(sum(v() for _ in range(per_round)) / per_round)
+    return compile_s, times
+
+
+def _ratio(fast_s: list[float], slow_s: list[float]) -> dict:
+    """slow / fast per round, i.e. tokens/s of `fast_s`'s variant over `slow_s`'s, as median and interquartile range
+    (rounded)."""
+    s = _spread(np.asarray(slow_s) / np.asarray(fast_s))
+    return {"median": round(s["median"], 3), "iqr": [round(x, 3) for x in s["iqr"]]}
 
 
 # -- the hand-written reference: the same model and AdamW, written directly in jax.numpy -------------------------
@@ -115,26 +145,93 @@ def dense_equivalent(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return dense
 
 
-def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = False, reference: bool = True) -> dict:
-    """Times the framework's train step; beside it, the hand-written step of the same math where one exists and
-    `reference` (`ratio_to_reference`), and with `compare_dense` for an MoE model the dense model of the same active
-    parameters (`ratio_to_dense`), each in this process on the same batch. On accelerators, also the peak device
-    memory the step needed (`device_memory`)."""
-    mesh = sharding.make_mesh(cfg)
+def with_dispatch(cfg: ml_collections.ConfigDict, dispatch: str) -> ml_collections.ConfigDict:
+    """`cfg` with `model.moe.dispatch` = `dispatch` (ConfigError naming the field for an unknown one)."""
+    if dispatch not in CHOICES["dispatch"]:
+        raise ConfigError(f"--dispatches: {dispatch!r} is no model.moe.dispatch; use {', '.join(CHOICES['dispatch'])}")
+    other = ml_collections.ConfigDict(cfg.to_dict())
+    other.model.moe.dispatch = dispatch
+    return other
+
+
+def _variant(cfg: ml_collections.ConfigDict, mesh, tokens: np.ndarray) -> tuple[_Variant, step_lib.Setup]:
     setup = step_lib.Setup.build(cfg, mesh)
+    return _Variant(setup.train_step, setup.init_state(), setup.global_batch(tokens)), setup
+
+
+def run(
+    cfg: ml_collections.ConfigDict,
+    steps: int = 10,
+    compare_dense: bool = False,
+    reference: bool = True,
+    dispatches: tuple[str, ...] = (),
+    rounds: int = 0,
+) -> dict:
+    """Times the framework's train step; beside it, the hand-written step of the same math where one exists and
+    `reference` (`ratio_to_reference`), with `compare_dense` for an MoE model the dense model of the same active
+    parameters (`ratio_to_dense`), and for each of `dispatches` the same MoE model with that `model.moe.dispatch`
+    (`ratio_to_<dispatch>`: this config's tokens/s over that one's; `dense_dispatch` for `dense`). All are compiled
+    in this process on the same batch, held in memory together and stepped round-robin (`interleave`, `rounds`
+    rounds); step times are medians over the rounds, ratios medians of the per-round ratios, each with its
+    interquartile range (`*_iqr`). On accelerators, also the peak device memory the step needed (`device_memory`)."""
+    others = {d: with_dispatch(cfg, d) for d in dispatches}  # a bad name fails here, before any compile
+    mesh = sharding.make_mesh(cfg)
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
+    main, setup = _variant(cfg, mesh, tokens)
+    variants = {"main": main}
+    if reference and has_reference(cfg):
+        params = jax.device_get(main.state["params"])  # 5 GB at 1.3B: only if used
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        variants["reference"] = _Variant(_reference_step(cfg), (params, zeros, zeros, 0.0), jnp.asarray(tokens))
+    if cfg.model.moe.num_experts:
+        if compare_dense:
+            variants["dense"] = _variant(dense_equivalent(cfg), mesh, tokens)[0]
+        for d, other in others.items():
+            if d != cfg.model.moe.dispatch:  # the dense dispatch (every expert, masked) is not the dense model
+                variants["dense_dispatch" if d == "dense" else d] = _variant(other, mesh, tokens)[0]
+    compile_s, times = interleave(variants, steps, rounds)
+    del variants, main
+    out = _summary(cfg, mesh, compile_s["main"], times["main"])
+    out["rounds"] = len(times["main"])
+    memory = device_memory()
+    if memory:
+        out["device_memory"] = memory
+    for name in times:
+        if name != "main":
+            out.update(_beside(cfg, name, compile_s[name], times[name], times["main"]))
+    out["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
 
-    state = setup.init_state()
-    compile_s, step_s, state = _time_steps(setup.train_step, state, setup.global_batch(tokens), steps)
-    params = jax.device_get(state["params"]) if reference and has_reference(cfg) else None  # 5 GB at 1.3B: only if used
-    del state
 
+def _beside(cfg: ml_collections.ConfigDict, name: str, compile_s: float, times: list, main_times: list) -> dict:
+    """The figures of a variant timed beside the main step: its step time and tokens/s (medians, interquartile
+    range) and the main step's tokens/s over its (`ratio_to_<name>`)."""
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    s, r = _spread(times), _ratio(main_times, times)
+    out = {
+        f"{name}_compile_s": round(compile_s, 3),
+        f"{name}_step_s": round(s["median"], 5),
+        f"{name}_step_s_iqr": [round(x, 5) for x in s["iqr"]],
+        f"{name}_tokens_per_s": round(tokens / s["median"], 1),
+        f"ratio_to_{name}": r["median"],
+        f"ratio_to_{name}_iqr": r["iqr"],
+    }
+    if name == "dense":
+        out["dense_ffn_size"] = dense_equivalent(cfg).model.ffn_size
+    return out
+
+
+def _summary(cfg: ml_collections.ConfigDict, mesh, compile_s: float, times: list) -> dict:
+    """The main step's figures: config, parameters, compile time, step time (median, interquartile range), tokens/s,
+    model FLOPs per token and MFU."""
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    s = _spread(times)
     peak, peak_src = metrics.device_peak_flops(cfg.train.peak_flops)
     flops_tok = transformer.flops_per_token(cfg)
-    tok_s = B * T / step_s
-    out = {
+    tok_s = B * T / s["median"]
+    moe = cfg.model.moe
+    return {
         "config": {
             "width": cfg.model.width,
             "depth": cfg.model.depth,
@@ -148,51 +245,21 @@ def run(cfg: ml_collections.ConfigDict, steps: int = 10, compare_dense: bool = F
             "microbatches": cfg.train.microbatches,
             "devices": mesh.size,
             **(
-                {
-                    "experts": cfg.model.moe.num_experts,
-                    "active": cfg.model.moe.num_active,
-                    "dispatch": cfg.model.moe.dispatch,
-                }
-                if cfg.model.moe.num_experts
+                {"experts": moe.num_experts, "active": moe.num_active, "dispatch": moe.dispatch}
+                if moe.num_experts
                 else {}
             ),
         },
         "params": transformer.count_params(cfg),
         "compile_s": round(compile_s, 3),
-        "step_s": round(step_s, 5),
+        "step_s": round(s["median"], 5),
+        "step_s_iqr": [round(x, 5) for x in s["iqr"]],
         "tokens_per_s": round(tok_s, 1),
         "model_flops_per_token": flops_tok,
         "peak_flops_per_device": peak,
         "peak_source": peak_src,
         "mfu": round(tok_s * flops_tok / (peak * mesh.size), 4),
     }
-    memory = device_memory()
-    if memory:
-        out["device_memory"] = memory
-    if reference and has_reference(cfg):
-        ref = _reference_step(cfg)
-        ref_state = (params, jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params), 0.0)
-        ref_compile_s, ref_step_s, _ = _time_steps(ref, ref_state, jnp.asarray(tokens), steps)
-        out.update(
-            reference_compile_s=round(ref_compile_s, 3),
-            reference_step_s=round(ref_step_s, 5),
-            reference_tokens_per_s=round(B * T / ref_step_s, 1),
-            ratio_to_reference=round(ref_step_s / step_s, 3),
-        )
-    if compare_dense and cfg.model.moe.num_experts:
-        dense = dense_equivalent(cfg)
-        dense_setup = step_lib.Setup.build(dense, mesh)
-        _, dense_step_s, _ = _time_steps(
-            dense_setup.train_step, dense_setup.init_state(), dense_setup.global_batch(tokens), steps
-        )
-        out.update(
-            dense_ffn_size=dense.model.ffn_size,
-            dense_step_s=round(dense_step_s, 5),
-            dense_tokens_per_s=round(B * T / dense_step_s, 1),
-            ratio_to_dense=round(dense_step_s / step_s, 3),
-        )
-    out["peak_host_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    return out
 
 
 def device_memory() -> dict:

@@ -3,6 +3,8 @@
     maxscale bench --config=configs/base.py --config.model.width=512 --config.model.num_heads=8 \\
         --config.data.seq_len=256 --config.train.batch_size=16 [--steps=10] [--compile_depths=4,64]
     maxscale bench --config=configs/moe.py --compare_dense=true   (MoE vs the dense model of equal active size)
+    maxscale bench --config=configs/moe.py --config.model.moe.dispatch=dropless --dispatches=capacity \\
+        --compare_dense=true --steps=30   (dropless vs capacity and dense: ratio_to_capacity, ratio_to_dense)
     maxscale bench --config=configs/base.py --checkpoint=true --config.model.width=768 \\
         --config.model.num_heads=12 --config.model.depth=12 [--saves=3] [--checkpoint_dir=/tmp]
         (seconds a checkpoint save blocks the training thread, manifest hashed inline vs in the background)
@@ -22,6 +24,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps (after the compile step)")
     p.add_argument("--compile_depths", default="", help="comma-separated depths whose compile time is measured")
     p.add_argument("--compare_dense", type=cli.flag_bool, default=False, help="MoE vs its equal-active dense model")
+    p.add_argument("--dispatches", default="", help="comma-separated model.moe.dispatch values timed beside (MoE)")
+    p.add_argument("--rounds", type=int, default=0, help="round-robin rounds of the compared steps (0: --steps)")
     p.add_argument("--checkpoint", type=cli.flag_bool, default=False, help="time checkpoint saves instead")
     p.add_argument("--saves", type=int, default=3, help="checkpoint saves timed (with --checkpoint=true)")
     p.add_argument("--checkpoint_dir", default=None, help="where the timed checkpoints go (default: a temp dir)")
@@ -32,7 +36,8 @@ def main(argv: list[str]) -> int:
     if args.checkpoint:
         print(json.dumps(bench.checkpoint_blocking(cfg, args.saves, args.checkpoint_dir), indent=2))
         return 0
-    result = bench.run(cfg, steps=args.steps, compare_dense=args.compare_dense)
+    dispatches = tuple(d for d in args.dispatches.split(",") if d)
+    result = bench.run(cfg, args.steps, args.compare_dense, dispatches=dispatches, rounds=args.rounds)
     if args.compile_depths:
         result["compile_s_by_depth"] = {}
         for depth in (int(d) for d in args.compile_depths.split(",")):
