@@ -38,13 +38,16 @@ install-all: $(VENV)/.installed-all
 train: install
 	$(BIN)/python -m maxscale.train --config=configs/stdlib.py --workdir=runs/stdlib $(ARGS)
 
-## The whole suite, heavy cases included.
+## The whole suite, heavy cases included, in TEST_WORKERS processes (pytest-xdist; each test file stays in one
+## worker, so a module's compiled fixtures are built once). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install-all
-	$(BIN)/python -m pytest -q --durations=20 $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=20 $(ARGS)
 
 ## Everything but the cases marked slow.
 test-fast: install-all
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 ## One style everywhere: ruff lint + format check (configured in pyproject.toml).
 lint: install
