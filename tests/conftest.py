@@ -39,6 +39,21 @@ def one_device_mesh(cfg):
 
 
 @pytest.fixture(scope="session")
+def child_env(tmp_path_factory):
+    """The environment of a test's `python -m maxscale.train` children: one CPU device, this checkout importable,
+    and a compilation cache shared by the session (a restarted child loads its compiled step)."""
+    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "PYTHONPATH": ROOT,
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus():
     from maxscale.train import data
 

@@ -212,20 +212,6 @@ sys.exit(loop.main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def child_env(tmp_path_factory):
-    """Children see one CPU device and share a compilation cache (restarts load the compiled step)."""
-    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    return {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": ROOT,
-    }
-
-
 def _train(workdir, env, *command):
     command = command or ("-m", "maxscale.train")
     return subprocess.run(

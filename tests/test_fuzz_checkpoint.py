@@ -313,20 +313,6 @@ def test_summary_of_the_fuzzed_cases():
 # Real processes: the exit codes and stderr a user sees
 
 
-@pytest.fixture(scope="module")
-def child_env(tmp_path_factory):
-    """Children see one CPU device and share a compilation cache."""
-    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    return {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": ROOT,
-    }
-
-
 def train(world, env) -> tuple[int, list[str]]:
     r = subprocess.run(
         [sys.executable, "-m", "maxscale.train", *argv(world["case"])],
