@@ -156,3 +156,21 @@ def test_width_tuned_transfers_the_best_confirmed_point(tmp_path):
     assert {r["config"].data.seed for r in family} == {0} and {r["config"].train.seed for r in family} == {0, 1}
     with pytest.raises(ConfigError, match="series=sp, or series=mup with tuned=DIR"):
         sweep_lib.load_sweep("configs/sweeps/width_family.py:series=mup")
+
+
+def test_expert_width_sweep_takes_a_horizon_seeds_and_sizes_and_keeps_its_old_run_ids(tmp_path):
+    """The 200-step, one-seed sweep docs/moe.md reports keeps its run ids (b02569e08b .. c7a412f8ae, as before the
+    arguments existed); a longer horizon is its own sweep with its schedule, eval and seeds."""
+    old = sweep_lib.expand(sweep_lib.load_sweep("configs/sweeps/expert_width.py"), str(tmp_path))
+    assert len(old) == 4 * 3 * 7 and (old[0]["id"], old[-1]["id"]) == ("b02569e08b", "c7a412f8ae")
+    sweep = sweep_lib.load_sweep("configs/sweeps/expert_width.py:sizes=48+768,steps=800,seeds=3,lrs=-10:-8")
+    runs = sweep_lib.expand(sweep, str(tmp_path))
+    assert sweep["name"] == "expert_width_T800" and len(runs) == 2 * 3 * 3 * 3  # sizes x variants x LRs x seeds
+    cfgs = [r["config"] for r in runs]
+    assert {(c.train.steps, c.train.eval_every, c.checkpoint.every) for c in cfgs} == {(800, 800, 800)}
+    assert {c.model.moe.expert_ffn_size for c in cfgs} == {48, 768} and {c.train.seed for c in cfgs} == {0, 1, 2}
+    assert sorted({math.log2(c.optimizer.lr) for c in cfgs}) == [-10, -9, -8]
+    assert {c.train.seed: c.data.seed for c in cfgs} == {0: 0, 1: 1, 2: 2}
+    for arg, message in (("steps=4", "steps=4"), ("sizes=0", "sizes='0'"), ("variants=xp", "unknown variant 'xp'")):
+        with pytest.raises(ConfigError, match=message):
+            sweep_lib.load_sweep("configs/sweeps/expert_width.py:" + arg)
