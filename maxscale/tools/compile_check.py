@@ -138,6 +138,23 @@ def _captured_stderr(lines: list[str]):
             lines += tmp.read().decode(errors="replace").splitlines()
 
 
+@contextlib.contextmanager
+def uncached_compile():
+    """Compiles inside this block are XLA's own, never loads from a persistent compilation cache (set by
+    JAX_COMPILATION_CACHE_DIR, as the test suite does): a compile time, or XLA's compile log, is then a measurement.
+    jax decides once per process whether it uses the cache, so the decision is reset on entry and on exit."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
 def check(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMORY_GB) -> dict:
     """Compiles the train step of resolved `cfg` on its mesh in this process (it needs enough CPU devices)."""
     n = num_devices(cfg)
@@ -146,7 +163,7 @@ def check(cfg: ml_collections.ConfigDict, memory_gb: float = DEFAULT_DEVICE_MEMO
     state = setup.abstract_state()
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
     log: list[str] = []
-    with _captured_stderr(log):
+    with _captured_stderr(log), uncached_compile():
         t0 = time.perf_counter()
         lowered = setup.train_step.lower(state, batch)
         t1 = time.perf_counter()
