@@ -55,9 +55,6 @@ QUANT = {
     "w4a8kv4": {"quant.weights": "int4", "quant.activations": "int8", "quant.kv": "int4"},
     "e4m3": {"quant.activations": "e4m3"},
 }
-# tools/sweep.py --vectorize refuses expert parallelism inside a pack (a documented limit, train/vectorized.py, asserted
-# by tests/test_vectorized.py): a packed MoE case at mesh=expert2 runs data=2 like a dense one. Flip when supported.
-PACK_EXPERT_PARALLEL = False
 # name -> (devices the process sees, the mesh of a dense model, the mesh of an MoE model)
 MESHES = {
     "one": (1, {"mesh.data": 1}, {"mesh.data": 1}),
@@ -148,7 +145,7 @@ def devices(case: dict) -> int:
 
 def overrides(case: dict) -> dict:
     """{config field: value} of one case (for a pack: of its first point; `points` gives both)."""
-    expert = case["model"] != "dense" and (case["pack"] == "single" or PACK_EXPERT_PARALLEL)  # else the data mesh
+    expert = case["model"] != "dense"  # packs too: their members share the expert axis (tests/test_moe_ep.py)
     out = {**FIXED, **MODELS[case["model"]], **QUANT[case["quant"]], **MESHES[case["mesh"]][2 if expert else 1]}
     out["parameterization.name"] = case["param"]
     for s, fields in SWITCHES.items():

@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache as jax_cache  # noqa: E402
 
 from maxscale import config as config_lib  # noqa: E402
 
@@ -38,19 +39,38 @@ def one_device_mesh(cfg):
     return sharding.make_mesh(cfg, jax.devices()[:1])
 
 
+CACHE_ENV = {  # every program compiled for longer than 0.1 s is stored; a size bound turns on jax's file lock
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the whole run: this process, the other xdist worker and every child
+    process (they inherit the environment). The same program (a tiny train step that many tests build, a killed
+    child's restart) compiles once per run. It lives in pytest's temporary root of this run, which pytest removes
+    after 3 newer runs; JAX_COMPILATION_CACHE_DIR set by the user (e.g. to keep it across runs) is kept as it is.
+    Compile times and XLA's compile log are measured with the cache off (compile_check.uncached_compile)."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's root: shared by the workers
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
+    for key, value in CACHE_ENV.items():
+        os.environ.setdefault(key, value)
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[next(iter(CACHE_ENV))]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+    jax_cache.reset_cache()  # a test module's import may have compiled (and settled "no cache") already
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
-def child_env(tmp_path_factory):
+def child_env(compilation_cache):
     """The environment of a test's `python -m maxscale.train` children: one CPU device, this checkout importable,
-    and a compilation cache shared by the session (a restarted child loads its compiled step)."""
-    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    return {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": ROOT,
-    }
+    and the run's compilation cache (a restarted child loads its compiled step)."""
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": ROOT}
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,13 @@ MOMENTS = chaos_moments.ALL_MOMENTS.split("+")
 
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):
-    """{model: the chain's Round}, each run once, on first use, with one CPU device and a shared compilation cache."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    """{model: the chain's Round}, each run once, on first use, with one CPU device (and the run's compile cache)."""
     results = {}
 
     def get(model: str) -> chaos_moments.Round:
         if model not in results:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-                mp.setenv("JAX_COMPILATION_CACHE_DIR", cache)
                 mp.delenv(faults.FAULT_ENV, raising=False)
                 args = [f"--config={os.path.join(ROOT, 'configs', MODELS[model])}", *chaos_moments.MOMENT_OVERRIDES]
                 workdir = str(tmp_path_factory.mktemp(f"moments-{model}"))

@@ -5,8 +5,7 @@ A covering array (tests/composition_cases.py: every pair of values of any two fa
                 MoE router softmax + renorm + aux-loss balance
   param         sp | mup | depth_mup | completep
   quant         none | int8 weights | W4A8KV4 | e4m3 activations
-  mesh          1 device | data=2 x fsdp=2 | tensor=2 | expert=2 (data=2 for a dense model, and for a packed MoE
-                model while packs refuse expert parallelism: composition_cases.PACK_EXPERT_PARALLEL)
+  mesh          1 device | data=2 x fsdp=2 | tensor=2 | expert=2 (data=2 for a dense model)
   pack          a single run | a pack of K=2 (a 2-point learning-rate sweep through tools/sweep.py --vectorize=2)
   6 switches    microbatches=2, chunked attention, loss chunks, bfloat16 compute, remat, dyn metrics: each on/off
 gives 24 cases (6 x 4, the fewest any covering array of these factors can have), each a 6-step run of a width-32
@@ -69,12 +68,11 @@ def _wait(proc: subprocess.Popen) -> int:
         _LIVE.discard(proc)
 
 
-def _env(devices: int, cache: str) -> dict:
-    """A user's environment with `devices` simulated CPU devices and the suite's shared compilation cache."""
+def _env(devices: int) -> dict:
+    """A user's environment with `devices` simulated CPU devices (and the run's compilation cache, conftest.py)."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env = dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.update(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return env
 
 
@@ -84,7 +82,7 @@ def _last_line(log: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _run_group(work: str, key: tuple, indices: list[int], cache: str) -> dict:
+def _run_group(work: str, key: tuple, indices: list[int]) -> dict:
     """Runs the cases `indices` (one device count, one pack value) as one sweep; {case index: (run dirs, error)}."""
     devices, pack = key
     name = f"g{devices}{pack}"
@@ -94,7 +92,7 @@ def _run_group(work: str, key: tuple, indices: list[int], cache: str) -> dict:
     cmd = [sys.executable, "tools/sweep.py", path, f"--root={work}/ref", "--keep_checkpoints"]
     cmd += ["--vectorize=2"] if pack == "pack2" else []
     log = os.path.join(work, f"{name}.log")
-    rc = _wait(_start(cmd, log, _env(devices, cache)))
+    rc = _wait(_start(cmd, log, _env(devices)))
     text = open(log, errors="replace").read()
     try:
         index = json.load(open(os.path.join(work, "ref", name, "sweep.json")))["runs"]
@@ -123,7 +121,7 @@ def _committed(pattern: str) -> bool:
     return any(cc.CKPT_EVERY in ckpt_lib.committed_steps(d) for d in _checkpoints(pattern))
 
 
-def _kill_and_resume(work: str, i: int, cache: str) -> dict:
+def _kill_and_resume(work: str, i: int) -> dict:
     """Runs case `i`, SIGKILLs it once its step-3 checkpoint is committed, runs the same command again."""
     case, name = CASES[i], f"k{i:02d}"
     if case["pack"] == "single":
@@ -137,7 +135,7 @@ def _kill_and_resume(work: str, i: int, cache: str) -> dict:
             fh.write(cc.sweep_file(name, BASE_CONFIG, [case]))
         cmd = [sys.executable, "tools/sweep.py", path, f"--root={work}/kill", "--keep_checkpoints", "--vectorize=2"]
         ckpts = os.path.join(work, "kill", name, "packs", "*")
-    env, logs = _env(cc.devices(case), cache), [os.path.join(work, f"{name}.{a}.log") for a in (1, 2)]
+    env, logs = _env(cc.devices(case)), [os.path.join(work, f"{name}.{a}.log") for a in (1, 2)]
     t0 = time.time()
     proc = _start(cmd, logs[0], env)
     while proc.poll() is None and not _committed(ckpts) and time.time() - t0 < TIMEOUT_S:
@@ -158,17 +156,16 @@ def _kill_and_resume(work: str, i: int, cache: str) -> dict:
     return out
 
 
-def _group_and_kills(work: str, key: tuple, indices: list[int], cache: str) -> tuple[dict, dict]:
+def _group_and_kills(work: str, key: tuple, indices: list[int]) -> tuple[dict, dict]:
     """A group's sweep, then its cases of the resume subset (their programs are in the compilation cache by then)."""
-    runs = _run_group(work, key, indices, cache)
-    return runs, {i: _kill_and_resume(work, i, cache) for i in indices if i in RESUMED}
+    runs = _run_group(work, key, indices)
+    return runs, {i: _kill_and_resume(work, i) for i in indices if i in RESUMED}
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
+def suite(tmp_path_factory, compilation_cache):
     """Runs every case (one sweep per group) and the kill/resume subset, two subprocesses at a time."""
     work, t0, cpu0 = str(tmp_path_factory.mktemp("composition")), time.time(), os.times()
-    cache = os.path.join(work, "jax_cache")
     groups = {}
     for i, case in enumerate(CASES):
         groups.setdefault((cc.devices(case), case["pack"]), []).append(i)
@@ -176,9 +173,7 @@ def suite(tmp_path_factory):
     runs, kills = {}, {}
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the longest groups first
-            jobs = [
-                pool.submit(_group_and_kills, work, key, groups[key], cache) for key in sorted(cost, key=cost.get)[::-1]
-            ]
+            jobs = [pool.submit(_group_and_kills, work, key, groups[key]) for key in sorted(cost, key=cost.get)[::-1]]
             for job in jobs:
                 runs.update(job.result()[0])
                 kills.update(job.result()[1])

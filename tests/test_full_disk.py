@@ -35,8 +35,6 @@ LIMIT = 256 << 10  # bytes per file: above metrics.jsonl, config.json and compil
 def reference(tmp_path_factory):
     """(environment of the children, records and final state of the uninterrupted run)."""
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
-    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop(faults.FAULT_ENV, None)
     workdir = str(tmp_path_factory.mktemp("reference"))
     r = subprocess.run(_command(workdir), env=env, capture_output=True, text=True, timeout=600)

@@ -83,18 +83,11 @@ return {"config": BASE, "grid": {"optimizer.lr": [1e-3, 4e-3]},
 
 
 @pytest.fixture
-def child_env(tmp_path_factory):
-    """One CPU device and a shared compilation cache (the resumed process loads the compiled step)."""
-    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    return {
-        **env,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "PYTHONPATH": ROOT,
-    }
+def child_env(compilation_cache):
+    """One CPU device and the run's compilation cache (the resumed process loads the compiled step); no other
+    XLA_FLAGS or JAX_ setting of this process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_")) or "CACHE" in k}
+    return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 
 
 def _pack_process(dirs, env):

@@ -363,12 +363,8 @@ CHAOS_ARGS = [
 
 @pytest.fixture
 def one_device_env(tmp_path_factory, monkeypatch):
-    """Children see one CPU device and share a compilation cache (restarts load the compiled step)."""
-    cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
+    """Children see one CPU device and share the run's compilation cache (restarts load the compiled step)."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     monkeypatch.setenv("PYTHONPATH", ROOT)
 
 
