@@ -155,3 +155,36 @@ def test_seeds_are_replicates_with_bootstrap_intervals(tmp_path):
     assert lo <= 0.0 <= hi
     md = transfer.markdown(t)
     assert "Seeds per series: 3." in md and "[" in md
+
+
+def test_paired_slope_differences_separate_a_drifting_rule_from_a_stable_one(tmp_path):
+    """Three rules, 3 seeds, widths 64..256. A seed moves the optimum the same way under every rule (it fixes the
+    init and the data order), by up to 0.4 octave, so each slope alone is uncertain; the paired difference is not.
+    'drifts' moves the optimum by +0.5 octave per doubling: its difference from 'stable' is +0.5 with an interval
+    that excludes 0. 'twin' is 'stable' plus small noise of its own: their interval holds 0."""
+    root = str(tmp_path / "rules")
+    seed_shift = {0: (0.0, 0.4, -0.4), 1: (0.3, -0.3, 0.2), 2: (-0.3, 0.1, 0.4)}  # per seed, per width
+    own = {0: (0.02, -0.03, 0.0), 1: (-0.02, 0.03, 0.01), 2: (0.0, 0.02, -0.03)}
+    for k, width in enumerate((64, 128, 256)):
+        for seed in (0, 1, 2):
+            opts = {"stable": -8.0, "drifts": -8.0 + 0.5 * k, "twin": -8.0 + own[seed][k]}
+            for name, opt in opts.items():
+                for e in LOG2_LRS:
+                    rid = f"{name}w{width}s{seed}e{-e}"
+                    write_run(root, rid, name, width, 2.0**e, parabola(e, opt + seed_shift[seed][k]))
+                    path = os.path.join(root, rid, "sweep_run.json")
+                    plan = json.load(open(path))
+                    plan["config"]["train"]["seed"] = seed
+                    json.dump(plan, open(path, "w"))
+    t = transfer.analyze(transfer.load_runs(root))
+    diffs = {(d["a"], d["b"]): d for d in t["slope_differences"]}
+    assert set(diffs) == {("name=drifts", "name=stable"), ("name=drifts", "name=twin"), ("name=stable", "name=twin")}
+    d = diffs[("name=drifts", "name=stable")]
+    assert d["slope_difference"] == pytest.approx(0.5, abs=0.05) and 0.3 < d["ci"][0] <= d["ci"][1] < 0.7
+    lo, hi = diffs[("name=stable", "name=twin")]["ci"]
+    assert lo <= 0.0 <= hi and hi - lo < 0.1
+    lo, hi = t["series"]["name=stable"]["slope_ci"]  # alone, the seeds' shifts make each slope uncertain
+    assert hi - lo > 0.2
+    md = transfer.markdown(t)
+    assert "- name=drifts - name=stable: +0.50 [" in md
+    json.dumps(t)  # the bootstrap draws are not left in the table

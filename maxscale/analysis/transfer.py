@@ -12,13 +12,15 @@ grid, or next to a diverged run, is flagged: the true optimum may lie outside. T
 of log2(optimum) over its scales, in octaves (factors of 2). Seeds (REPLICATE_FIELDS: train.seed, data.seed) are
 replicates, not series: the curve is the mean over seeds of each HP's loss (an HP at which any seed diverged counts as
 diverged), and with two or more seeds a bootstrap over seeds (resampled jointly across scales, since a seed fixes the
-data order at every scale) gives 95% intervals for each optimum and for the drift. Diverged runs (non-finite loss
-or worse than a uniform guess) are listed and plotted as crosses, never dropped silently; runs that have not
-finished are counted as such.
+data order at every scale) gives 95% intervals for each optimum, the drift and the slope, and for each pair of series
+with the same seeds, the paired interval of their slopes' difference (do the two rules separate?). Diverged runs
+(non-finite loss or worse than a uniform guess) are listed and plotted as crosses, never dropped silently; runs that
+have not finished are counted as such.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -31,27 +33,13 @@ from maxscale.analysis import plotstyle
 from maxscale.errors import ConfigError
 
 HP_FIELDS = (
-    "optimizer.lr",
-    "parameterization.init_std",
-    "parameterization.embed_init_std",
-    "parameterization.output_mult",
-    "parameterization.input_mult",
-    "parameterization.attn_mult",
-    "optimizer.weight_decay",
-    "optimizer.eps",
-    "optimizer.b2",
-    "schedule.warmup_steps",
+    *("optimizer.lr", "parameterization.init_std", "parameterization.embed_init_std", "parameterization.output_mult"),
+    *("parameterization.input_mult", "parameterization.attn_mult", "optimizer.weight_decay", "optimizer.eps"),
+    *("optimizer.b2", "schedule.warmup_steps"),
 )
 SCALE_FIELDS = (
-    "model.width",
-    "model.depth",
-    "model.num_heads",
-    "model.head_dim",
-    "model.ffn_size",
-    "model.moe.num_experts",
-    "model.moe.expert_ffn_size",
-    "train.steps",
-    "train.batch_size",
+    *("model.width", "model.depth", "model.num_heads", "model.head_dim", "model.ffn_size", "model.moe.num_experts"),
+    *("model.moe.expert_ffn_size", "train.steps", "train.batch_size"),
 )
 METRIC = "eval/loss"
 REPLICATE_FIELDS = ("train.seed", "data.seed")
@@ -258,6 +246,7 @@ def _series(members: list[dict], hp: str, scale: str) -> dict:
     }
     if len(seeds) >= 2:
         _bootstrap(out, grids, len(seeds))
+        out["_seed_ids"] = repr(seeds)
     return out
 
 
@@ -281,8 +270,24 @@ def _bootstrap(series: dict, grids: dict, n_seeds: int) -> None:
     scales = list(series["scales"])
     if series["log2_opt_vs_log2_scale"] is not None and np.isfinite(opts_BS).all(1).any():
         x = np.log2(np.asarray(scales, np.float64))
-        slope_B = [np.polyfit(x, row, 1)[0] for row in opts_BS if np.isfinite(row).all()]
-        series["slope_ci"] = [float(q) for q in np.percentile(slope_B, [2.5, 97.5])]
+        slope_B = np.array([np.polyfit(x, row, 1)[0] if np.isfinite(row).all() else np.nan for row in opts_BS])
+        series["slope_ci"] = [float(q) for q in np.nanpercentile(slope_B, [2.5, 97.5])]
+        series["_slope_B"] = slope_B  # draw b resampled the same seeds in every series: paired differences
+
+
+def _slope_differences(series: dict) -> list[dict]:
+    """Each pair of series with the same seeds: the difference of their slopes with a 95% interval over the same
+    seed resamples (a seed fixes the init and the data order in both, so the pairing cancels their shared noise).
+    An interval that excludes 0 says the two rules move the optimum differently with scale."""
+    draws = {label: (s.pop("_seed_ids"), s.pop("_slope_B", None)) for label, s in series.items() if "_seed_ids" in s}
+    out = []
+    for a, b in itertools.combinations([k for k, (_, d) in draws.items() if d is not None], 2):
+        d = draws[a][1] - draws[b][1]
+        if draws[a][0] == draws[b][0] and np.isfinite(d).any():
+            diff = series[a]["log2_opt_vs_log2_scale"] - series[b]["log2_opt_vs_log2_scale"]
+            ci = [float(q) for q in np.nanpercentile(d, [2.5, 97.5])]
+            out.append({"a": a, "b": b, "slope_difference": float(diff), "ci": ci})
+    return out
 
 
 def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -> dict:
@@ -300,6 +305,7 @@ def analyze(runs: list[dict], hp: str | None = None, scale: str | None = None) -
         groups.setdefault(label, []).append(r)
     for label, members in sorted(groups.items()):
         table["series"][label] = _series(members, hp, scale)
+    table["slope_differences"] = _slope_differences(table["series"])
     return table
 
 
@@ -342,6 +348,15 @@ def markdown(table: dict) -> str:
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {drift} | {slope} | {ser['diverged']} | {ser['unfinished']} |"
         )
+    if table.get("slope_differences"):
+        lines += [
+            "",
+            "Slope differences, paired over seeds (an interval without 0: the two move the optimum differently):",
+        ]
+        lines += [
+            f"- {d['a']} - {d['b']}: {d['slope_difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+            for d in table["slope_differences"]
+        ]
     c = table["counts"]
     seeds = sorted({ser["seeds"] for ser in table["series"].values()})
     lines += [
