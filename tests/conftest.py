@@ -58,10 +58,15 @@ def compilation_cache(tmp_path_factory):
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
     for key, value in CACHE_ENV.items():
         os.environ.setdefault(key, value)
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[next(iter(CACHE_ENV))]))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+    env = os.environ
+    jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+    )
+    jax.config.update(
+        "jax_persistent_cache_min_entry_size_bytes", int(env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"])
+    )
+    jax.config.update("jax_compilation_cache_max_size", int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]))
     jax_cache.reset_cache()  # a test module's import may have compiled (and settled "no cache") already
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
