@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # command -> (module:function, one line). The tools/*.py and launch/*.py scripts are shims onto the same functions.
 COMMANDS = {
-    "train": ("maxscale.train.loop:main", "train one run (python -m maxscale.train)"),
+    "train": ("maxscale.train.command:main", "train one run (python -m maxscale.train)"),
     "sweep": ("maxscale.tools.sweep:main", "expand and run a sweep of runs (tools/sweep.py)"),
     "report": ("maxscale.analysis.report:main", "one report of a sweep: every section that applies"),
     "transfer-report": ("maxscale.analysis.transfer:main", "optimum per scale and its drift"),

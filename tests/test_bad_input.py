@@ -19,8 +19,8 @@ from maxscale import config as config_lib
 from maxscale import errors
 from maxscale.parallel import sharding
 from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import command
 from maxscale.train import data as data_lib
-from maxscale.train import loop
 from maxscale.train import step as step_lib
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -206,7 +206,7 @@ def prepared(case, tmp_path, artifacts):
 def test_bad_input_is_one_line_exit_2_nothing_written_or_lost(case, tmp_path, artifacts, capsys):
     args, expected = prepared(case, tmp_path, artifacts)
     before = snapshot(tmp_path)
-    code = loop.main(args)
+    code = command.main(args)
     err = capsys.readouterr().err.strip()
     assert code == errors.EXIT_USAGE == 2
     assert len(err.splitlines()) == 1 and err.startswith("maxscale.train: error: ") and expected in err, err

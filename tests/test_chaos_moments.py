@@ -99,10 +99,10 @@ def test_malformed_fault_specs_are_one_line_config_errors(spec, monkeypatch, cap
 
 
 def test_the_trainer_refuses_a_malformed_fault_before_writing(monkeypatch, capsys, tmp_path):
-    from maxscale.train import loop
+    from maxscale.train import command
 
     monkeypatch.setenv(faults.FAULT_ENV, "step@first")
-    rc = loop.main([f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path / 'run'}"])
+    rc = command.main([f"--config={ROOT}/configs/tiny.py", f"--workdir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "MAXSCALE_FAULT='step@first'" in err, err
     assert not (tmp_path / "run").exists()

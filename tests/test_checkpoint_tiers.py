@@ -197,7 +197,7 @@ ARGS = [
 # is saved), whatever the background thread is doing.
 KILLER = """
 import os, signal, sys, time
-from maxscale.train import checkpoint, checkpoint_tiers, loop
+from maxscale.train import checkpoint, checkpoint_tiers, command
 kill_after, local_dir = int(os.environ["KILL_AFTER"]), os.environ["LOCAL_DIR"]
 original = checkpoint_tiers.save_tier
 def save_tier(cfg, step, stop):
@@ -208,7 +208,7 @@ def save_tier(cfg, step, stop):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(cfg, step, stop)
 checkpoint_tiers.save_tier = save_tier
-sys.exit(loop.main(sys.argv[1:]))
+sys.exit(command.main(sys.argv[1:]))
 """
 
 

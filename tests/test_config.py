@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from maxscale import config as config_lib
 from maxscale import errors
-from maxscale.train import loop
+from maxscale.train import command
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 
@@ -60,7 +60,7 @@ BAD = [
 @pytest.mark.parametrize("args,expected", BAD, ids=[a[0][0] for a in BAD])
 def test_bad_input_is_one_line_exit_2_nothing_written(args, expected, tmp_path, capsys):
     workdir = tmp_path / "run"
-    code = loop.main([f"--config={TINY}", f"--workdir={workdir}", "--config.data.max_bytes=300000"] + args)
+    code = command.main([f"--config={TINY}", f"--workdir={workdir}", "--config.data.max_bytes=300000"] + args)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and expected in err, err

@@ -32,8 +32,8 @@ from maxscale import errors
 from maxscale.parallel import sharding
 from maxscale.tools import chaos
 from maxscale.train import checkpoint as ckpt_lib
+from maxscale.train import command, orbax_quiet
 from maxscale.train import data as data_lib
-from maxscale.train import loop, orbax_quiet
 from maxscale.train import step as step_lib
 
 STEPS = {
@@ -77,7 +77,7 @@ class World(dict):
 def world(tmp_path_factory, tiny_corpus):
     """The case directory, the shared Setup and the two snapshots: {"case", "setup", "complete", "stopped"}.
 
-    loop.main runs unchanged but for three memos: the mesh is one device, Setup.build compiles once, the corpus is
+    command.main runs unchanged but for three memos: the mesh is one device, Setup.build compiles once, the corpus is
     the session's (all runs here share one program and one corpus)."""
     root = tmp_path_factory.mktemp("fuzz_checkpoint")
     case, setups = str(root / "case"), {}
@@ -92,7 +92,7 @@ def world(tmp_path_factory, tiny_corpus):
         mp.setattr(sharding, "make_mesh", lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:1]))
         mp.setattr(step_lib.Setup, "build", classmethod(one_setup))
         mp.setattr(data_lib, "load_corpus", lambda cfg: tiny_corpus)
-        assert loop.main(argv(case)) == 0
+        assert command.main(argv(case)) == 0
         shutil.move(case, root / "complete")
         setup = setups["setup"]
         original, calls = setup.train_step, [0]
@@ -106,7 +106,7 @@ def world(tmp_path_factory, tiny_corpus):
         setup.train_step = stop_before_11
         try:
             with pytest.raises(Stop):
-                loop.main(argv(case))
+                command.main(argv(case))
         finally:
             setup.train_step = original
         shutil.move(case, root / "stopped")
@@ -195,7 +195,7 @@ def resume(world, capfd) -> tuple[int, list[str]]:
     previous = sys.unraisablehook
     sys.unraisablehook = orbax_quiet._hook(previous)  # pytest replaced the one installed at import
     try:
-        code = loop.main(argv(world["case"]))
+        code = command.main(argv(world["case"]))
     finally:
         sys.unraisablehook = previous
     err = capfd.readouterr().err

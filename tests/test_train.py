@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 from conftest import one_device_mesh, tiny_config
 
-from maxscale.train import loop, metrics
+from maxscale.train import command, loop, metrics
 
 
 def run(cfg, workdir, corpus):
@@ -71,7 +71,7 @@ def test_incompatible_workdir_is_refused(tmp_path, tiny_corpus, capsys):
     cfg = tiny_config(**{"train.steps": 2, "train.eval_steps": 0, "train.sample_tokens": 0, "schedule.warmup_steps": 0})
     run(cfg, tmp_path, tiny_corpus)
     before = sorted(os.listdir(tmp_path))
-    code = loop.main(
+    code = command.main(
         [
             f"--config={os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')}",
             f"--workdir={tmp_path}",

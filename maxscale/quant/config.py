@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maxscale.errors import ConfigError
-from maxscale.quant.formats import parse_format
+from maxscale.quant.spec import parse_format
 
 KINDS = ("weights", "activations", "kv")
 

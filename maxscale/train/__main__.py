@@ -1,6 +1,6 @@
 import sys
 
-from maxscale.train.loop import main
+from maxscale.train.command import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

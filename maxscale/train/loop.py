@@ -362,29 +362,14 @@ def run_pack(cfgs, run_dirs, write_result, keep_checkpoints=False, corpus=None, 
     return results
 
 
-def main(argv: list[str]) -> int:
-    """`python -m maxscale.train` (= `maxscale train`), parsed the one way of maxscale/cli.py: a ConfigError is one
-    line and exit 2, a faults.RunStopped one line and its exit code (errors.py, docs/reliability.md)."""
-    from maxscale import cli
-
-    def train(argv: list[str]) -> int:
-        p = cli.Parser("maxscale.train", __doc__, config=True)
-        p.add_argument("--workdir", default=None, help="the run's directory (required): checkpoints, metrics, logs")
-        args = p.parse(argv)
-        cfg = config_lib.resolve(args.config)
-        if not args.workdir:
-            raise ConfigError("--workdir is required, e.g. --workdir=runs/tiny")
-        check_workdir(args.workdir, cfg)
-        faults.armed()  # a malformed $MAXSCALE_FAULT is refused (exit 2) before anything is written
-        try:
-            distributed.initialize(cfg.distributed)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        result = Trainer(cfg, args.workdir).run()
-        return errors.EXIT_PREEMPTED if result["preempted"] else 0
-
-    return cli.run("maxscale.train", train, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> int:
+    """Trains the run of a resolved `cfg` in `workdir` (resuming it); the exit code. `python -m maxscale.train`
+    (command.py) reads the command line and the config before it imports this module."""
+    check_workdir(workdir, cfg)
+    faults.armed()  # a malformed $MAXSCALE_FAULT is refused (exit 2) before anything is written
+    try:
+        distributed.initialize(cfg.distributed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    result = Trainer(cfg, workdir).run()
+    return errors.EXIT_PREEMPTED if result["preempted"] else 0
