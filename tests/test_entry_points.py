@@ -1,5 +1,7 @@
-"""Every entry point parses arguments one way: --help prints its usage and exits 0; a bad flag is one line on
-stderr and exit 2 (docs/reliability.md)."""
+"""Every entry point parses arguments one way: a bad flag is one line on stderr and exit 2 (docs/reliability.md), as
+a real process started the way a user starts it. `--help` (exit 0, usage on stdout) is asserted for every command in
+process by tests/test_cli.py, which also checks that every script is a shim onto one of those commands; one process
+per entry here proves that the script reaches its command."""
 
 import os
 import subprocess
@@ -21,22 +23,24 @@ def _command(entry: str, *args: str) -> list[str]:
     return [sys.executable, *entry.split(), *args]
 
 
-def test_help_exits_0_and_a_bad_flag_is_one_line_with_exit_2():
+def test_a_bad_flag_is_one_line_with_exit_2_from_every_script():
     entries = TOOLS + LAUNCHERS + MODULES
     assert len(entries) >= 14
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "MAXSCALE_"))}
     env["JAX_PLATFORMS"] = "cpu"
     runs = {}
-    for entry in entries:  # all at once: each pays a Python + JAX start-up
-        for kind, args in (("help", ["--help"]), ("bad", ["--no_such_flag=1"])):
-            runs[entry, kind] = subprocess.Popen(
-                _command(entry, *args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+    for entry in entries:  # all at once: each pays a Python (+ JAX) start-up
+        runs[entry] = subprocess.Popen(
+            _command(entry, "--no_such_flag=1"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     problems = []
-    for (entry, kind), proc in runs.items():
+    for entry, proc in runs.items():
         out, err = proc.communicate(timeout=180)
-        if kind == "help" and (proc.returncode != 0 or not out.strip()):
-            problems.append(f"{entry} --help: exit {proc.returncode}")
-        if kind == "bad" and (proc.returncode != 2 or len(err.strip().splitlines()) != 1 or "error" not in err):
+        if proc.returncode != 2 or len(err.strip().splitlines()) != 1 or ": error: " not in err:
             problems.append(f"{entry} bad flag: exit {proc.returncode}, stderr {err.strip()[-300:]!r}")
     assert not problems, problems

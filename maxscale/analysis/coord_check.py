@@ -24,7 +24,6 @@ ways (neither growth nor collapse); the slope of the per-layer update size is re
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -193,21 +192,12 @@ def _logit_updates(delta_qk_L2TK: np.ndarray, scale: float) -> dict[str, float]:
     return out
 
 
-def init_params(model: transformer.ModelDef, seed: int) -> dict:
-    """The model's own initial params (its initializer, jitted once per model; the seed is traced)."""
-    return _jitted_init(model)(jnp.int32(seed))
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(model: transformer.ModelDef):
-    return jax.jit(model.init)
-
-
 def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: int, steps: int) -> list[list[dict]]:
     """Stats [seed][step] for `steps` updates (steps + 1 records). Each update is the trainer's own
     (step.Setup.update: its loss, optimizer, finite check and MoE routing bias, on one device, the whole batch at
-    once); the stats come from a capture forward pass of the params before it. Every step is one compiled program
-    (a scan), shared by the seeds, so a size costs one compilation."""
+    once); the stats come from a capture forward pass of the params before it. The model's own initializer, the
+    initial state and every step are one compiled program (a scan) whose seed is traced, so a size costs one
+    compilation, shared by the seeds."""
     one = cfg.copy_and_resolve_references()
     one.train.microbatches = 1  # the batch is the coordinate check's own, updated at once
     one.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
@@ -215,13 +205,14 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
     model = setup.model
     tokens = jnp.asarray(tokens_BT1)
 
-    def one_seed(state):
+    def one_seed(seed):
         def body(state, _):
             out = model.forward(state["params"], tokens[:, :-1], moe_bias=state.get("moe_bias"), capture=("stats",))
             state, metrics = setup.update(state, tokens)
             return state, {**transformer.stats_of(out), "loss": metrics["train/loss"]}
 
         # the last iteration's update is discarded: it only measures the params after `steps` updates
+        state = setup.initial_state(model.init(seed), seed)
         _, stats = jax.lax.scan(body, state, None, length=steps + 1)
         return stats
 
@@ -229,7 +220,7 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
     out = []
     for i in range(seeds):
         seed = cfg.train.seed + i
-        stats = jax.device_get(run_seed(setup.initial_state(init_params(model, seed), seed)))  # leaves [step, ...]
+        stats = jax.device_get(run_seed(jnp.int32(seed)))  # leaves [step, ...]
         probes = np.asarray(stats["layers"].pop("probe"))  # [step, L, tokens, D]
         qk = np.asarray(stats["layers"].pop("qk_probe"))  # [step, L, 2 (q, k), T, heads, head_dim]
         scale = parameterization.Parameterization(cfg).attn_scale

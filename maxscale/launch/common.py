@@ -14,18 +14,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from maxscale.errors import ConfigError
+
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Splits `[launcher flags...] -- command...` at the first '--'.
 
-    Exits with status 2 (argparse's usage error) when there is no '--' or no
-    command after it, since every launcher needs a command to run.
+    A ConfigError (one line `<launcher>: error: ...`, exit 2) when there is no
+    '--' or no command after it, since every launcher needs a command to run.
     """
     argv = list(argv)
     flags, command = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     if not command and not {"-h", "--help"} & set(flags):
-        print("error: put the command to run after '--', e.g. ... -- python -m maxscale.train", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("put the command to run after '--', e.g. ... -- python -m maxscale.train")
     return flags, command
 
 
