@@ -122,15 +122,21 @@ def all_pairs_of(factors: dict[str, list]) -> set:
 
 
 def resume_subset(rows: list[dict]) -> list[int]:
-    """Indices of few rows that hold every value of every factor at least once (greedy set cover, in order):
-    the cases that are also killed and resumed."""
-    want = {(f, v) for f, vs in FACTORS.items() for v in vs}
-    chosen = []
-    while want:
-        best = max(range(len(rows)), key=lambda r: (len(want & set(rows[r].items())), -r))
-        chosen.append(best)
-        want -= set(rows[best].items())
-    return sorted(chosen)
+    """Indices of the fewest rows that hold every value of every factor at least once (an exact search, smallest
+    size first, the first such set in index order): the cases that are also killed and resumed. The size is at least
+    the largest factor's number of values (6 models), and 6 suffice for the array of `all_pairs`."""
+    values = sorted({(f, v) for f, vs in FACTORS.items() for v in vs})
+    bit = {fv: 1 << i for i, fv in enumerate(values)}
+    masks = [sum(bit[fv] for fv in row.items() if fv in bit) for row in rows]
+    full = (1 << len(values)) - 1
+    for k in range(max(len(vs) for vs in FACTORS.values()), len(rows) + 1):
+        for combo in itertools.combinations(range(len(rows)), k):
+            mask = 0
+            for r in combo:
+                mask |= masks[r]
+            if mask == full:
+                return list(combo)
+    raise ValueError("the rows do not hold every value")
 
 
 def case_name(index: int, case: dict) -> str:

@@ -13,7 +13,7 @@ model through the command line a user types. The cases run as one sweep per (dev
 `python tools/sweep.py` process (one JAX start-up) per group, with that many simulated CPU devices. Each case must
 finish with a finite train loss that fell from the first logged step to the last, and a finite eval loss.
 
-Kill and resume runs on a subset of 7 cases that together hold every value of every factor at least once
+Kill and resume runs on the 6 cases (the fewest possible) that together hold every value of every factor
 (`composition_cases.resume_subset`): a single case as `python -m maxscale.train --config=configs/tiny.py
 --config.a.b=v ...`, a pack as `tools/sweep.py --vectorize=2` on its 2-point sweep. The attempt is killed with
 SIGKILL once its step-3 checkpoint is committed, the same command runs again, and every metrics record (timings
