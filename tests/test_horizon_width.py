@@ -192,8 +192,16 @@ def test_sweep_file_grid_recentres_the_lr_per_horizon(tmp_path):
     assert len(runs) == 2 * 3 * 3 * 3 * 2  # series x horizons x widths x LRs x seeds
     mup = [r["config"] for r in runs if r["config"].parameterization.name == "mup"]
     by_T = {T: sorted({round(math.log2(c.optimizer.lr), 6) for c in mup if c.train.steps == T}) for T in HORIZONS}
-    assert by_T[200] == [-7.0, -6.0, -5.0]
-    assert by_T[3200] == pytest.approx([-7.0 - 1.84, -6.0 - 1.84, -5.0 - 1.84])
+    # muP at the tuned point: its measured optimum does not move with the horizon (xi_mup = 0, two corpora)
+    assert by_T[200] == by_T[800] == by_T[3200] == [-7.0, -6.0, -5.0]
+    old = sweep_lib.expand(sweep_lib.load_sweep(SWEEP + ":xi_mup=0.46"), str(tmp_path))  # the documented runs
+    mup_old = [
+        r["config"] for r in old if r["config"].parameterization.name == "mup" and r["config"].train.steps == 3200
+    ]
+    assert sorted({round(math.log2(c.optimizer.lr), 6) for c in mup_old}) == pytest.approx([-8.84, -7.84, -6.84])
+    assert {r["id"] for r in old if r["config"].parameterization.name == "sp"} == {
+        r["id"] for r in runs if r["config"].parameterization.name == "sp"
+    }  # SP keeps xi = 0.46 and its run ids
     assert {c.parameterization.output_mult for c in mup} == {3.46}  # docs/transfer.md's tuned point
     sp256 = [r["config"] for r in runs if r["config"].parameterization.name == "sp" and r["config"].model.width == 256]
     assert min(math.log2(c.optimizer.lr) for c in sp256 if c.train.steps == 800) == pytest.approx(-11.0 - 0.92)

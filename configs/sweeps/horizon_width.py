@@ -7,21 +7,27 @@ measured LR-horizon exponent instead of re-tuned blindly.
        T = 200 is its measured transferred optimum 2^-6.0 (docs/transfer.md, 3 seeds, 2^-6.06 .. -5.84 over 64..512)
   SP   multipliers 1, init std 0.02, centred on SP's measured optimum 2^-8 x (64/width) at T = 200 (width_tuned.py)
 
-Re-centring: eta*(T) = eta*(200) (T/200)^-xi with xi = 0.46, the cosine schedule's exponent on the stdlib corpus
-(docs/analysis.md, 3 seeds, [0.36, 0.54]; measured at width 64 with multipliers 1, where SP and muP are one model).
-Over 200 -> 3200 that is 1.84 octaves down; the interval of xi leaves +-0.36 octave of doubt at 3200, and the
-optimum moves by up to 0.2 octave across widths, so the 3 LRs are one octave apart (offsets -1, 0, +1): the
-optimum stays inside the grid when the prediction is off by up to an octave, and the parabola through 3 points an
-octave apart locates it to a fraction of an octave (half-octave spacing would put a 0.5-octave miss on the edge).
-Measured (docs/transfer.md, "Width and horizon"): SP follows the prediction from 200 to 800 steps, but at the tuned
-point muP's optimum stays at 2^-5.6 .. -6.4 at every horizon (xi ~ 0): give muP `lrs=0:2` at 800 and 3200.
+Re-centring: eta*(T) = eta*(200) (T/200)^-xi, with an exponent per series, both measured:
+  SP   xi = 0.46, the cosine schedule's exponent on the stdlib corpus (docs/analysis.md, 3 seeds, [0.36, 0.54];
+       measured at width 64 with multipliers 1, SP's own). SP follows it from 200 to 800 steps on both corpora
+       (the optimum fell 0.9-1.1 octaves on stdlib and 0.9-1.4 on tinyshakespeare; predicted 0.92).
+  muP  xi_mup = 0: at the tuned point the optimum does not fall with the horizon (docs/transfer.md, "Width and
+       horizon": 2^-5.6 .. -6.4 at 200, 800 and 3200 steps on stdlib, 2^-5.6 .. -5.8 at 200 and 800 on
+       tinyshakespeare). The exponent of a default-multiplier proxy does not transfer to a tuned point. sp_tuned,
+       at the same tuned multipliers, takes xi_mup too.
+The 3 LRs are one octave apart (offsets -1, 0, +1): the optimum stays inside the grid when the prediction is off by
+up to an octave (the interval of xi alone leaves +-0.36 octave of doubt at 3200, and the optimum moves by up to 0.2
+octave across widths), and the parabola through 3 points an octave apart locates it to a fraction of an octave
+(half-octave spacing would put a 0.5-octave miss on the edge). The runs docs/transfer.md reports were made with
+xi_mup=0.46 (then the only exponent) and extra offsets upwards; its commands say so, and regenerate the same runs.
 
 Arguments (`FILE.py:key=value,...`):
   tuned=DIR      a base_tune sweep (default: the point docs/transfer.md records, above)
   widths=64+128+256 (default; 512+1024 add wider models);  horizons=200+800+3200 (train.steps)
   series=mup+sp  (default; sp_tuned adds SP with the tuned multipliers, as width_tuned.py)
   seeds=2        seeds (train and data order) per point;  seeds_long=N  seeds at the longest horizon (default seeds)
-  lrs=-1:1       LR offsets in octaves around each centre;  xi=0.46  the LR-horizon exponent
+  lrs=-1:1       LR offsets in octaves around each centre
+  xi=0.46        SP's LR-horizon exponent;  xi_mup=0  that of the tuned point (mup, sp_tuned)
   corpus=FILE    a text file instead of the stdlib corpus (runs land in horizon_width_<file stem>)
   consistency=T  only the width-consistency family: muP at its centre LR, the narrowest and widest width, horizon
                  T, a checkpoint every T/8 (run it first, unpacked, with --keep_checkpoints; the same run ids)
@@ -54,7 +60,8 @@ DOC_POINT = {
     "parameterization.attn_mult": 0.582,
 }
 MUP_LR_200 = 2.0**-6.0  # docs/transfer.md: the transferred optimum at T = 200 (2^-6.06 .. -5.84, widths 64..512)
-XI = 0.46  # docs/analysis.md: cosine, stdlib, 3 seeds [0.36, 0.54]
+XI = 0.46  # docs/analysis.md: cosine, stdlib, 3 seeds [0.36, 0.54]; SP follows it (docs/transfer.md)
+XI_MUP = 0.0  # docs/transfer.md, "Width and horizon": the tuned point's optimum does not move with T (2 corpora)
 T0 = 200
 FORMATS = (  # argument: (pattern, what to write)
     ("widths", r"[1-9]\d*(\+[1-9]\d*)*", "W+W+... (positive integers)"),
@@ -63,6 +70,7 @@ FORMATS = (  # argument: (pattern, what to write)
     ("seeds_long", r"[1-9]\d*", "N >= 1"),
     ("lrs", r"-?\d+(:-?\d+)?", "A:B (integer octaves, e.g. -1:1)"),
     ("xi", r"\d*\.?\d+", "a number, e.g. 0.46"),
+    ("xi_mup", r"\d*\.?\d+", "a number, e.g. 0"),
     ("consistency", r"[1-9]\d*", "T (a horizon, train.steps)"),
 )
 
@@ -77,6 +85,7 @@ def _args(arg: str) -> dict:
         "seeds_long": "",
         "lrs": "-1:1",
         "xi": str(XI),
+        "xi_mup": str(XI_MUP),
         "corpus": "",
         "consistency": "",
     }
@@ -90,15 +99,16 @@ def _args(arg: str) -> dict:
     return a
 
 
-def centre(series: str, width: int, steps: int, lr_mup: float, xi: float) -> float:
-    """The predicted optimal LR of a series at a width and horizon: its T = 200 optimum x (T / 200)^-xi."""
+def centre(series: str, width: int, steps: int, lr_mup: float, xi: float, xi_mup: float = XI_MUP) -> float:
+    """The predicted optimal LR of a series at a width and horizon: its T = 200 optimum x (T / 200)^-exponent, the
+    exponent xi_mup at the tuned point (mup, sp_tuned) and xi for SP at multipliers 1."""
     if series == "mup":
-        lr = lr_mup
+        lr, exponent = lr_mup, xi_mup
     elif series == "sp":
-        lr = 2.0 ** (-8 - round(math.log2(width / 64)))  # width_tuned.py's SP centre
+        lr, exponent = 2.0 ** (-8 - round(math.log2(width / 64))), xi  # width_tuned.py's SP centre
     else:  # sp_tuned: SP's LR ~ 1/width from the tuned LR
-        lr = lr_mup * 64 / width
-    return lr * (steps / T0) ** -xi
+        lr, exponent = lr_mup * 64 / width, xi_mup
+    return lr * (steps / T0) ** -exponent
 
 
 def _base_point(tuned: str, seeds: int) -> tuple[dict, float]:
@@ -115,7 +125,7 @@ def _horizon(steps: int, every: int) -> dict:
 
 def get_sweep(arg: str = ""):
     a = _args(arg)
-    xi, seeds = float(a["xi"]), int(a["seeds"])
+    xi, xi_mup, seeds = float(a["xi"]), float(a["xi_mup"]), int(a["seeds"])
     best, lr_mup = _base_point(a["tuned"], seeds)
     lo, _, hi = a["lrs"].partition(":")
     offsets = range(int(lo), int(hi or lo) + 1)
@@ -136,7 +146,7 @@ def get_sweep(arg: str = ""):
             for name in series:
                 extra = {"parameterization.name": "mup" if name == "mup" else "sp"}
                 extra.update(best if name in ("mup", "sp_tuned") else {})
-                c = centre(name, w, steps, lr_mup, xi)
+                c = centre(name, w, steps, lr_mup, xi, xi_mup)
                 for e in offsets:
                     for s in range(n_seeds):
                         seed = {"train.seed": s, "data.seed": s}
