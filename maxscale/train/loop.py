@@ -1,4 +1,4 @@
-"""The trainer and `python -m maxscale.train --config=configs/<file>.py[:arg] [--config.a.b=v ...] --workdir=DIR`.
+"""The trainer: `train(cfg, workdir)`, which `python -m maxscale.train` (command.py) calls once its flags are read.
 
 The loop around the pure step (step.py): data, metrics, eval, checkpoints, signals. Metrics of step t are fetched
 only after step t+1 is dispatched, so logging never stalls the device. Restarting the same command resumes from
