@@ -211,8 +211,8 @@ def trajectory(cfg: ml_collections.ConfigDict, tokens_BT1: np.ndarray, seeds: in
             state, metrics = setup.update(state, tokens)
             return state, {**transformer.stats_of(out), "loss": metrics["train/loss"]}
 
-        # the last iteration's update is discarded: it only measures the params after `steps` updates
         state = setup.initial_state(model.init(seed), seed)
+        # the last iteration's update is discarded: it only measures the params after `steps` updates
         _, stats = jax.lax.scan(body, state, None, length=steps + 1)
         return stats
 
