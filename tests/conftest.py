@@ -3,10 +3,26 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    + ["--xla_force_host_platform_device_count=8"]
-)
+# XLA compiles are most of the suite's CPU time, so the suite compiles at XLA's backend (LLVM) optimization level 0:
+# the same HLO programs, so the same semantics; machine code made with fewer LLVM passes, in about 40% less
+# CPU than the default (2). A level in the user's XLA_FLAGS wins over ours:
+# XLA_FLAGS=--xla_backend_optimization_level=2 make test compiles as users' runs do. tests/test_compile_flags.py
+# checks that a run's numbers do not move. (XLA's classic fusion emitters, --xla_cpu_use_fusion_emitters=false, would
+# halve the compile time again, but they round some sums differently in different programs, and the suite asserts
+# bit-equal losses across programs: with and without dyn metrics, nan_policy stop and skip.)
+TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0"]
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for this test process or a test's child with `devices` simulated CPU devices: the user's flags, the
+    suite's compile flags (unless the user set them) and the device count. Every process of a test compiles alike, so
+    a child's numbers compare bit for bit with this process's."""
+    return " ".join(_BASE_XLA_FLAGS + [f"--xla_force_host_platform_device_count={devices}"])
+
+
+_USER = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+_BASE_XLA_FLAGS = _USER + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in {u.split("=")[0] for u in _USER}]
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +91,7 @@ def compilation_cache(tmp_path_factory):
 def child_env(compilation_cache):
     """The environment of a test's `python -m maxscale.train` children: one CPU device, this checkout importable,
     and the run's compilation cache (a restarted child loads its compiled step)."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": ROOT}
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), "PYTHONPATH": ROOT}
 
 
 @pytest.fixture(scope="session")

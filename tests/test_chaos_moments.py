@@ -11,12 +11,12 @@ import os
 import signal
 
 import pytest
+from conftest import ROOT, xla_flags
 
 from maxscale import errors
 from maxscale.tools import chaos, chaos_moments
 from maxscale.train import faults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"dense": "tiny.py", "moe": "moe_tiny.py"}
 MOMENTS = chaos_moments.ALL_MOMENTS.split("+")
 
@@ -29,7 +29,7 @@ def chains(tmp_path_factory):
     def get(model: str) -> chaos_moments.Round:
         if model not in results:
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+                mp.setenv("XLA_FLAGS", xla_flags(1))
                 mp.delenv(faults.FAULT_ENV, raising=False)
                 args = [f"--config={os.path.join(ROOT, 'configs', MODELS[model])}", *chaos_moments.MOMENT_OVERRIDES]
                 workdir = str(tmp_path_factory.mktemp(f"moments-{model}"))

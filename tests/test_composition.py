@@ -36,7 +36,7 @@ import composition_cases as cc
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 from maxscale.tools import run_compare as chaos
 from maxscale.train import checkpoint as ckpt_lib
@@ -70,10 +70,7 @@ def _wait(proc: subprocess.Popen) -> int:
 
 def _env(devices: int) -> dict:
     """A user's environment with `devices` simulated CPU devices (and the run's compilation cache, conftest.py)."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env = dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    return env
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 
 
 def _last_line(log: str) -> str:

@@ -15,12 +15,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, xla_flags
 
 from maxscale import errors
 from maxscale.tools import chaos, chaos_moments
 from maxscale.train import checkpoint, faults
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # saves at 4, 8 and 12 (no local tier), evals at 6 and 12
 ARGS = [
     f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
@@ -34,7 +34,7 @@ LIMIT = 256 << 10  # bytes per file: above metrics.jsonl, config.json and compil
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(environment of the children, records and final state of the uninterrupted run)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1))
     env.pop(faults.FAULT_ENV, None)
     workdir = str(tmp_path_factory.mktemp("reference"))
     r = subprocess.run(_command(workdir), env=env, capture_output=True, text=True, timeout=600)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from test_paths import forget_filesystems
 
 from maxscale import config as config_lib
@@ -186,7 +186,7 @@ def _train(workdir: str, env: dict, log=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "maxscale.train", *TRAIN, f"--workdir={workdir}"],
         cwd=ROOT,
-        env={**os.environ, **env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        env={**os.environ, **env, "XLA_FLAGS": xla_flags(1)},
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,

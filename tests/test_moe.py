@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, one_device_mesh
+from conftest import CACHE_ENV, ROOT, one_device_mesh, xla_flags
 from conftest import train_losses as losses
 from jax.sharding import PartitionSpec as P
 
@@ -214,9 +214,8 @@ def test_every_nth_block_is_moe_in_depth_order(tiny_corpus):
 
 def _env(**extra):
     drop = ("MAXSCALE_", "SLURM_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)
-    return env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) or k in CACHE_ENV or "CACHE_DIR" in k}
+    return {**env, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), **extra}
 
 
 COMMON = [
@@ -251,7 +250,7 @@ def test_cli_trains_an_moe_with_routing_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_moe_run_resumes_exactly_after_kills(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     args = [f"--config={MOE_TINY}", *chaos.DEFAULT_OVERRIDES, "--config.train.steps=24", "--config.checkpoint.every=3"]
     report = chaos.run(args, kills=2, workdir=str(tmp_path), seed=3, log=lambda line: None)
     assert report.diverged == 0 and report.failures == [], report.line()
@@ -265,7 +264,7 @@ def test_two_processes_with_expert_parallelism_equal_one_process(tmp_path):
     r = subprocess.run(
         one,
         cwd=ROOT,
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        env=_env(XLA_FLAGS=xla_flags(4)),
         capture_output=True,
         text=True,
         timeout=240,

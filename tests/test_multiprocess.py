@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CACHE_ENV, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -36,11 +37,11 @@ COMMON = [
 
 
 def _env(**extra):
-    """This environment without the test session's 8-device XLA_FLAGS or any cluster settings."""
+    """This environment without any cluster settings: the suite's compile flags with one device (the launcher sets
+    its own count) and the run's compilation cache."""
     drop = ("MAXSCALE_", "SLURM_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONPATH=str(REPO), **extra)
-    return env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) or k in CACHE_ENV or "CACHE_DIR" in k}
+    return {**env, "PYTHONPATH": str(REPO), "XLA_FLAGS": xla_flags(1), **extra}
 
 
 def train_one_process(workdir, steps, *extra):
@@ -54,7 +55,7 @@ def train_one_process(workdir, steps, *extra):
         f"--config.train.steps={steps}",
         *extra,
     ]
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = _env(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     return r

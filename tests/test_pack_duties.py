@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, one_device_mesh
+from conftest import ROOT, one_device_mesh, xla_flags
 from test_vectorized import cfg_of, losses
 
 from maxscale import errors
@@ -87,7 +87,7 @@ def child_env(compilation_cache):
     """One CPU device and the run's compilation cache (the resumed process loads the compiled step); no other
     XLA_FLAGS or JAX_ setting of this process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_")) or "CACHE" in k}
-    return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    return {**env, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 
 
 def _pack_process(dirs, env):

@@ -1,11 +1,16 @@
-"""Post-training quantization of a trained run: 8-bit RTN is harmless, 3-bit RTN is not, GPTQ beats RTN at 3 and 4
-bits on the same checkpoint, ptq.json is written and merged, and bad input is one line with exit 2.
+"""Post-training quantization of a trained run: 8-bit RTN is harmless, 3-bit RTN is not, GPTQ beats RTN at 3 bits
+on the same checkpoint, ptq.json is written and merged, and bad input is one line with exit 2.
 
 The model is the tiny one made narrower (width 32, 2 heads, ffn 64) and trained for 400 steps: the width-64 tiny
 model at 200 steps (2 tokens per parameter) shrugs off 3-bit weights (RTN +0.003 nats, inside the +-0.003 spread
 that any perturbation of its weights gives), so GPTQ and RTN cannot be told apart on it. Sensitivity to PTQ grows
-with tokens per parameter (Kumar et al.); at 400 steps x 512 tokens on 45k parameters, two seeds measured: RTN int3
-+0.036 / +0.051, int4 +0.010 / +0.026, int8 -0.0004 / -0.0003; GPTQ int3 +0.017 / -0.007, int4 -0.000 / -0.000.
+with tokens per parameter (Kumar et al.); at 400 steps x 512 tokens on 45k parameters. Measured over 8 trained models
+(seeds 0-3, each compiled at XLA backend optimization levels 0 and 2, whose ulp-level differences make 400 steps end at
+different weights), min..max:
+  RTN  int3 +0.011..+0.061, int4 -0.002..+0.033, int8 -0.0004..+0.0005
+  GPTQ int3 -0.007..+0.020, int4 -0.0004..+0.005; RTN int3 - GPTQ int3 +0.0085..+0.058
+At 4 bits GPTQ beat RTN by more than 0.005 in 6 of the 8 (by -0.006..+0.032): that is no claim to test on a model this
+small, so the test asserts the 3-bit ranking and bounds 4-bit GPTQ.
 """
 
 from __future__ import annotations
@@ -69,14 +74,14 @@ def test_unquantized_eval_loss_is_the_trainers(trained, deltas):
 def test_rtn_at_8_bits_is_harmless_and_at_3_bits_is_not(deltas):
     base = deltas[("rtn", 8)]["eval_loss_unquantized"]
     assert abs(deltas[("rtn", 8)]["delta"]) < 0.01 * base  # measured: |delta| 0.0004 nats, 0.02%
-    assert deltas[("rtn", 3)]["delta"] > 0.015  # measured: +0.036 and +0.051 nats
+    assert deltas[("rtn", 3)]["delta"] > 0.008  # measured over 8 models: +0.011..+0.061 nats
     assert deltas[("rtn", 3)]["delta"] > 10 * abs(deltas[("rtn", 8)]["delta"])
 
 
-def test_gptq_beats_rtn_at_3_and_4_bits(deltas):
-    for bits in (3, 4):
-        gptq, rtn = deltas[("gptq", bits)]["delta"], deltas[("rtn", bits)]["delta"]
-        assert gptq < rtn - 0.005, (bits, gptq, rtn)  # measured margins 0.019..0.058 (3 bits), 0.010..0.026 (4)
+def test_gptq_beats_rtn_at_3_bits(deltas):
+    gptq, rtn = deltas[("gptq", 3)]["delta"], deltas[("rtn", 3)]["delta"]
+    assert gptq < rtn - 0.005, (gptq, rtn)  # measured margins over 8 models: 0.0085..0.058
+    assert abs(deltas[("gptq", 4)]["delta"]) < 0.01  # measured: -0.0004..+0.005
 
 
 def test_cli_writes_and_merges_ptq_json(trained, capsys):

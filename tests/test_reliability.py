@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, one_device_mesh, tiny_config
+from conftest import ROOT, one_device_mesh, tiny_config, xla_flags
 
 from maxscale import errors
 from maxscale.parallel import sharding
@@ -364,7 +364,7 @@ CHAOS_ARGS = [
 @pytest.fixture
 def one_device_env(tmp_path_factory, monkeypatch):
     """Children see one CPU device and share the run's compilation cache (restarts load the compiled step)."""
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     monkeypatch.setenv("PYTHONPATH", ROOT)
 
 
