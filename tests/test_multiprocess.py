@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CACHE_ENV, xla_flags
+from conftest import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def _env(**extra):
     """This environment without any cluster settings: the suite's compile flags with one device (the launcher sets
     its own count) and the run's compilation cache."""
     drop = ("MAXSCALE_", "SLURM_", "TPU_", "MEGASCALE_", "JAX_", "XLA_FLAGS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) or k in CACHE_ENV or "CACHE_DIR" in k}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) or "CACHE" in k}  # keep the compile cache
     return {**env, "PYTHONPATH": str(REPO), "XLA_FLAGS": xla_flags(1), **extra}
 
 
