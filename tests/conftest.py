@@ -9,7 +9,8 @@ import sys
 # XLA_FLAGS=--xla_backend_optimization_level=2 make test compiles as users' runs do. tests/test_compile_flags.py
 # checks that a run's numbers do not move. (XLA's classic fusion emitters, --xla_cpu_use_fusion_emitters=false, would
 # halve the compile time again, but they round some sums differently in different programs, and the suite asserts
-# bit-equal losses across programs: with and without dyn metrics, nan_policy stop and skip.)
+# bit-equal losses across programs: with and without dyn metrics, nan_policy stop and skip. Only test_composition.py,
+# which compares a run only with itself, adds them for its children.)
 TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0"]
 
 
